@@ -1,0 +1,94 @@
+"""The app factory: wires settings, backend, store, runtime and routes together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from flexserve.api import chat, errors, routes
+from flexserve.api.body import RequestIdMiddleware
+from flexserve.api.state import AppState
+from flexserve.backends import build_backend
+from flexserve.backends.base import Backend
+from flexserve.billing import Ledger
+from flexserve.config import Settings
+from flexserve.keys import ensure_config_keys
+from flexserve.metrics import Metrics
+from flexserve.runtime import Runtime
+from flexserve.store import SqlStore, Store
+
+log = logging.getLogger("flexserve")
+
+
+def create_app(
+    settings: Settings,
+    *,
+    backend: Backend | None = None,
+    store: Store | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> FastAPI:
+    backend = backend or build_backend(settings)
+    store = store or open_store(settings)
+    metrics = Metrics()
+    state = _state(settings, backend, store, metrics, clock)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(_prepare_store, settings, store)
+        await backend.start()
+        await state.runtime.start()
+        log.info("serving model=%s backend=%s slots=%d", backend.model, backend.name, backend.slots)
+        try:
+            yield
+        finally:
+            await state.runtime.close()
+            await backend.close()
+            store.close()
+
+    app = FastAPI(title="flexserve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.flexserve = state
+    app.add_middleware(RequestIdMiddleware)
+    errors.install(app, settings.retry_after_max)
+    _routes(app)
+    return app
+
+
+def open_store(settings: Settings) -> SqlStore:
+    if settings.database_url is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return SqlStore(settings.resolved_database_url())
+
+
+def _prepare_store(settings: Settings, store: Store) -> None:
+    store.migrate()
+    ensure_config_keys(store, settings.api_keys, settings.admin_keys)
+
+
+def _state(
+    settings: Settings,
+    backend: Backend,
+    store: Store,
+    metrics: Metrics,
+    clock: Callable[[], float],
+) -> AppState:
+    ledger = Ledger(settings, store)
+    runtime = Runtime(backend, settings.scheduler, clock=clock)
+    state = AppState(settings, backend, store, runtime, ledger, metrics)
+    runtime.set_settle(state.settle)
+    metrics.watch(runtime.snapshot, backend.stats)
+    return state
+
+
+def _routes(app: FastAPI) -> None:
+    app.add_api_route("/v1/chat/completions", chat.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/models", routes.list_models, methods=["GET"])
+    app.add_api_route("/v1/models/{model:path}", routes.get_model, methods=["GET"])
+    app.add_api_route("/v1/usage", routes.usage, methods=["GET"])
+    app.add_api_route("/v1/flex/quote", routes.flex_quote, methods=["GET"])
+    app.add_api_route("/healthz", routes.healthz, methods=["GET"])
+    app.add_api_route("/metrics", routes.metrics, methods=["GET"])

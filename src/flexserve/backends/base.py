@@ -1,0 +1,104 @@
+"""The one small Protocol every token generator implements.
+
+The runtime owns scheduling; a backend only turns a tokenized prompt into a stream of
+tokens. Preemption is cancellation of that stream (closing the async iterator); resume is
+a new call to `generate` with the chunks already produced, which the backend continues
+from exactly (no token is emitted twice).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What the client asked for; every field has the OpenAI default."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_tokens: tuple[int, ...]
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """One sampled token and the text it releases to the client.
+
+    `text` may be empty when the backend holds text back (an incomplete UTF-8 sequence,
+    or a possible prefix of a stop string); held text is released by a later chunk or
+    by the `Finish`.
+    """
+
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: FinishReason
+    text: str = ""  # held-back text released at the end (never part of a stop string)
+
+
+Chunk = TokenChunk | Finish
+
+
+class BackendError(Exception):
+    """The engine failed this one request (the server goes on)."""
+
+
+@dataclass
+class BackendStats:
+    """Counters the backend measures itself, for metrics and benchmarks."""
+
+    busy_slot_seconds: float = 0.0
+    prefilled_tokens: int = 0
+    sampled_tokens: int = 0
+    active_sequences: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    model: str
+    slots: int
+    context_length: int
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> tuple[int, ...]:
+        """Apply the model's chat template and tokenize."""
+        ...
+
+    def generate(
+        self, request: GenerationRequest, resume: Sequence[TokenChunk] = ()
+    ) -> AsyncIterator[Chunk]:
+        """Stream the continuation of prompt + `resume`; ends with exactly one Finish."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def health(self) -> bool: ...
+
+    def stats(self) -> BackendStats: ...

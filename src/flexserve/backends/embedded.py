@@ -1,0 +1,207 @@
+"""The embedded backend: a real model in process, through llama.cpp.
+
+`EmbeddedBackend` adapts the engine loop in `llama_engine` to the `Backend` Protocol:
+chat template and tokenization, the asyncio side of each stream, incremental
+detokenization and stop strings. Preemption is closing the generator (or cancelling its
+task); resume is a new `generate` call with the chunks already produced, which re-prefills
+prompt + those tokens and continues exactly where the stream stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import hashlib
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from .base import (
+    BackendError,
+    BackendStats,
+    ChatMessage,
+    Chunk,
+    Finish,
+    GenerationRequest,
+    TokenChunk,
+)
+from .llama_engine import EngineEvent, LlamaEngine, LlamaModel, SequenceJob
+from .model_files import DEFAULT_MODEL_NAME
+
+# Used only when a GGUF carries no template of its own.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class TextStream:
+    """Token ids in, client text out: holds back what is not safe to send yet.
+
+    Held back: bytes of a UTF-8 character split across tokens, and any tail of the text
+    that could be the start of a stop string. Everything from a stop string on is never
+    released.
+    """
+
+    def __init__(self, piece: Callable[[int], bytes], stops: Sequence[str]) -> None:
+        self._piece = piece
+        self._stops = tuple(stop for stop in stops if stop)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add one token; return the text that may now go to the client."""
+        self._held += self._utf8.decode(self._piece(token))
+        cut = self._stop_position()
+        if cut is not None:
+            self.stopped = True
+            text, self._held = self._held[:cut], ""
+            return text
+        keep = self._longest_stop_prefix_suffix()
+        text = self._held[: len(self._held) - keep]
+        self._held = self._held[len(text) :]
+        return text
+
+    def flush(self) -> str:
+        """The text still held, at the end of the stream (never part of a stop string)."""
+        if self.stopped:
+            return ""
+        text = self._held + self._utf8.decode(b"", final=True)
+        self._held = ""
+        return text
+
+    def _stop_position(self) -> int | None:
+        found = [i for i in (self._held.find(stop) for stop in self._stops) if i >= 0]
+        return min(found) if found else None
+
+    def _longest_stop_prefix_suffix(self) -> int:
+        """Length of the longest tail of the held text that starts some stop string."""
+        longest = 0
+        for stop in self._stops:
+            for size in range(min(len(stop) - 1, len(self._held)), longest, -1):
+                if stop.startswith(self._held[-size:]):
+                    longest = size
+                    break
+        return longest
+
+
+def default_seed(request_id: str) -> int:
+    """Seed for requests without one: stable per request, so resuming keeps the text."""
+    return int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "big")
+
+
+class EmbeddedBackend:
+    """A GGUF model served in process with continuous batching (see `llama_engine`)."""
+
+    name = "embedded"
+
+    def __init__(
+        self,
+        model_path: str,
+        model_name: str = DEFAULT_MODEL_NAME,
+        slots: int = 4,
+        context_per_slot: int = 2048,
+        prefill_chunk: int = 256,
+        n_threads: int | None = None,
+    ) -> None:
+        if slots < 1 or context_per_slot < 2 or prefill_chunk < 1:
+            raise ValueError("slots, context_per_slot and prefill_chunk must be positive")
+        self.model = model_name
+        self.slots = slots
+        self.context_length = context_per_slot
+        self._model_lock = threading.Lock()  # tokenizing never races with freeing the model
+        self._llama: LlamaModel | None = LlamaModel(model_path)
+        self._formatter = self._chat_formatter(self._llama)
+        self._engine = LlamaEngine(self._llama, slots, context_per_slot, prefill_chunk, n_threads)
+        self._started = False
+
+    @staticmethod
+    def _chat_formatter(llama: LlamaModel) -> Any:  # llama_cpp ships no type stubs
+        bos, eos = llama.special_tokens()
+        template = llama.chat_template() or CHATML_TEMPLATE
+        return Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> tuple[int, ...]:
+        """Render the GGUF's own chat template, then tokenize (safe from any thread)."""
+        wire = [{"role": m.role, "content": m.content} for m in messages]
+        prompt: str = self._formatter(messages=wire).prompt
+        with self._model_lock:
+            if self._llama is None:
+                raise BackendError("backend closed")
+            return tuple(self._llama.tokenize(prompt))
+
+    async def start(self) -> None:
+        if not self._started:
+            await asyncio.to_thread(self._engine.start)
+            self._started = True
+
+    async def close(self) -> None:
+        """Stop the engine (pending streams get BackendError('shutting down')), free the model."""
+        if self._started:
+            await asyncio.to_thread(self._engine.stop)
+            await asyncio.sleep(0)  # let the engine's last deliveries reach their queues
+        with self._model_lock:
+            if self._llama is not None:
+                self._llama.free()
+                self._llama = None
+
+    def health(self) -> bool:
+        return self._llama is not None and self._engine.alive()
+
+    def stats(self) -> BackendStats:
+        return self._engine.stats()
+
+    async def generate(
+        self, request: GenerationRequest, resume: Sequence[TokenChunk] = ()
+    ) -> AsyncIterator[Chunk]:
+        """Stream the continuation of prompt + `resume`; never repeats a resumed token."""
+        if not self.health():
+            raise BackendError("backend not running")
+        assert self._llama is not None
+        text = TextStream(self._llama.piece, request.sampling.stop)
+        for chunk in resume:  # rebuild what was held back when the stream was cut
+            text.push(chunk.token_id)
+        history = tuple(chunk.token_id for chunk in resume)
+        in_context = len(request.prompt_tokens) + len(history)
+        if len(history) >= request.sampling.max_tokens or in_context >= self.context_length:
+            yield Finish("length", text.flush())
+            return
+        job = self._new_job(request, history)
+        self._engine.submit(job)
+        try:
+            while True:
+                event = await job.events.get()
+                for chunk in self._chunks(event, text, job):
+                    yield chunk
+                    if isinstance(chunk, Finish):
+                        return
+        finally:
+            self._engine.cancel(job)  # a no-op once the engine has finished the job
+
+    def _new_job(self, request: GenerationRequest, history: tuple[int, ...]) -> SequenceJob:
+        sampling = request.sampling
+        seed = sampling.seed if sampling.seed is not None else default_seed(request.request_id)
+        return SequenceJob(
+            request_id=request.request_id,
+            tokens=request.prompt_tokens + history,
+            history=history,
+            sampling=sampling,
+            seed=seed,
+            loop=asyncio.get_running_loop(),
+            events=asyncio.Queue(),
+        )
+
+    def _chunks(self, event: EngineEvent, text: TextStream, job: SequenceJob) -> list[Chunk]:
+        if isinstance(event, BackendError):
+            raise event
+        if isinstance(event, Finish):
+            return [Finish(event.reason, text.flush())]
+        released = text.push(event)
+        if not text.stopped:
+            return [TokenChunk(event, released)]
+        self._engine.cancel(job)  # before yielding: the consumer may never come back
+        return [TokenChunk(event, released), Finish("stop")]

@@ -1,0 +1,59 @@
+"""Turns a settled job into at most one ledger row, written off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from flexserve.billing.prices import request_cost
+from flexserve.config import Settings
+from flexserve.runtime import JobHandle, Outcome
+from flexserve.store import LedgerRow, Store
+
+log = logging.getLogger("flexserve.billing")
+
+BILLED: frozenset[Outcome] = frozenset({"completed", "cancelled"})
+"""Shed, overloaded and failed requests cost nothing."""
+
+
+class Ledger:
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+
+    async def settle(self, handle: JobHandle, outcome: Outcome) -> None:
+        if outcome not in BILLED:
+            return
+        row = self.row(handle, outcome)
+        inserted = await asyncio.to_thread(self.store.record, row)
+        log.info(
+            "billed request_id=%s tier=%s input=%d output=%d nanos=%d new=%s",
+            row.request_id,
+            row.tier,
+            row.input_tokens,
+            row.output_tokens,
+            row.cost_nanos,
+            inserted,
+        )
+
+    def row(self, handle: JobHandle, outcome: Outcome) -> LedgerRow:
+        """Input once, each produced token once, however often the job was preempted."""
+        sub = handle.submission
+        input_tokens = len(sub.prompt_tokens)
+        output_tokens = len(handle.produced)
+        cost = request_cost(self.settings, sub.model, sub.tier, input_tokens, 0, output_tokens)
+        return LedgerRow(
+            request_id=sub.request_id,
+            tenant=sub.tenant,
+            model=sub.model,
+            tier=sub.tier,
+            input_tokens=input_tokens,
+            cached_input_tokens=0,
+            output_tokens=output_tokens,
+            cost_nanos=cost.nanos,
+            list_cost_nanos=cost.list_nanos,
+            outcome=outcome,
+            preemptions=handle.preemptions,
+            created_at=time.time(),
+        )

@@ -1,0 +1,41 @@
+"""Prices: USD per 1M tokens in config, integer nano-dollars in the ledger.
+
+USD per 1M tokens is numerically micro-dollars per token, so a request on a small model
+costs a few micro-dollars; nano-dollars keep that exact instead of rounding to zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flexserve.config import Settings, TierPrice
+from flexserve.scheduling.tiers import Tier
+
+NANOS_PER_MICRO = 1000
+
+
+@dataclass(frozen=True)
+class Cost:
+    nanos: int
+    list_nanos: int
+    """The same tokens at the default tier."""
+
+
+def token_cost(price: TierPrice, input_tokens: int, cached: int, output: int) -> int:
+    micros = (input_tokens - cached) * price.input + cached * price.cached_input
+    micros += output * price.output
+    return round(micros * NANOS_PER_MICRO)
+
+
+def request_cost(
+    settings: Settings, model: str, tier: Tier, input_tokens: int, cached: int, output: int
+) -> Cost:
+    table = settings.price(model)
+    return Cost(
+        nanos=token_cost(table.for_tier(tier), input_tokens, cached, output),
+        list_nanos=token_cost(table.for_tier("default"), input_tokens, cached, output),
+    )
+
+
+def usd(nanos: int) -> float:
+    return nanos / 1e9

@@ -1,0 +1,124 @@
+"""`flexserve serve | keys`: the command line."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import click
+
+from flexserve.config import Settings, load_settings
+
+
+@click.group()
+def main() -> None:
+    """flexserve: an OpenAI-compatible LLM server with service tiers."""
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    return load_settings(config, **overrides)
+
+
+@main.command()
+@click.option("--host", default=None, help="Address to bind (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default 8000).")
+@click.option("--backend", type=click.Choice(["simulated", "embedded"]), default=None)
+@click.option("--slots", type=int, default=None, help="Concurrent sequences on the backend.")
+@click.option("--model-name", default=None, help="Name clients pass as `model`.")
+@click.option("--sim-ttft-ms", type=float, default=None, help="Simulated time to first token.")
+@click.option("--sim-tpot-ms", type=float, default=None, help="Simulated time per token.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--config", type=click.Path(exists=True, path_type=Path), default=None)
+@click.option("--log-level", default="info", show_default=True)
+def serve(
+    host: str | None,
+    port: int | None,
+    backend: str | None,
+    slots: int | None,
+    model_name: str | None,
+    sim_ttft_ms: float | None,
+    sim_tpot_ms: float | None,
+    data_dir: Path | None,
+    config: Path | None,
+    log_level: str,
+) -> None:
+    """Start the server."""
+    import uvicorn
+
+    from flexserve.api import create_app, open_store
+    from flexserve.keys import create_key
+
+    simulated = {"ttft_ms": sim_ttft_ms, "tpot_ms": sim_tpot_ms}
+    settings = _settings(
+        config,
+        host=host,
+        port=port,
+        backend=backend,
+        slots=slots,
+        model_name=model_name,
+        data_dir=data_dir,
+        simulated={k: v for k, v in simulated.items() if v is not None} or None,
+    )
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    store = open_store(settings)
+    store.migrate()
+    if not store.list_keys():
+        new = create_key(store, "default")
+        # Printed once to the terminal, never logged: only its hash is stored.
+        click.echo(
+            f"\nCreated the first API key (tenant 'default'); it is shown only once:\n\n"
+            f"    {new.secret}\n\nexport OPENAI_API_KEY={new.secret}\n"
+            f"export OPENAI_BASE_URL=http://{settings.host}:{settings.port}/v1\n"
+        )
+    store.close()
+    app = create_app(settings)
+    state = app.state.flexserve
+    click.echo(
+        f"flexserve: model '{state.backend.model}' on the {state.backend.name} backend, "
+        f"{state.backend.slots} slots, http://{settings.host}:{settings.port}/v1"
+    )
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level)
+
+
+@main.group()
+def keys() -> None:
+    """Manage API keys (stored hashed)."""
+
+
+@keys.command("create")
+@click.option("--tenant", required=True, help="Tenant the key belongs to.")
+@click.option("--admin", is_flag=True, help="Allow admin routes.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--config", type=click.Path(exists=True, path_type=Path), default=None)
+def keys_create(tenant: str, admin: bool, data_dir: Path | None, config: Path | None) -> None:
+    """Create a key and print it once."""
+    from flexserve.api import open_store
+    from flexserve.keys import create_key
+
+    store = open_store(_settings(config, data_dir=data_dir))
+    store.migrate()
+    new = create_key(store, tenant, is_admin=admin)
+    store.close()
+    click.echo(new.secret)
+
+
+@keys.command("list")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--config", type=click.Path(exists=True, path_type=Path), default=None)
+def keys_list(data_dir: Path | None, config: Path | None) -> None:
+    """List keys (id, tenant, prefix; never the secret)."""
+    from flexserve.api import open_store
+
+    store = open_store(_settings(config, data_dir=data_dir))
+    store.migrate()
+    for key in store.list_keys():
+        state = "revoked" if key.revoked else ("admin" if key.is_admin else "active")
+        click.echo(f"{key.key_id}\t{key.tenant}\t{key.prefix}…\t{state}")
+    store.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""What a handler receives about its job, in order, through its JobHandle."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from flexserve.backends.base import FinishReason, SamplingParams, TokenChunk
+from flexserve.errors import FlexserveError
+from flexserve.scheduling.tiers import Tier
+
+
+@dataclass(frozen=True)
+class Started:
+    """The job holds a slot (first time, or again after a pause)."""
+
+    resumed: bool
+
+
+@dataclass(frozen=True)
+class Token:
+    chunk: TokenChunk
+
+
+@dataclass(frozen=True)
+class Paused:
+    """Preempted for a higher tier; the job is queued and will resume."""
+
+
+@dataclass(frozen=True)
+class Done:
+    finish_reason: FinishReason
+    text: str  # held-back text released with the finish
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The job ended without an answer: refused (429/503) or the engine failed."""
+
+    error: FlexserveError
+
+
+JobEvent = Started | Token | Paused | Done | Failed
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A validated request, ready for the scheduler."""
+
+    request_id: str
+    tenant: str
+    tier: Tier
+    model: str
+    prompt_tokens: tuple[int, ...]
+    sampling: SamplingParams
+    max_wait: float
+    """Seconds the job may wait to start (flex: deadline; interactive: 503 bound)."""
+
+
+@dataclass
+class JobHandle:
+    submission: Submission
+    arrival: float
+    events: asyncio.Queue[JobEvent] = field(default_factory=asyncio.Queue)
+    produced: list[TokenChunk] = field(default_factory=list)
+    started: bool = False
+    preemptions: int = 0
+    engine_failures: int = 0
+    recomputed_tokens: int = 0
+    finished: bool = False
+    settled: asyncio.Task[None] | None = None
+    """Billing and accounting of the outcome; handlers await it before their last byte."""
+
+    @property
+    def request_id(self) -> str:
+        return self.submission.request_id

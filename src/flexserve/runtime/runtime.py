@@ -1,0 +1,307 @@
+"""The async shell: the one task that owns the scheduler and drives the backend.
+
+Handlers never touch scheduler state: they `submit` and `cancel`, which post commands;
+the loop applies commands in order, asks the scheduler for a plan, and carries it out
+(start or cancel backend streams, answer waiters). Stream tasks report tokens back as
+commands too, so every scheduler call happens on this one task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from flexserve.backends.base import Backend, BackendError, Chunk, Finish, GenerationRequest
+from flexserve.config import SchedulerSettings
+from flexserve.errors import EngineFailure, FlexserveError, Overloaded, ResourceUnavailable
+from flexserve.runtime.events import Done, Failed, JobHandle, Paused, Started, Submission, Token
+from flexserve.scheduling import JobSpec, Plan, Rejected, Scheduler, Snapshot
+
+log = logging.getLogger("flexserve.runtime")
+
+Outcome = Literal["completed", "cancelled", "failed", "shed", "overloaded"]
+Settle = Callable[[JobHandle, Outcome], Coroutine[Any, Any, None]]
+
+MAX_FLEX_ENGINE_RETRIES = 3
+"""Resumes of a flex/batch job whose engine failed before it produced anything."""
+
+
+@dataclass(frozen=True)
+class _Arrive:
+    handle: JobHandle
+
+
+@dataclass(frozen=True)
+class _Produced:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class _Ended:
+    request_id: str
+    finish: Finish | None
+    error: BackendError | None = None
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    request_id: str
+
+
+_Command = _Arrive | _Produced | _Ended | _Cancel
+
+
+async def _no_settle(handle: JobHandle, outcome: Outcome) -> None:
+    return None
+
+
+class Runtime:
+    def __init__(
+        self,
+        backend: Backend,
+        settings: SchedulerSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        settle: Settle = _no_settle,
+        stall_timeout: float = 120.0,
+    ) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.clock = clock
+        self.scheduler = Scheduler(settings, backend.slots, now=clock())
+        self._settle = settle
+        self._stall_timeout = stall_timeout
+        self._commands: asyncio.Queue[_Command] = asyncio.Queue()
+        self._handles: dict[str, JobHandle] = {}
+        self._streams: dict[str, asyncio.Task[None]] = {}
+        self._settling: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    # ---- the handlers' side ---------------------------------------------------------
+
+    def submit(self, submission: Submission) -> JobHandle:
+        handle = JobHandle(submission=submission, arrival=self.clock())
+        self._commands.put_nowait(_Arrive(handle))
+        return handle
+
+    def cancel(self, request_id: str) -> None:
+        """The client went away: free the slot at once; bill what was produced."""
+        self._commands.put_nowait(_Cancel(request_id))
+
+    def set_settle(self, settle: Settle) -> None:
+        self._settle = settle
+
+    def snapshot(self) -> Snapshot:
+        return self.scheduler.snapshot()
+
+    def quote(self, spec: JobSpec) -> float:
+        return self.scheduler.quote(spec, self.clock())
+
+    async def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._loop(), name="flexserve-runtime")
+
+    async def close(self) -> None:
+        """Stop: running and queued jobs fail with 503 (clients may retry elsewhere)."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        for task in list(self._streams.values()):
+            task.cancel()
+        await asyncio.gather(*self._streams.values(), return_exceptions=True)
+        for handle in list(self._handles.values()):
+            handle.events.put_nowait(Failed(Overloaded("server is shutting down")))
+        self._handles.clear()
+        await asyncio.gather(*self._settling, return_exceptions=True)
+
+    # ---- the loop -------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            timeout = max(0.0, self.scheduler.next_wakeup() - self.clock())
+            command: _Command | None = None
+            with contextlib.suppress(TimeoutError):
+                command = await asyncio.wait_for(self._commands.get(), timeout)
+            now = self.clock()
+            while command is not None:
+                self._apply(command, now)
+                command = self._commands.get_nowait() if not self._commands.empty() else None
+            self._carry_out(self.scheduler.step(now), now)
+
+    def _apply(self, command: _Command, now: float) -> None:
+        match command:
+            case _Arrive(handle):
+                self._arrive(handle, now)
+            case _Produced(request_id):
+                self.scheduler.token(request_id, now)
+            case _Ended(request_id, finish, error):
+                self._ended(request_id, finish, error, now)
+            case _Cancel(request_id):
+                self._cancelled(request_id, now)
+
+    def _arrive(self, handle: JobHandle, now: float) -> None:
+        sub = handle.submission
+        spec = JobSpec(
+            job_id=sub.request_id,
+            tenant=sub.tenant,
+            tier=sub.tier,
+            prompt_tokens=len(sub.prompt_tokens),
+            max_tokens=sub.sampling.max_tokens,
+            arrival=now,
+            deadline=now + sub.max_wait,
+        )
+        admission = self.scheduler.arrive(spec, now)
+        if isinstance(admission, Rejected):
+            error = ResourceUnavailable(
+                _busy_message(admission.reason), retry_after=admission.retry_after
+            )
+            self._refuse(handle, error, "shed")
+            return
+        self._handles[sub.request_id] = handle
+
+    def _carry_out(self, plan: Plan, now: float) -> None:
+        for job_id in plan.preempt:
+            self._pause(self._handles[job_id])
+        for job_id in plan.start:
+            self._run(self._handles[job_id])
+        for refusal in plan.shed:
+            error = ResourceUnavailable(
+                _busy_message("cannot start by its deadline"), retry_after=refusal.retry_after
+            )
+            self._refuse(self._handles.pop(refusal.job_id), error, "shed")
+        for refusal in plan.overloaded:
+            overloaded = Overloaded(
+                "The server is overloaded with interactive traffic; retry shortly.",
+                retry_after=refusal.retry_after,
+            )
+            self._refuse(self._handles.pop(refusal.job_id), overloaded, "overloaded")
+
+    def _run(self, handle: JobHandle) -> None:
+        handle.events.put_nowait(Started(resumed=handle.started))
+        handle.started = True
+        task = asyncio.create_task(self._stream(handle), name=f"stream-{handle.request_id}")
+        self._streams[handle.request_id] = task
+
+    def _pause(self, handle: JobHandle) -> None:
+        task = self._streams.pop(handle.request_id, None)
+        if task is not None:
+            task.cancel()
+        handle.preemptions += 1
+        handle.events.put_nowait(Paused())
+        log.info(
+            "preempted request_id=%s tier=%s produced=%d",
+            handle.request_id,
+            handle.submission.tier,
+            len(handle.produced),
+        )
+
+    def _refuse(self, handle: JobHandle, error: FlexserveError, outcome: Outcome) -> None:
+        handle.finished = True
+        handle.events.put_nowait(Failed(error))
+        self._spawn_settle(handle, outcome)
+
+    def _ended(
+        self, request_id: str, finish: Finish | None, error: BackendError | None, now: float
+    ) -> None:
+        self._streams.pop(request_id, None)
+        handle = self._handles.get(request_id)
+        if handle is None:
+            return
+        if finish is not None:
+            self._finish(handle, Done(finish.reason, finish.text), "completed", now)
+        elif self._may_retry(handle):
+            handle.engine_failures += 1
+            log.warning("engine failed request_id=%s, requeued", request_id)
+            self.scheduler.requeue(request_id, now)
+        else:
+            failure = EngineFailure(f"The engine failed while generating: {error}")
+            self._finish(handle, Failed(failure), "failed", now)
+
+    def _may_retry(self, handle: JobHandle) -> bool:
+        """Before any token reached the client: flex/batch resume, interactive retry once."""
+        if handle.produced:
+            return False
+        if handle.submission.tier in ("flex", "batch"):
+            return handle.engine_failures < MAX_FLEX_ENGINE_RETRIES
+        return handle.engine_failures < 1
+
+    def _finish(
+        self, handle: JobHandle, event: Done | Failed, outcome: Outcome, now: float
+    ) -> None:
+        self.scheduler.finish(handle.request_id, now)
+        self._handles.pop(handle.request_id, None)
+        handle.finished = True
+        handle.events.put_nowait(event)
+        self._spawn_settle(handle, outcome)
+
+    def _cancelled(self, request_id: str, now: float) -> None:
+        handle = self._handles.pop(request_id, None)
+        if handle is None:
+            return
+        task = self._streams.pop(request_id, None)
+        if task is not None:
+            task.cancel()
+        self.scheduler.cancel(request_id, now)
+        handle.finished = True
+        if handle.started:
+            self._spawn_settle(handle, "cancelled")
+
+    def _spawn_settle(self, handle: JobHandle, outcome: Outcome) -> None:
+        task = asyncio.create_task(self._settle(handle, outcome))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+        handle.settled = task
+
+    # ---- one backend stream ---------------------------------------------------------
+
+    async def _stream(self, handle: JobHandle) -> None:
+        sub = handle.submission
+        request = GenerationRequest(sub.request_id, sub.prompt_tokens, sub.sampling)
+        chunks = self.backend.generate(request, tuple(handle.produced))
+        ended: _Ended
+        try:
+            ended = await self._pump(handle, chunks)
+        except BackendError as error:
+            ended = _Ended(sub.request_id, None, error)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # an engine bug must fail one request, not the server
+            log.exception("engine raised request_id=%s", sub.request_id)
+            ended = _Ended(sub.request_id, None, BackendError(type(error).__name__))
+        finally:
+            await _close(chunks)
+        self._commands.put_nowait(ended)
+
+    async def _pump(self, handle: JobHandle, chunks: AsyncIterator[Chunk]) -> _Ended:
+        while True:
+            try:
+                async with asyncio.timeout(self._stall_timeout):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                raise BackendError("stream ended without a finish") from None
+            except TimeoutError:
+                raise BackendError(f"no token for {self._stall_timeout:.0f} s") from None
+            if isinstance(chunk, Finish):
+                return _Ended(handle.request_id, chunk)
+            handle.produced.append(chunk)
+            handle.events.put_nowait(Token(chunk))
+            self._commands.put_nowait(_Produced(handle.request_id))
+
+
+async def _close(chunks: AsyncIterator[Chunk]) -> None:
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
+
+
+def _busy_message(reason: str) -> str:
+    return (
+        "Flex capacity is not available right now "
+        f"({reason}); retry later or use service_tier='default'."
+    )

@@ -1,0 +1,40 @@
+"""Virtual token counters (VTC, Sheng et al. 2024): token-fair order between tenants."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+INPUT_WEIGHT = 1.0
+OUTPUT_WEIGHT = 2.0
+
+
+class VirtualTokenCounter:
+    """Service received per tenant, within one tier.
+
+    A tenant that becomes active is lifted to the smallest counter among active tenants,
+    so idling never banks credit that could later starve the others.
+    """
+
+    def __init__(self) -> None:
+        self._counters: dict[str, float] = {}
+        self._active_jobs: Counter[str] = Counter()
+
+    def counter(self, tenant: str) -> float:
+        return self._counters.get(tenant, 0.0)
+
+    def join(self, tenant: str) -> None:
+        """A job of `tenant` entered this tier (queued or running)."""
+        if self._active_jobs[tenant] == 0:
+            active = [self.counter(t) for t, n in self._active_jobs.items() if n > 0]
+            floor = min(active) if active else self.counter(tenant)
+            self._counters[tenant] = max(self.counter(tenant), floor)
+        self._active_jobs[tenant] += 1
+
+    def leave(self, tenant: str) -> None:
+        self._active_jobs[tenant] -= 1
+        if self._active_jobs[tenant] <= 0:
+            del self._active_jobs[tenant]
+
+    def charge(self, tenant: str, *, input_tokens: int = 0, output_tokens: int = 0) -> None:
+        cost = input_tokens * INPUT_WEIGHT + output_tokens * OUTPUT_WEIGHT
+        self._counters[tenant] = self.counter(tenant) + cost

@@ -1,0 +1,49 @@
+"""What the scheduler knows of a job: its spec (immutable) and its progress."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from flexserve.scheduling.tiers import Tier, is_interactive
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    job_id: str
+    tenant: str
+    tier: Tier
+    prompt_tokens: int
+    max_tokens: int
+    arrival: float
+    deadline: float
+    """Flex/batch: latest start. Interactive: latest start before `503 overloaded`."""
+
+    @property
+    def interactive(self) -> bool:
+        return is_interactive(self.tier)
+
+
+class Phase(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+
+
+@dataclass
+class JobState:
+    spec: JobSpec
+    seq: int
+    """Arrival order, the final tie-break everywhere."""
+    phase: Phase = Phase.QUEUED
+    produced: int = 0
+    started: bool = False
+    """Has run at least once: such a job is paused when preempted, never shed."""
+    preemptions: int = 0
+
+    def remaining_output(self) -> int:
+        return max(0, self.spec.max_tokens - self.produced)
+
+    def remaining_work(self, prefill_weight: float) -> float:
+        """Token-equivalents still to compute: re-prefill (if not running) plus output."""
+        prefill = 0 if self.phase is Phase.RUNNING else self.spec.prompt_tokens + self.produced
+        return prefill * prefill_weight + self.remaining_output()

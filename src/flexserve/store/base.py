@@ -1,0 +1,31 @@
+"""The persistence seam. Every implementation passes tests/contract/test_store.py."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from flexserve.store.records import KeyRecord, LedgerRow, TierUsage
+
+
+class Store(Protocol):
+    def migrate(self) -> None:
+        """Bring the schema to the newest version (idempotent)."""
+        ...
+
+    def add_key(self, key: KeyRecord) -> None: ...
+
+    def find_key(self, key_hash: str) -> KeyRecord | None: ...
+
+    def list_keys(self, tenant: str | None = None) -> list[KeyRecord]: ...
+
+    def revoke_key(self, key_id: str) -> bool: ...
+
+    def record(self, row: LedgerRow) -> bool:
+        """Insert a ledger row; False (and no change) if its request id is already billed."""
+        ...
+
+    def ledger(self, tenant: str) -> list[LedgerRow]: ...
+
+    def usage(self, tenant: str, since: float = 0.0) -> list[TierUsage]: ...
+
+    def close(self) -> None: ...
