@@ -95,7 +95,11 @@ def test_wrong_key_is_authentication_error(serve: Serve) -> None:
         ({"model": "gpt-9"}, openai.NotFoundError, "model"),
         ({"n": 2}, openai.BadRequestError, "n"),
         ({"temperature": 3.0}, openai.BadRequestError, "temperature"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, openai.BadRequestError, "tools"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}]},
+            openai.BadRequestError,
+            "tools",
+        ),
         ({"extra_body": {"frobnicate": 1}}, openai.BadRequestError, "frobnicate"),
     ],
 )
@@ -120,7 +124,10 @@ def test_bad_parameters_get_a_4xx_naming_the_param(
         (b'{"model": "smollm2-135m", "messages": "hi"}', "messages"),
         (b'{"model": 7, "messages": [{"role": "user", "content": "x"}]}', "model"),
         (b'{"model": "smollm2-135m", "messages": [{"role": "user", "content": 5}]}', None),
-        (b'{"model": "smollm2-135m", "messages": [{"role": "user"}], "max_tokens": "9"}', "max_tokens"),
+        (
+            b'{"model": "smollm2-135m", "messages": [{"role": "user"}], "max_tokens": "9"}',
+            "max_tokens",
+        ),
         (b"[1, 2]", None),
     ],
 )
@@ -165,7 +172,9 @@ def test_flex_shed_is_rate_limit_error_with_retry_after_and_not_billed(serve: Se
     server = serve(slots=1, simulated={"ttft_ms": 5, "tpot_ms": 50, "natural_output_tokens": 40})
     c = client(server)
     holder = c.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "long one"}], stream=True,
+        model=MODEL,
+        messages=[{"role": "user", "content": "long one"}],
+        stream=True,
         service_tier="flex",
     )
     next(iter(holder))  # the only slot is now held by this flex stream
@@ -187,8 +196,11 @@ def test_flex_stream_preempted_by_default_resumes_with_identical_text(serve: Ser
     reference = ask(c, content=prompt, service_tier="flex").choices[0].message.content  # type: ignore[attr-defined]
 
     stream = c.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": prompt}], stream=True,
-        service_tier="flex", stream_options={"include_usage": True},
+        model=MODEL,
+        messages=[{"role": "user", "content": prompt}],
+        stream=True,
+        service_tier="flex",
+        stream_options={"include_usage": True},
     )
     chunks = iter(stream)
     parts = [next(chunks).choices[0].delta.content or "" for _ in range(4)]
@@ -231,7 +243,9 @@ def test_client_disconnect_frees_the_slot_and_bills_what_was_produced(serve: Ser
     server = serve(slots=1, simulated={"ttft_ms": 5, "tpot_ms": 30, "natural_output_tokens": 200})
     c = client(server)
     with c.chat.completions.with_streaming_response.create(
-        model=MODEL, messages=[{"role": "user", "content": "go"}], stream=True,
+        model=MODEL,
+        messages=[{"role": "user", "content": "go"}],
+        stream=True,
         service_tier="flex",
     ) as response:
         request_id = response.headers["x-request-id"]
