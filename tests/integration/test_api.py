@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Callable
 
@@ -286,3 +287,37 @@ def test_engine_failure_before_any_token_fails_cleanly_and_is_not_billed(serve: 
     assert ask(c, max_tokens=2).usage.completion_tokens == 2  # type: ignore[attr-defined]
     billed = {r.request_id for r in server.state.store.ledger("tenant-a")}
     assert failed_id not in billed and len(billed) == 1
+
+
+def test_paused_stream_gets_sse_comments_then_continues_without_duplicates(serve: Serve) -> None:
+    server = serve(
+        slots=1,
+        paused_heartbeat=0.01,
+        simulated={"ttft_ms": 5, "tpot_ms": 10, "natural_output_tokens": 80},
+    )
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "pause me"}],
+        "stream": True,
+        "service_tier": "flex",
+    }
+    headers = {"authorization": f"Bearer {KEY}"}
+    reference = ask(client(server), content="pause me", service_tier="flex")
+    lines: list[str] = []
+    with httpx.stream("POST", server.url + "/chat/completions", json=body, headers=headers) as r:
+        assert r.status_code == 200
+        stream = r.iter_lines()
+        while len([x for x in lines if '"content":"' in x]) < 3:
+            lines.append(next(stream))
+        # a long default request takes the only slot for a while
+        blocker = threading.Thread(
+            target=lambda: ask(client(server), content="block", max_tokens=20)
+        )
+        blocker.start()
+        lines.extend(stream)
+        blocker.join(timeout=30)
+    assert ": paused" in lines
+    payloads = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+    text = "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads)
+    assert text == reference.choices[0].message.content  # type: ignore[attr-defined]
+    assert lines[-1] == "data: [DONE]" or lines[-2] == "data: [DONE]"
