@@ -47,7 +47,7 @@ def serve(
     import uvicorn
 
     from flexserve.api import create_app, open_store
-    from flexserve.keys import create_key
+    from flexserve.keys import create_key, ensure_config_keys
 
     simulated = {"ttft_ms": sim_ttft_ms, "tpot_ms": sim_tpot_ms}
     settings = _settings(
@@ -65,6 +65,7 @@ def serve(
     )
     store = open_store(settings)
     store.migrate()
+    ensure_config_keys(store, settings.api_keys, settings.admin_keys)
     if not store.list_keys():
         new = create_key(store, "default")
         # Printed once to the terminal, never logged: only its hash is stored.
