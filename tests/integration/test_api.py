@@ -10,6 +10,7 @@ from collections.abc import Callable
 import httpx
 import openai
 import pytest
+
 from tests.conftest import KEY, OTHER_KEY, RunningServer
 
 MODEL = "smollm2-135m"

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from flexserve.api import chat, errors, routes
+from flexserve.api import admin, chat, errors, routes
 from flexserve.api.body import RequestIdMiddleware
 from flexserve.api.state import AppState
 from flexserve.backends import build_backend
@@ -90,5 +90,8 @@ def _routes(app: FastAPI) -> None:
     app.add_api_route("/v1/models/{model:path}", routes.get_model, methods=["GET"])
     app.add_api_route("/v1/usage", routes.usage, methods=["GET"])
     app.add_api_route("/v1/flex/quote", routes.flex_quote, methods=["GET"])
+    app.add_api_route("/v1/admin/keys", admin.create_key, methods=["POST"])
+    app.add_api_route("/v1/admin/keys", admin.list_keys, methods=["GET"])
+    app.add_api_route("/v1/admin/keys/{key_id}", admin.revoke_key, methods=["DELETE"])
     app.add_api_route("/healthz", routes.healthz, methods=["GET"])
     app.add_api_route("/metrics", routes.metrics, methods=["GET"])
