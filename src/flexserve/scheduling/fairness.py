@@ -18,6 +18,8 @@ class VirtualTokenCounter:
     def __init__(self) -> None:
         self._counters: dict[str, float] = {}
         self._active_jobs: Counter[str] = Counter()
+        self._last_to_leave = 0.0
+        """Counter of the tenant that left last: the floor while no tenant is active."""
 
     def counter(self, tenant: str) -> float:
         return self._counters.get(tenant, 0.0)
@@ -25,15 +27,20 @@ class VirtualTokenCounter:
     def join(self, tenant: str) -> None:
         """A job of `tenant` entered this tier (queued or running)."""
         if self._active_jobs[tenant] == 0:
-            active = [self.counter(t) for t, n in self._active_jobs.items() if n > 0]
-            floor = min(active) if active else self.counter(tenant)
-            self._counters[tenant] = max(self.counter(tenant), floor)
+            self._counters[tenant] = max(self.counter(tenant), self._floor())
         self._active_jobs[tenant] += 1
 
     def leave(self, tenant: str) -> None:
         self._active_jobs[tenant] -= 1
         if self._active_jobs[tenant] <= 0:
             del self._active_jobs[tenant]
+            self._last_to_leave = self.counter(tenant)
+
+    def _floor(self) -> float:
+        """The smallest counter among active tenants; when none is active, the counter of
+        the last to leave (as in VTC), so that waiting for an idle moment banks nothing."""
+        active = [self.counter(t) for t, n in self._active_jobs.items() if n > 0]
+        return min(active) if active else self._last_to_leave
 
     def charge(self, tenant: str, *, input_tokens: int = 0, output_tokens: int = 0) -> None:
         cost = input_tokens * INPUT_WEIGHT + output_tokens * OUTPUT_WEIGHT

@@ -128,7 +128,7 @@ class Scheduler:
 
     def next_wakeup(self) -> float:
         """When `step` must run again even if no event arrives (a deadline or a window)."""
-        while self._deadlines and not self._is_queued(self._deadlines[0][2]):
+        while self._deadlines and not self._awaits_first_start(self._deadlines[0][2]):
             heapq.heappop(self._deadlines)
         wakeup = self.rate.next_roll()
         if self._deadlines:
@@ -145,10 +145,7 @@ class Scheduler:
             self._start(self._interactive.pop(), start)
 
     def _narrow_flex_beside_interactive(self, preempt: list[str]) -> None:
-        width = self.settings.flex_width_when_busy
-        if width is None or self._running_interactive() == 0:
-            return
-        while self._running_preemptible() > width:
+        while self._running_preemptible() > self._flex_limit():
             victim = self._victim()
             assert victim is not None
             self._preempt(victim, preempt)
@@ -165,12 +162,12 @@ class Scheduler:
         overloaded: list[Refusal] = []
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, job_id = heapq.heappop(self._deadlines)
-            job = self._jobs.get(job_id)
-            if job is None or job.phase is not Phase.QUEUED or job.started:
+            if not self._awaits_first_start(job_id):
                 continue
-            retry = self._retry_after(job.spec, now)
-            (overloaded if job.spec.interactive else shed).append(Refusal(job_id, retry))
-            self.finish(job_id, now)
+            spec = self._jobs[job_id].spec
+            self.finish(job_id, now)  # first, so that its own work is not ahead of it
+            retry = self._retry_after(spec, now)
+            (overloaded if spec.interactive else shed).append(Refusal(job_id, retry))
         return shed, overloaded
 
     # ---- predictions ----------------------------------------------------------------
@@ -181,9 +178,7 @@ class Scheduler:
             return self._interactive_wait()
         if self._flex_may_start() and self._next_preemptible_of_rank(RANK[spec.tier]) is None:
             return 0.0
-        capacity = self._flex_capacity()
-        ahead = self._work_ahead(spec)
-        return ahead / capacity + self._time_to_free_slot()
+        return self._work_ahead(spec) / self._flex_capacity() + self._time_to_flex_slot()
 
     def quote(self, spec: JobSpec, now: float) -> float:
         self._advance(now)
@@ -213,10 +208,30 @@ class Scheduler:
         return max(self.rate.per_slot * flex_slots * max(share, 0.05), 1e-6)
 
     def _time_to_free_slot(self) -> float:
-        running = [j.remaining_output() for j in self._running.values()]
-        if len(running) < self.slots:
+        """Seconds until any slot frees (0 if one is free)."""
+        if self._free_slots() > 0:
             return 0.0
-        return min(running) / max(self.rate.per_slot, 1e-6)
+        return self._time_to_first_end(list(self._running.values()))
+
+    def _time_to_flex_slot(self) -> float:
+        """Seconds until flex/batch may take one more slot (0 if it may now).
+
+        A free slot is not enough: the reserve and the width beside interactive work can
+        keep flex out of it, and then only the end of a running flex/batch job lets it in.
+        """
+        if self._flex_may_start():
+            return 0.0
+        preemptible = [j for j in self._running.values() if not j.spec.interactive]
+        if preemptible and len(preemptible) >= self._flex_limit():
+            return self._time_to_first_end(preemptible)
+        return self._time_to_first_end(list(self._running.values()))
+
+    def _time_to_first_end(self, jobs: list[JobState]) -> float:
+        """A running job that has reached its cap still owes its finish: count one token."""
+        if not jobs:
+            return 0.0
+        fewest = min(max(1, job.remaining_output()) for job in jobs)
+        return fewest / max(self.rate.per_slot, 1e-6)
 
     def _interactive_wait(self) -> float:
         if self._free_slots() > 0 or self._victim() is not None:
@@ -231,14 +246,20 @@ class Scheduler:
     def _refuse_preemptible(self, spec: JobSpec, now: float, wait: float) -> Rejected | None:
         settings = self.settings
         tokens = spec.prompt_tokens + spec.max_tokens
+        late = max(MIN_RETRY_AFTER, wait - max(0.0, spec.deadline - now))
+        if self.slots <= settings.interactive_reserve:
+            return Rejected(late, "no slot on this backend is open to flex")
         if self._queued_preemptible >= settings.flex_queue_max_jobs:
-            return Rejected(self._retry_after(spec, now), "flex queue is full")
+            return Rejected(self._queue_full_retry(late), "flex queue is full")
         if self._queued_preemptible_tokens + tokens > settings.flex_queue_max_tokens:
-            return Rejected(self._retry_after(spec, now), "flex queue token bound reached")
+            return Rejected(self._queue_full_retry(late), "flex queue token bound reached")
         if now + wait > spec.deadline:
-            allowed = max(0.0, spec.deadline - now)
-            return Rejected(max(MIN_RETRY_AFTER, wait - allowed), "cannot start by its deadline")
+            return Rejected(late, "cannot start by its deadline")
         return None
+
+    def _queue_full_retry(self, late: float) -> float:
+        """A full queue has room again only when its head starts."""
+        return max(late, self._time_to_flex_slot())
 
     # ---- state ----------------------------------------------------------------------
 
@@ -276,6 +297,11 @@ class Scheduler:
     def _is_queued(self, job_id: str) -> bool:
         job = self._jobs.get(job_id)
         return job is not None and job.phase is Phase.QUEUED
+
+    def _awaits_first_start(self, job_id: str) -> bool:
+        """Queued and never started: the only jobs a deadline can refuse."""
+        job = self._jobs.get(job_id)
+        return job is not None and job.phase is Phase.QUEUED and not job.started
 
     def _enqueue(self, job: JobState) -> None:
         job.phase = Phase.QUEUED
@@ -338,11 +364,16 @@ class Scheduler:
     def _flex_may_start(self) -> bool:
         if self._interactive.peek() is not None or self._free_slots() == 0:
             return False
-        running = self._running_preemptible()
-        if running >= self.slots - self.settings.interactive_reserve:
-            return False
+        return self._running_preemptible() < self._flex_limit()
+
+    def _flex_limit(self) -> int:
+        """Most flex/batch jobs that may run now: all slots but the reserve, and at most
+        `flex_width_when_busy` beside interactive work."""
+        limit = self.slots - self.settings.interactive_reserve
         width = self.settings.flex_width_when_busy
-        return width is None or self._running_interactive() == 0 or running < width
+        if width is not None and self._running_interactive() > 0:
+            limit = min(limit, width)
+        return limit
 
     def _running_interactive(self) -> int:
         return sum(1 for j in self._running.values() if j.spec.interactive)

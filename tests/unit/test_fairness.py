@@ -1,0 +1,151 @@
+"""Virtual token counters (VTC) and the fair queue built on them."""
+
+from __future__ import annotations
+
+from flexserve.config import SchedulerSettings
+from flexserve.scheduling import Admitted, JobSpec, JobState, Scheduler
+from flexserve.scheduling.fairness import VirtualTokenCounter
+from flexserve.scheduling.queues import FairQueue
+
+
+def test_service_is_weighted_input_one_output_two() -> None:
+    vtc = VirtualTokenCounter()
+    vtc.join("A")
+
+    vtc.charge("A", input_tokens=10, output_tokens=5)
+
+    assert vtc.counter("A") == 20.0
+
+
+def test_tenant_that_becomes_active_is_lifted_to_the_smallest_active_counter() -> None:
+    vtc = VirtualTokenCounter()
+    for tenant in ("A", "B", "C"):
+        vtc.join(tenant)
+    vtc.charge("A", output_tokens=500)  # 1000
+    vtc.charge("B", output_tokens=150)  # 300
+    vtc.leave("C")  # C idles at 0 while A and B are served
+
+    vtc.join("C")
+
+    assert vtc.counter("C") == 300.0  # the smallest active, not the largest
+
+
+def test_tenant_ahead_of_the_others_is_not_lowered_on_joining() -> None:
+    vtc = VirtualTokenCounter()
+    vtc.join("A")
+    vtc.charge("A", output_tokens=100)
+    vtc.leave("A")
+    vtc.join("B")
+
+    vtc.join("A")
+
+    assert vtc.counter("A") == 200.0
+
+
+def test_tenant_already_active_is_not_lifted_by_another_job() -> None:
+    vtc = VirtualTokenCounter()
+    vtc.join("A")
+    vtc.join("B")
+    vtc.charge("A", output_tokens=100)
+
+    vtc.join("B")  # a second job of an active tenant
+
+    assert vtc.counter("B") == 0.0
+
+
+def test_tenant_stays_active_until_its_last_job_leaves() -> None:
+    vtc = VirtualTokenCounter()
+    vtc.join("A")
+    vtc.join("A")
+    vtc.join("B")
+    vtc.leave("B")
+    vtc.charge("A", output_tokens=100)
+    vtc.leave("A")  # one of A's two jobs
+
+    vtc.join("B")
+
+    assert vtc.counter("B") == 200.0
+
+
+def test_idle_moment_banks_no_credit() -> None:
+    """A idles while B is served; then everyone is idle; A must not come back ahead."""
+    vtc = VirtualTokenCounter()
+    vtc.join("A")
+    vtc.charge("A", output_tokens=10)  # 20
+    vtc.leave("A")
+    vtc.join("B")  # lifted to the 20 A left with
+    vtc.charge("B", output_tokens=1000)  # 2020
+    vtc.leave("B")  # nobody active
+
+    vtc.join("A")
+
+    assert vtc.counter("A") == 2020.0
+
+
+def job(job_id: str, tenant: str, deadline: float, seq: int) -> JobState:
+    return JobState(JobSpec(job_id, tenant, "flex", 10, 10, 0.0, deadline), seq=seq)
+
+
+def test_fair_queue_serves_least_service_first_then_earliest_deadline() -> None:
+    live = {"a1", "a2", "b1", "b2"}
+    queue = FairQueue(lambda job_id: job_id in live)
+    for tenant in ("A", "B"):
+        queue.vtc.join(tenant)
+    queue.push(job("a1", "A", deadline=50.0, seq=1))
+    queue.push(job("a2", "A", deadline=10.0, seq=2))
+    queue.push(job("b1", "B", deadline=90.0, seq=3))
+    queue.push(job("b2", "B", deadline=80.0, seq=4))
+    queue.vtc.charge("A", input_tokens=1)
+
+    assert queue.pop() == "b2"  # B has had less; its earliest deadline first
+    queue.vtc.charge("B", input_tokens=5)
+    assert queue.pop() == "a2"
+    assert queue.pop() == "a1"
+    assert queue.pop() == "b1"
+    assert queue.peek() is None
+
+
+def test_fair_queue_skips_entries_that_are_no_longer_queued() -> None:
+    live = {"a1", "b1"}
+    queue = FairQueue(lambda job_id: job_id in live)
+    queue.push(job("a1", "A", deadline=1.0, seq=1))
+    queue.push(job("b1", "B", deadline=2.0, seq=2))
+
+    live.discard("a1")  # cancelled
+
+    assert queue.peek() == "b1"
+
+
+def test_whole_system_idle_then_both_tenants_return() -> None:
+    """Through the scheduler: the light tenant that idled first does not run three in a row."""
+    settings = SchedulerSettings()
+    sched = Scheduler(settings, slots=1, now=0.0)
+
+    def serve(job_id: str, tenant: str, now: float, tokens: int) -> float:
+        spec = JobSpec(job_id, tenant, "flex", 10, tokens, now, now + 540.0)
+        assert isinstance(sched.arrive(spec, now), Admitted)
+        assert sched.step(now).start == (job_id,)
+        sched.token(job_id, now + 1.0, count=tokens)
+        sched.finish(job_id, now + 1.0)
+        return now + 1.0
+
+    now = serve("b_old", "B", 0.0, tokens=10)  # B: a little service, then idle
+    for i in range(5):
+        now = serve(f"a_old{i}", "A", now, tokens=100)  # A alone: much service
+    now += 60.0  # nobody at all
+    for i in range(3):
+        spec = JobSpec(f"b{i}", "B", "flex", 10, 10, now, now + 540.0)
+        assert isinstance(sched.arrive(spec, now), Admitted)
+    for i in range(3):
+        spec = JobSpec(f"a{i}", "A", "flex", 10, 10, now, now + 540.0)
+        assert isinstance(sched.arrive(spec, now), Admitted)
+
+    order = list(sched.step(now).start)
+    while sched.running_ids():
+        (job_id,) = sched.running_ids()
+        now += 1.0
+        sched.token(job_id, now, count=10)
+        sched.finish(job_id, now)
+        order.extend(sched.step(now).start)
+
+    assert order[:4] in (["b0", "a0", "b1", "a1"], ["a0", "b0", "a1", "b1"])
