@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from flexserve.config import SchedulerSettings
-from flexserve.scheduling import Admitted, JobSpec, Plan, Rejected, Scheduler, Tier
+from flexserve.scheduling import Admitted, JobSpec, Phase, Plan, Rejected, Scheduler, Tier
 
 
 def settings(**overrides: Any) -> SchedulerSettings:
@@ -634,3 +634,16 @@ def test_requeued_job_resumes_and_is_not_shed() -> None:
     job = sched.job("f")
     assert job is not None
     assert job.produced == 3
+
+
+def test_flex_takes_its_slot_back_from_batch() -> None:
+    sched = Scheduler(SchedulerSettings(), slots=2, now=0.0)
+    for i in range(2):
+        sched.arrive(JobSpec(f"b{i}", "t", "batch", 10, 50, 0.0, 1000.0 + i), 0.0)
+    assert set(sched.step(0.0).start) == {"b0", "b1"}
+    admission = sched.arrive(JobSpec("f", "t", "flex", 10, 50, 1.0, 5.0), 1.0)
+    assert admission == Admitted(predicted_wait=0.0)
+    plan = sched.step(1.0)
+    assert plan.start == ("f",)
+    assert plan.preempt == ("b1",)  # the batch job that loses least: latest deadline
+    assert sched.job("b1") is not None and sched.job("b1").phase is Phase.QUEUED  # type: ignore[union-attr]

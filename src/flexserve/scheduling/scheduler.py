@@ -54,6 +54,7 @@ class Scheduler:
         self._deadlines: list[tuple[float, int, str]] = []
         self._queued_preemptible = 0
         self._queued_preemptible_tokens = 0
+        self._queued_flex = 0
         self.rate = ServiceRate(
             per_slot=settings.cold_start_tokens_per_slot_second,
             window=settings.rate_window,
@@ -123,6 +124,7 @@ class Scheduler:
         self._admit_interactive(start, preempt)
         self._narrow_flex_beside_interactive(preempt)
         self._fill_with_flex(start)
+        self._flex_displaces_batch(start, preempt)
         shed, overloaded = self._expire(now)
         return Plan(tuple(start), tuple(preempt), tuple(shed), tuple(overloaded))
 
@@ -157,6 +159,15 @@ class Scheduler:
                 return
             self._start(job_id, start)
 
+    def _flex_displaces_batch(self, start: list[str], preempt: list[str]) -> None:
+        """Strict tiers: a queued flex job takes its slot back from a running batch job."""
+        while self._fair["flex"].peek() is not None:
+            victim = self._victim(among=("batch",))
+            if victim is None:
+                return
+            self._preempt(victim, preempt)
+            self._start(self._fair["flex"].pop(), start)
+
     def _expire(self, now: float) -> tuple[list[Refusal], list[Refusal]]:
         shed: list[Refusal] = []
         overloaded: list[Refusal] = []
@@ -178,6 +189,8 @@ class Scheduler:
             return self._interactive_wait()
         if self._flex_may_start() and self._next_preemptible_of_rank(RANK[spec.tier]) is None:
             return 0.0
+        if spec.tier == "flex" and self._running_of_tier("batch") > self._queued_flex:
+            return 0.0  # it would take a batch job's slot at once
         return self._work_ahead(spec) / self._flex_capacity() + self._time_to_flex_slot()
 
     def quote(self, spec: JobSpec, now: float) -> float:
@@ -312,11 +325,13 @@ class Scheduler:
         self._fair[job.spec.tier].push(job)
         self._queued_preemptible += 1
         self._queued_preemptible_tokens += job.spec.prompt_tokens + job.spec.max_tokens
+        self._queued_flex += job.spec.tier == "flex"
 
     def _unqueue_counts(self, job: JobState) -> None:
         if not job.spec.interactive:
             self._queued_preemptible -= 1
             self._queued_preemptible_tokens -= job.spec.prompt_tokens + job.spec.max_tokens
+            self._queued_flex -= job.spec.tier == "flex"
 
     def _start(self, job_id: str, start: list[str]) -> None:
         job = self._jobs[job_id]
@@ -335,10 +350,10 @@ class Scheduler:
         self._enqueue(job)
         preempt.append(job_id)
 
-    def _victim(self) -> str | None:
+    def _victim(self, among: tuple[Tier, ...] = PREEMPTIBLE) -> str | None:
         """The running flex/batch job that loses least: lowest tier, latest deadline,
         fewest tokens produced."""
-        candidates = [j for j in self._running.values() if not j.spec.interactive]
+        candidates = [j for j in self._running.values() if j.spec.tier in among]
         if not candidates:
             return None
         loser = max(candidates, key=lambda j: (RANK[j.spec.tier], j.spec.deadline, -j.produced))
@@ -377,6 +392,9 @@ class Scheduler:
 
     def _running_interactive(self) -> int:
         return sum(1 for j in self._running.values() if j.spec.interactive)
+
+    def _running_of_tier(self, tier: Tier) -> int:
+        return sum(1 for j in self._running.values() if j.spec.tier == tier)
 
     def _running_preemptible(self) -> int:
         return sum(1 for j in self._running.values() if not j.spec.interactive)
