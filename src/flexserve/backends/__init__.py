@@ -19,6 +19,16 @@ __all__ = [
 def build_backend(settings: Settings) -> Backend:
     if settings.backend == "simulated":
         return SimulatedBackend(settings.model_name, settings.slots, settings.simulated)
-    from flexserve.backends.embedded import EmbeddedBackend  # llama.cpp loads only if asked
+    # llama.cpp is imported only when asked for: the simulated backend needs none of it.
+    from flexserve.backends.embedded import EmbeddedBackend
+    from flexserve.backends.model_files import resolve_model_path
 
-    return EmbeddedBackend.from_settings(settings)
+    embedded = settings.embedded
+    return EmbeddedBackend(
+        str(resolve_model_path(embedded.model_path)),
+        model_name=settings.model_name,
+        slots=settings.slots,
+        context_per_slot=embedded.context_per_slot,
+        prefill_chunk=embedded.prefill_chunk,
+        n_threads=embedded.threads,
+    )
