@@ -17,6 +17,7 @@ pytestmark = pytest.mark.embedded
 pytest.importorskip("llama_cpp")
 
 from flexserve.backends.base import (  # noqa: E402
+    Backend,
     BackendError,
     ChatMessage,
     Chunk,
@@ -40,6 +41,8 @@ PROMPTS = (
     "Explain what a computer is.",
     "Tell me about Paris.",
 )
+# Long enough that the model fills a 256-token context before it stops by itself.
+LONG_STORY = "Write a very long story about a dragon who lives in a castle by the sea."
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +107,13 @@ async def preempted_run(
     return produced + await collect(backend, req, tokens_of(produced))
 
 
+def test_implements_the_backend_protocol(backend: EmbeddedBackend) -> None:
+    as_protocol: Backend = backend  # checked by mypy as well
+    assert isinstance(as_protocol, Backend)
+    assert (backend.name, backend.model, backend.slots) == ("embedded", "smollm2-135m", 4)
+    assert backend.context_length == 1024
+
+
 def test_answers_a_simple_question(backend: EmbeddedBackend) -> None:
     chunks = asyncio.run(collect(backend, request(backend, CAPITAL, max_tokens=30)))
     assert "Paris" in text_of(chunks)
@@ -112,7 +122,12 @@ def test_answers_a_simple_question(backend: EmbeddedBackend) -> None:
 
 
 def test_concurrent_sequences_match_each_alone(backend: EmbeddedBackend) -> None:
-    requests = [request(backend, prompt, f"r{i}") for i, prompt in enumerate(PROMPTS)]
+    # Unequal lengths: sequences leave mid-batch and the others move into their slot.
+    lengths = (8, 24, 14, 20)
+    requests = [
+        request(backend, prompt, f"r{i}", max_tokens=n)
+        for i, (prompt, n) in enumerate(zip(PROMPTS, lengths, strict=True))
+    ]
 
     async def alone() -> list[list[int]]:
         return [ids(await collect(backend, req)) for req in requests]
@@ -123,13 +138,15 @@ def test_concurrent_sequences_match_each_alone(backend: EmbeddedBackend) -> None
 
     expected = asyncio.run(alone())
     assert asyncio.run(together()) == expected
-    assert all(len(tokens) > 5 for tokens in expected)
+    assert [len(tokens) for tokens in expected] == list(lengths)
+    assert backend.stats().extra["kv_stream_moves"] > 0
 
 
 def test_preempted_greedy_generation_resumes_exactly(backend: EmbeddedBackend) -> None:
-    req = request(backend, PROMPTS[0], max_tokens=40)
+    req = request(backend, PROMPTS[0], max_tokens=56)
     full = asyncio.run(collect(backend, req))
-    resumed = asyncio.run(preempted_run(backend, req, cut_points=[7, 11]))
+    # The second resume re-prefills 60+ tokens at once: the long-prefill kernel path.
+    resumed = asyncio.run(preempted_run(backend, req, cut_points=[30, 11]))
     assert ids(resumed) == ids(full)
     assert text_of(resumed) == text_of(full)
     assert finish_of(resumed) == finish_of(full)
@@ -194,6 +211,8 @@ def test_one_failing_sequence_does_not_disturb_others(backend: EmbeddedBackend) 
     assert isinstance(failure, BackendError)
     assert ids(beside_failure) == ids(expected)
     assert backend.health()
+    with pytest.raises(BackendError):
+        asyncio.run(collect(backend, GenerationRequest("empty", (), good.sampling)))
 
 
 def test_context_limit_and_shutdown() -> None:
@@ -201,7 +220,7 @@ def test_context_limit_and_shutdown() -> None:
 
     async def scenario() -> None:
         await small.start()
-        req = request(small, "Write a very long story about a dragon who lives in a castle by the sea, with many chapters.", max_tokens=5000)
+        req = request(small, LONG_STORY, max_tokens=5000)
         chunks = await collect(small, req)
         assert finish_of(chunks).reason == "length"
         assert len(req.prompt_tokens) + len(tokens_of(chunks)) == small.context_length
@@ -221,4 +240,13 @@ def test_utf8_split_across_tokens_is_held_until_complete() -> None:
     pieces = {1: b"caf", 2: b"\xc3", 3: b"\xa9!"}
     stream = TextStream(pieces.__getitem__, stops=())
     assert [stream.push(token) for token in (1, 2, 3)] == ["caf", "", "é!"]
+    assert stream.flush() == ""
+
+
+def test_stop_string_split_across_tokens_cuts_the_text() -> None:
+    pieces = {1: b"Hel", 2: b"lo wo", 3: b"rld"}
+    stream = TextStream(pieces.__getitem__, stops=("o w",))
+    assert stream.push(1) == "Hel"
+    assert stream.push(2) == "l"
+    assert stream.stopped
     assert stream.flush() == ""

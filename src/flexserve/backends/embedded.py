@@ -13,7 +13,7 @@ import asyncio
 import codecs
 import hashlib
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -120,14 +120,15 @@ class EmbeddedBackend:
         self._started = False
 
     @staticmethod
-    def _chat_formatter(llama: LlamaModel) -> Any:  # llama_cpp ships no type stubs
+    def _chat_formatter(llama: LlamaModel) -> Jinja2ChatFormatter:
         bos, eos = llama.special_tokens()
         template = llama.chat_template() or CHATML_TEMPLATE
         return Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> tuple[int, ...]:
         """Render the GGUF's own chat template, then tokenize (safe from any thread)."""
-        wire = [{"role": m.role, "content": m.content} for m in messages]
+        # Any: llama_cpp types messages as TypedDicts with literal roles; ours are plain str.
+        wire: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
         prompt: str = self._formatter(messages=wire).prompt
         with self._model_lock:
             if self._llama is None:
@@ -157,15 +158,20 @@ class EmbeddedBackend:
 
     async def generate(
         self, request: GenerationRequest, resume: Sequence[TokenChunk] = ()
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         """Stream the continuation of prompt + `resume`; never repeats a resumed token."""
         if not self.health():
             raise BackendError("backend not running")
+        if not request.prompt_tokens:
+            raise BackendError("empty prompt")  # nothing to sample the first token from
         assert self._llama is not None
         text = TextStream(self._llama.piece, request.sampling.stop)
-        for chunk in resume:  # rebuild what was held back when the stream was cut
-            text.push(chunk.token_id)
-        history = tuple(chunk.token_id for chunk in resume)
+        history = tuple(done.token_id for done in resume)
+        for token in history:  # rebuild what was held back when the stream was cut
+            text.push(token)
+        if text.stopped:  # the resumed output already reached a stop string
+            yield Finish("stop")
+            return
         in_context = len(request.prompt_tokens) + len(history)
         if len(history) >= request.sampling.max_tokens or in_context >= self.context_length:
             yield Finish("length", text.flush())

@@ -8,11 +8,17 @@ Sequences join and leave between steps; leaving frees their KV cache.
 
 Results go back to each sequence's asyncio queue with one `call_soon_threadsafe` per
 step and event loop.
+
+Exactness: a token's logits do not depend on which other sequences share its batch, nor
+on how its prompt was cut into chunks (one KV stream per sequence, ubatches below the
+tiled-attention threshold). So batching changes no output, a preempted sequence resumes
+by re-prefilling exactly where it was, and a seed gives the same text either way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
@@ -34,17 +40,27 @@ logger = logging.getLogger(__name__)
 EngineEvent = int | Finish | BackendError
 
 _MASK64 = (1 << 64) - 1
+# ggml's CPU flash attention switches to a tiled kernel, with another summation order, once
+# one sequence has 64 query rows in a ubatch. Below that, a token's logits and KV entries
+# do not depend on how tokens were grouped, so batching and re-prefill on resume are
+# exact. Prefill speed is the same with ubatches of 32..256 tokens on this model.
+_EXACT_UBATCH = 63
 _backend_ready = False
 _backend_lock = threading.Lock()
 
 
-@ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
-def _quiet_llama_log(level: int, text: bytes | None, user_data: int | None) -> None:
-    # llama.cpp's debug output can echo token text; keep only its warnings and errors.
+def _forward_llama_log(level: int, text: bytes | None, user_data: int | None) -> None:
+    # llama.cpp's info and debug output can echo token text: keep its warnings (3) and
+    # errors (4) only (ggml_log_level).
     if level in (3, 4) and text:
-        logger.log(
-            logging.WARNING if level == 3 else logging.ERROR, text.decode(errors="replace").rstrip()
-        )
+        severity = logging.WARNING if level == 3 else logging.ERROR
+        logger.log(severity, "llama.cpp: %s", text.decode(errors="replace").rstrip())
+
+
+# ctypes must keep the callback object alive for as long as llama.cpp may call it.
+_LLAMA_LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)(
+    _forward_llama_log
+)
 
 
 def init_llama_backend() -> None:
@@ -52,7 +68,7 @@ def init_llama_backend() -> None:
     global _backend_ready
     with _backend_lock:
         if not _backend_ready:
-            llama_cpp.llama_log_set(_quiet_llama_log, ctypes.c_void_p(0))
+            llama_cpp.llama_log_set(_LLAMA_LOG_CALLBACK, ctypes.c_void_p(0))
             llama_cpp.llama_backend_init()
             _backend_ready = True
 
@@ -251,7 +267,8 @@ class LlamaEngine:
         self._batch: Any = None
         self._active: dict[SequenceJob, _Active] = {}
         self._waiting: deque[SequenceJob] = deque()
-        self._free_seq_ids: list[int] = list(range(slots - 1, -1, -1))
+        self._by_seq_id: list[_Active | None] = []  # index == seq_id; None: a free id
+        self._stream_moves = 0
         self._outbox: list[tuple[SequenceJob, EngineEvent]] = []
 
     # -- called from other threads -------------------------------------------------------
@@ -261,13 +278,17 @@ class LlamaEngine:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.slots * self.context_per_slot
         params.n_seq_max = self.slots
-        params.n_batch = params.n_ubatch = self.prefill_chunk + self.slots
+        params.n_batch = self.prefill_chunk + self.slots
+        params.n_ubatch = _EXACT_UBATCH
         params.n_threads = params.n_threads_batch = self.n_threads
+        # One KV stream per sequence (kv_unified off): batched decoding then gives
+        # bit-identical logits to decoding each sequence alone, which exact resume and
+        # reproducible seeds rely on. `_compact_seq_ids` pays the price.
+        params.kv_unified = False
         params.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(self.model.handle, params)
         if not self._ctx:
             raise BackendError("llama.cpp could not create a context")
-        # llama.cpp rounds each sequence's share of the cache up; never promise more than asked.
         assert int(llama_cpp.llama_n_ctx_seq(self._ctx)) >= self.context_per_slot
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.prefill_chunk + self.slots, 0, 1)
@@ -306,7 +327,10 @@ class LlamaEngine:
                 prefilled_tokens=c.prefilled_tokens,
                 sampled_tokens=c.sampled_tokens,
                 active_sequences=c.active_sequences,
-                extra={"waiting_sequences": float(len(self._waiting))},
+                extra={
+                    "waiting_sequences": float(len(self._waiting)),
+                    "kv_stream_moves": float(self._stream_moves),
+                },
             )
 
     # -- the engine thread ----------------------------------------------------------------
@@ -339,7 +363,10 @@ class LlamaEngine:
 
     def _admit(self, job: SequenceJob) -> None:
         self._waiting.append(job)
-        while self._waiting and self._free_seq_ids:
+        self._fill_slots()
+
+    def _fill_slots(self) -> None:
+        while self._waiting and len(self._active) < self.slots:
             self._activate(self._waiting.popleft())
 
     def _activate(self, job: SequenceJob) -> None:
@@ -349,8 +376,11 @@ class LlamaEngine:
             logger.exception("sampler setup failed for request %s", job.request_id)
             self._emit(job, BackendError("sampler setup failed"))
             return
-        seq_id = self._free_seq_ids.pop()
-        self._active[job] = _Active(job, seq_id, sampler)
+        if None not in self._by_seq_id:
+            self._by_seq_id.append(None)
+        active = _Active(job, self._by_seq_id.index(None), sampler)
+        self._by_seq_id[active.seq_id] = active
+        self._active[job] = active
         self._count_active()
 
     def _drop(self, job: SequenceJob) -> None:
@@ -362,10 +392,30 @@ class LlamaEngine:
             return
         llama_cpp.llama_memory_seq_rm(self._memory, active.seq_id, -1, -1)
         active.sampler.free()
-        self._free_seq_ids.append(active.seq_id)
+        self._by_seq_id[active.seq_id] = None
         self._count_active()
-        while self._waiting and self._free_seq_ids:
-            self._activate(self._waiting.popleft())
+        self._fill_slots()  # a newcomer takes the freed id: nothing to move
+
+    def _compact_seq_ids(self) -> None:
+        """Make the seq ids in use 0..n-1 by moving the highest sequences into free ids.
+
+        With one KV stream per sequence, llama.cpp puts only consecutive seq ids in one
+        ubatch: a gap would split every later step into two passes over the weights. One
+        copy of a moved sequence's stream (done inside the next llama_decode) is cheaper.
+        """
+        while self._by_seq_id and self._by_seq_id[-1] is None:
+            self._by_seq_id.pop()
+        while None in self._by_seq_id:
+            hole = self._by_seq_id.index(None)
+            last = self._by_seq_id.pop()
+            assert last is not None
+            llama_cpp.llama_memory_seq_cp(self._memory, last.seq_id, hole, -1, -1)
+            llama_cpp.llama_memory_seq_rm(self._memory, last.seq_id, -1, -1)
+            last.seq_id = hole
+            self._by_seq_id[hole] = last
+            self._stream_moves += 1
+            while self._by_seq_id[-1] is None:
+                self._by_seq_id.pop()
 
     def _finish(self, job: SequenceJob, event: Finish | BackendError) -> None:
         self._emit(job, event)
@@ -381,18 +431,23 @@ class LlamaEngine:
                 self._finish(job, BackendError("engine step failed"))
 
     def _step(self) -> None:
+        self._compact_seq_ids()
         self._decode_and_sample(self._plan_batch())
 
     def _plan_batch(self) -> list[_Part]:
-        """A token for every generating sequence, then prompt chunks up to the budget."""
+        """A token for every generating sequence, and prompt chunks up to the budget.
+
+        In seq id order: llama.cpp groups consecutive sequences into one ubatch.
+        """
         parts: list[_Part] = []
         budget = self.prefill_chunk
-        for active in self._active.values():
+        for active in self._by_seq_id:
+            if active is None:
+                continue
             if not active.prefilling:
                 assert active.next_token is not None
                 parts.append(_Part(active, active.n_cached, (active.next_token,), True, False))
-        for active in self._active.values():
-            if active.prefilling and budget > 0:
+            elif budget > 0:
                 end = min(len(active.job.tokens), active.n_cached + budget)
                 chunk = active.job.tokens[active.n_cached : end]
                 budget -= len(chunk)
@@ -491,10 +546,8 @@ class LlamaEngine:
             by_loop.setdefault(job.loop, []).append((job, event))
         self._outbox = []
         for loop, items in by_loop.items():
-            try:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
                 loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # that loop is closed: nobody is listening any more
-                pass
 
     def _shut_down(self) -> None:
         for job in self._waiting:
