@@ -97,7 +97,8 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
-    backend: BackendKind = "simulated"
+    backend: BackendKind = "embedded"
+    """`embedded` runs the GGUF model in process; `simulated` is a fake engine for tests."""
     model_name: str = "smollm2-135m"
     """Name clients pass as `model`."""
     slots: int = 4
