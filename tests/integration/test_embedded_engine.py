@@ -250,3 +250,28 @@ def test_stop_string_split_across_tokens_cuts_the_text() -> None:
     assert stream.push(2) == "l"
     assert stream.stopped
     assert stream.flush() == ""
+
+
+def test_higher_priority_prompt_is_prefilled_first() -> None:
+    """A small prefill budget, a long low-priority prompt already waiting: the
+    high-priority prompt still gets its first token first (no inversion in the engine)."""
+    small = EmbeddedBackend(str(MODEL_PATH), slots=2, context_per_slot=1024, prefill_chunk=8)
+    order: list[str] = []
+
+    async def first_token(req: GenerationRequest) -> None:
+        async with aclosing(small.generate(req)) as stream:
+            async for _ in stream:
+                order.append(req.request_id)
+                return
+
+    async def run() -> None:
+        await small.start()
+        long_prompt = request(small, LONG_STORY + " " + " ".join(PROMPTS) * 3, "low", max_tokens=2)
+        urgent = request(small, CAPITAL, "high", max_tokens=2)
+        low = GenerationRequest("low", long_prompt.prompt_tokens, long_prompt.sampling, priority=1)
+        high = GenerationRequest("high", urgent.prompt_tokens, urgent.sampling, priority=3)
+        await asyncio.gather(first_token(low), first_token(high))
+        await small.close()
+
+    asyncio.run(run())
+    assert order == ["high", "low"]

@@ -39,6 +39,8 @@ class GenerationRequest:
     request_id: str
     prompt_tokens: tuple[int, ...]
     sampling: SamplingParams
+    priority: int = 0
+    """Higher goes first where an engine must choose (e.g. whose prompt to prefill)."""
 
 
 @dataclass(frozen=True)

@@ -199,6 +199,7 @@ class EmbeddedBackend:
             seed=seed,
             loop=asyncio.get_running_loop(),
             events=asyncio.Queue(),
+            priority=request.priority,
         )
 
     def _chunks(self, event: EngineEvent, text: TextStream, job: SequenceJob) -> list[Chunk]:

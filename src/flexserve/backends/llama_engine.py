@@ -204,6 +204,7 @@ class SequenceJob:
     seed: int
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[EngineEvent]
+    priority: int = 0  # higher tiers get the prefill budget first
 
 
 @dataclass(eq=False)
@@ -440,20 +441,33 @@ class LlamaEngine:
         In seq id order: llama.cpp groups consecutive sequences into one ubatch.
         """
         parts: list[_Part] = []
-        budget = self.prefill_chunk
+        shares = self._prefill_shares()
         for active in self._by_seq_id:
             if active is None:
                 continue
             if not active.prefilling:
                 assert active.next_token is not None
                 parts.append(_Part(active, active.n_cached, (active.next_token,), True, False))
-            elif budget > 0:
-                end = min(len(active.job.tokens), active.n_cached + budget)
+            elif active in shares:
+                end = active.n_cached + shares[active]
                 chunk = active.job.tokens[active.n_cached : end]
-                budget -= len(chunk)
                 last = end == len(active.job.tokens)
                 parts.append(_Part(active, active.n_cached, chunk, last, True))
         return parts
+
+    def _prefill_shares(self) -> dict[_Active, int]:
+        """The step's prefill budget: higher priority first, so an interactive prompt
+        never waits behind a resumed flex job's re-prefill; then seq id order."""
+        waiting = [a for a in self._by_seq_id if a is not None and a.prefilling]
+        waiting.sort(key=lambda a: (-a.job.priority, a.seq_id))
+        shares: dict[_Active, int] = {}
+        budget = self.prefill_chunk
+        for active in waiting:
+            if budget <= 0:
+                break
+            shares[active] = min(budget, len(active.job.tokens) - active.n_cached)
+            budget -= shares[active]
+        return shares
 
     def _decode_and_sample(self, parts: list[_Part]) -> None:
         """Decode `parts` in one call; on failure, isolate the sequence that caused it."""

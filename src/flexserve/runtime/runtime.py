@@ -20,7 +20,7 @@ from flexserve.backends.base import Backend, BackendError, Chunk, Finish, Genera
 from flexserve.config import SchedulerSettings
 from flexserve.errors import EngineFailure, FlexserveError, Overloaded, ResourceUnavailable
 from flexserve.runtime.events import Done, Failed, JobHandle, Paused, Started, Submission, Token
-from flexserve.scheduling import JobSpec, Plan, Rejected, Scheduler, Snapshot
+from flexserve.scheduling import RANK, JobSpec, Plan, Rejected, Scheduler, Snapshot
 
 log = logging.getLogger("flexserve.runtime")
 
@@ -261,7 +261,8 @@ class Runtime:
 
     async def _stream(self, handle: JobHandle) -> None:
         sub = handle.submission
-        request = GenerationRequest(sub.request_id, sub.prompt_tokens, sub.sampling)
+        priority = len(RANK) - RANK[sub.tier]  # priority 4 ... batch 1
+        request = GenerationRequest(sub.request_id, sub.prompt_tokens, sub.sampling, priority)
         chunks = self.backend.generate(request, tuple(handle.produced))
         ended: _Ended
         try:
