@@ -456,17 +456,26 @@ class LlamaEngine:
         return parts
 
     def _prefill_shares(self) -> dict[_Active, int]:
-        """The step's prefill budget: higher priority first, so an interactive prompt
-        never waits behind a resumed flex job's re-prefill; then seq id order."""
-        waiting = [a for a in self._by_seq_id if a is not None and a.prefilling]
-        waiting.sort(key=lambda a: (-a.job.priority, a.seq_id))
+        """The step's prefill budget, higher priority first (then seq id order).
+
+        Every step costs every sequence in it, so while a higher-priority sequence is
+        active a lower one prefills nothing beside its prompt and at most one ubatch
+        beside its decoding: an interactive stream never waits on a flex re-prefill.
+        """
+        active = [a for a in self._by_seq_id if a is not None]
+        waiting = sorted(
+            (a for a in active if a.prefilling), key=lambda a: (-a.job.priority, a.seq_id)
+        )
+        top = max((a.job.priority for a in active), default=0)
         shares: dict[_Active, int] = {}
         budget = self.prefill_chunk
-        for active in waiting:
+        for seq in waiting:
+            if seq.job.priority < top:
+                budget = 0 if shares else min(budget, _EXACT_UBATCH)
             if budget <= 0:
                 break
-            shares[active] = min(budget, len(active.job.tokens) - active.n_cached)
-            budget -= shares[active]
+            shares[seq] = min(budget, len(seq.job.tokens) - seq.n_cached)
+            budget -= shares[seq]
         return shares
 
     def _decode_and_sample(self, parts: list[_Part]) -> None:
