@@ -468,7 +468,10 @@ class LlamaEngine:
         )
         top = max((a.job.priority for a in active), default=0)
         shares: dict[_Active, int] = {}
-        budget = self.prefill_chunk
+        # One ubatch per step: a step is then one pass over the weights, so no stream
+        # (and no newly arrived interactive prompt) waits behind a multi-pass prefill.
+        decoding = len(active) - len(waiting)
+        budget = min(self.prefill_chunk, max(1, _EXACT_UBATCH - decoding))
         for seq in waiting:
             if seq.job.priority < top:
                 budget = 0 if shares else min(budget, _EXACT_UBATCH)
