@@ -112,6 +112,8 @@ class Settings(BaseSettings):
     """Largest JSON body accepted on the inference routes."""
     paused_heartbeat: float = 15.0
     """Seconds between `: paused` SSE comments while a stream is preempted."""
+    stall_timeout: float = 120.0
+    """Seconds without a token before a running stream counts as a failed engine."""
     retry_after_max: float = 60.0
     """Retry-After above this also sends `x-should-retry: false`."""
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)

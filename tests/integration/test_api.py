@@ -322,3 +322,18 @@ def test_paused_stream_gets_sse_comments_then_continues_without_duplicates(serve
     text = "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads)
     assert text == reference.choices[0].message.content  # type: ignore[attr-defined]
     assert lines[-1] == "data: [DONE]" or lines[-2] == "data: [DONE]"
+
+
+def test_a_hung_engine_ends_the_stream_with_an_error_not_a_hang(serve: Serve) -> None:
+    server = serve(stall_timeout=0.3)
+    stream = client(server).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "stall [sim:hang@2]"}], stream=True
+    )
+    received: list[str] = []
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received.append(chunk.choices[0].delta.content)
+    assert len(received) == 2
+    assert "no token" in str(caught.value.message)
+    server.wait_until(lambda: not server.state.runtime.scheduler.running_ids())

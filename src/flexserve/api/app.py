@@ -77,7 +77,9 @@ def _state(
     clock: Callable[[], float],
 ) -> AppState:
     ledger = Ledger(settings, store)
-    runtime = Runtime(backend, settings.scheduler, clock=clock)
+    runtime = Runtime(
+        backend, settings.scheduler, clock=clock, stall_timeout=settings.stall_timeout
+    )
     state = AppState(settings, backend, store, runtime, ledger, metrics)
     runtime.set_settle(state.settle)
     metrics.watch(runtime.snapshot, backend.stats)
