@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -24,6 +24,7 @@ from flexserve.errors import FlexserveError
 from flexserve.runtime import Done, Failed, JobEvent, JobHandle, Paused, Started, Submission, Token
 
 CLIENT_GONE = 499
+T = TypeVar("T")
 
 
 async def chat_completions(request: Request) -> Response:
@@ -69,26 +70,23 @@ class _Answer:
 
     async def next_event_or_disconnect(self, request: Request) -> JobEvent | None:
         """The next event; None (and the job cancelled) if the client went away first."""
-        get = asyncio.ensure_future(self.handle.events.get())
-        gone = asyncio.ensure_future(_disconnected(request))
-        done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
-        gone.cancel()
-        if get in done:
-            return get.result()
-        get.cancel()
-        self.state.runtime.cancel(self.handle.request_id)
-        return None
+        return await self._unless_client_leaves(request, self.handle.events.get())
 
     async def json(self, request: Request) -> Response:
-        collect = asyncio.ensure_future(self._collect())
+        response = await self._unless_client_leaves(request, self._collect())
+        return response if response is not None else Response(status_code=CLIENT_GONE)
+
+    async def _unless_client_leaves(self, request: Request, work: Awaitable[T]) -> T | None:
+        """`work`'s result, or None if the client disconnects first (its job is cancelled)."""
+        task = asyncio.ensure_future(work)
         gone = asyncio.ensure_future(_disconnected(request))
-        done, _ = await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
         gone.cancel()
-        if collect in done:
-            return collect.result()
-        collect.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()
         self.state.runtime.cancel(self.handle.request_id)
-        return Response(status_code=CLIENT_GONE)
+        return None
 
     async def _collect(self) -> Response:
         text: list[str] = []
