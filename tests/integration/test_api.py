@@ -337,3 +337,24 @@ def test_a_hung_engine_ends_the_stream_with_an_error_not_a_hang(serve: Serve) ->
     assert len(received) == 2
     assert "no token" in str(caught.value.message)
     server.wait_until(lambda: not server.state.runtime.scheduler.running_ids())
+
+
+def test_interactive_queue_past_its_bound_is_503_overloaded_with_retry_after(
+    serve: Serve,
+) -> None:
+    server = serve(
+        slots=1,
+        scheduler={"interactive_max_wait": 0.05},
+        simulated={"ttft_ms": 5, "tpot_ms": 20, "natural_output_tokens": 200},
+    )
+    c = client(server)
+    holder = c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hold"}], stream=True
+    )
+    next(iter(holder))  # a default job holds the only slot: nothing to preempt
+    with pytest.raises(openai.InternalServerError) as caught:
+        ask(c, content="waits too long")
+    assert caught.value.status_code == 503
+    assert caught.value.code == "overloaded"
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+    holder.close()

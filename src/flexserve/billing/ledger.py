@@ -13,6 +13,8 @@ from flexserve.store import LedgerRow, Store
 
 log = logging.getLogger("flexserve.billing")
 
+WRITE_ATTEMPTS = 4
+RETRY_DELAY = 0.05
 BILLED: frozenset[Outcome] = frozenset({"completed", "cancelled"})
 """Shed, overloaded and failed requests cost nothing."""
 
@@ -26,7 +28,9 @@ class Ledger:
         if outcome not in BILLED:
             return
         row = self.row(handle, outcome)
-        inserted = await asyncio.to_thread(self.store.record, row)
+        inserted = await self._record(row)
+        if inserted is None:
+            return
         log.info(
             "billed request_id=%s tier=%s input=%d output=%d nanos=%d new=%s",
             row.request_id,
@@ -36,6 +40,20 @@ class Ledger:
             row.cost_nanos,
             inserted,
         )
+
+    async def _record(self, row: LedgerRow) -> bool | None:
+        """Write the row, retrying: the answer is already out, so the write must not fail
+        the request. Retries are safe because the request id makes the write idempotent."""
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                return await asyncio.to_thread(self.store.record, row)
+            except Exception:
+                log.warning(
+                    "ledger write failed request_id=%s attempt=%d", row.request_id, attempt + 1
+                )
+                await asyncio.sleep(RETRY_DELAY * 2**attempt)
+        log.error("ledger write gave up request_id=%s tier=%s", row.request_id, row.tier)
+        return None
 
     def row(self, handle: JobHandle, outcome: Outcome) -> LedgerRow:
         """Input once, each produced token once, however often the job was preempted."""
