@@ -81,7 +81,13 @@ def serve(
         f"flexserve: model '{state.backend.model}' on the {state.backend.name} backend, "
         f"{state.backend.slots} slots, http://{settings.host}:{settings.port}/v1"
     )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_grace),
+    )
 
 
 @main.group()

@@ -19,6 +19,14 @@ from flexserve.scheduling.tiers import Tier
 BackendKind = Literal["simulated", "embedded"]
 
 
+DEFAULT_MULTIPLIERS: dict[Tier, float] = {
+    "priority": 2.0,
+    "default": 1.0,
+    "flex": 0.5,
+    "batch": 0.5,
+}
+
+
 class TierPrice(BaseModel):
     """USD per 1M tokens."""
 
@@ -33,12 +41,11 @@ class ModelPrice(BaseModel):
     input: float = 0.10
     cached_input: float = 0.05
     output: float = 0.40
-    multipliers: dict[Tier, float] = Field(
-        default_factory=lambda: {"priority": 2.0, "default": 1.0, "flex": 0.5, "batch": 0.5}  # type: ignore[arg-type]
-    )
+    multipliers: dict[Tier, float] = Field(default_factory=dict)
+    """Per-tier factor on the default price; tiers not named keep DEFAULT_MULTIPLIERS."""
 
     def for_tier(self, tier: Tier) -> TierPrice:
-        factor = self.multipliers[tier]
+        factor = self.multipliers.get(tier, DEFAULT_MULTIPLIERS[tier])
         return TierPrice(
             input=self.input * factor,
             cached_input=self.cached_input * factor,
@@ -112,6 +119,8 @@ class Settings(BaseSettings):
     """Largest JSON body accepted on the inference routes."""
     paused_heartbeat: float = 15.0
     """Seconds between `: paused` SSE comments while a stream is preempted."""
+    shutdown_grace: float = 30.0
+    """Seconds open requests may take to finish on shutdown; the rest get 503."""
     stall_timeout: float = 120.0
     """Seconds without a token before a running stream counts as a failed engine."""
     retry_after_max: float = 60.0

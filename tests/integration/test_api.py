@@ -358,3 +358,69 @@ def test_interactive_queue_past_its_bound_is_503_overloaded_with_retry_after(
     assert caught.value.code == "overloaded"
     assert int(caught.value.response.headers["retry-after"]) >= 1
     holder.close()
+
+
+def test_streaming_flex_shed_is_a_real_429_not_a_broken_stream(serve: Serve) -> None:
+    server = serve(slots=1, simulated={"ttft_ms": 5, "tpot_ms": 50, "natural_output_tokens": 40})
+    c = client(server)
+    holder = c.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hold"}],
+        stream=True,
+        service_tier="flex",
+    )
+    next(iter(holder))
+    with pytest.raises(openai.RateLimitError) as caught:
+        c.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "no room"}],
+            stream=True,
+            service_tier="flex",
+            extra_headers={"X-Flex-Max-Wait": "0"},
+        )
+    assert caught.value.code == "resource_unavailable"
+    holder.close()
+
+
+def test_quote_predicts_what_admission_will_say(serve: Serve) -> None:
+    server = serve(
+        slots=1,
+        scheduler={"flex_max_wait": 0.5, "cold_start_tokens_per_slot_second": 10},
+        simulated={"ttft_ms": 5, "tpot_ms": 50, "natural_output_tokens": 100},
+    )
+    headers = {"authorization": f"Bearer {KEY}"}
+    quote_url = server.url + "/flex/quote?prompt_tokens=20&max_tokens=50"
+    idle = httpx.get(quote_url, headers=headers).json()
+    assert idle["flex_admitted"] and idle["tiers"]["flex"]["predicted_wait_seconds"] == 0.0
+    assert idle["tiers"]["flex"]["max_cost_usd"] * 2 == idle["tiers"]["default"]["max_cost_usd"]
+    c = client(server)
+    holder = c.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hold"}],
+        stream=True,
+        service_tier="flex",
+    )
+    next(iter(holder))  # 100 tokens at 10 tokens/s ahead: far past the 0.5 s deadline
+    busy = httpx.get(quote_url, headers=headers).json()
+    assert not busy["flex_admitted"]
+    retry = busy["tiers"]["flex"]["retry_after_seconds"]
+    with pytest.raises(openai.RateLimitError) as caught:
+        ask(c, content="then try", service_tier="flex", max_tokens=50)
+    assert float(caught.value.response.headers["retry-after-ms"]) / 1000 == pytest.approx(
+        retry, abs=1.0
+    )
+    assert busy["tiers"]["default"]["predicted_wait_seconds"] == 0.0  # it would preempt
+    holder.close()
+    bad = httpx.get(server.url + "/flex/quote?prompt_tokens=inf", headers=headers)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt_tokens"
+
+
+def test_a_partial_price_table_keeps_the_default_multipliers(serve: Serve) -> None:
+    server = serve(prices={MODEL: {"input": 1.0, "output": 2.0, "multipliers": {"flex": 0.3}}})
+    reply = ask(client(server), service_tier="priority", max_tokens=4)
+    assert reply.usage.completion_tokens == 4  # type: ignore[attr-defined]
+    ask(client(server), service_tier="flex", max_tokens=4)
+    rows = {r.tier: r for r in server.state.store.ledger("tenant-a")}
+    prompt = rows["flex"].input_tokens
+    assert rows["priority"].cost_nanos == round((prompt * 1.0 + 4 * 2.0) * 2.0 * 1000)
+    assert rows["flex"].cost_nanos == round((prompt * 1.0 + 4 * 2.0) * 0.3 * 1000)

@@ -43,7 +43,12 @@ def test_serve_creates_and_prints_the_first_key_once(
     assert "shown only once" in first.output and "shown only once" not in second.output
     assert "simulated backend" in first.output
     assert len(stored_hashes(tmp_path)) == 1
-    assert served[0][1] == {"host": "127.0.0.1", "port": 8765, "log_level": "info"}
+    assert served[0][1] == {
+        "host": "127.0.0.1",
+        "port": 8765,
+        "log_level": "info",
+        "timeout_graceful_shutdown": 30,
+    }
 
 
 def test_config_file_and_flags_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

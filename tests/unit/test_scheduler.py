@@ -647,3 +647,28 @@ def test_flex_takes_its_slot_back_from_batch() -> None:
     assert plan.start == ("f",)
     assert plan.preempt == ("b1",)  # the batch job that loses least: latest deadline
     assert sched.job("b1") is not None and sched.job("b1").phase is Phase.QUEUED  # type: ignore[union-attr]
+
+
+def test_engine_failure_before_any_token_makes_the_job_sheddable_again() -> None:
+    sched = Scheduler(settings(), slots=1, now=0.0)
+    admit(sched, make_spec("f", "flex", max_wait=5.0))
+    assert sched.step(0.0).start == ("f",)
+    admit(sched, make_spec("d", "default", now=1.0))
+    sched.step(1.0)  # the default job preempts f... which had produced nothing
+    sched.finish("d", 2.0)
+    assert sched.step(2.0).start == ("f",)
+    sched.requeue("f", 3.0)  # its engine failed before the first token
+    admit(sched, make_spec("d2", "default", now=3.0, max_wait=100.0))
+    plans = run_until(sched, 6.0, 3.0)
+    assert shed_at(plans) == {"f": 5.0}
+
+
+def test_a_requeued_job_that_produced_tokens_is_never_shed() -> None:
+    sched = Scheduler(settings(), slots=1, now=0.0)
+    admit(sched, make_spec("f", "flex", max_wait=5.0))
+    sched.step(0.0)
+    sched.token("f", 0.5)
+    sched.requeue("f", 1.0)
+    admit(sched, make_spec("d", "default", now=1.0, max_wait=100.0))
+    plans = run_until(sched, 20.0, 1.0)
+    assert "f" not in shed_at(plans)

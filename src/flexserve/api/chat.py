@@ -33,7 +33,10 @@ async def chat_completions(request: Request) -> Response:
     body = await read_body(request, state.settings.max_body_bytes)
     wire = parse_body(ChatCompletionRequest, body)
     headers = {k.lower(): v for k, v in request.headers.items()}
-    valid = validate_chat(wire, key, state.backend, state.settings, headers)
+    # Off the event loop: the chat template and tokenizer run over up to max_body_bytes.
+    valid = await asyncio.to_thread(
+        validate_chat, wire, key, state.backend, state.settings, headers
+    )
     request_id: str = request.state.request_id
     handle = state.runtime.submit(
         Submission(
@@ -82,7 +85,7 @@ class _Answer:
         gone = asyncio.ensure_future(_disconnected(request))
         done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
         gone.cancel()
-        if task in done:
+        if gone not in done:  # both at once: the client is gone, so is the answer's use
             return task.result()
         task.cancel()
         self.state.runtime.cancel(self.handle.request_id)

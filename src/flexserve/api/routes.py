@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any
 
@@ -14,7 +15,7 @@ from flexserve.api.auth import authenticate
 from flexserve.api.state import app_state
 from flexserve.billing import request_cost, usage_report, usd
 from flexserve.errors import InvalidRequest, ModelNotFound
-from flexserve.scheduling import JobSpec
+from flexserve.scheduling import Admitted, JobSpec
 from flexserve.scheduling.tiers import TIERS
 
 STARTED = int(time.time())
@@ -57,30 +58,35 @@ async def usage(request: Request) -> Response:
 
 
 async def flex_quote(request: Request) -> Response:
-    """Predicted wait and price in each tier for a request of the given size, right now."""
+    """Predicted wait and price in each tier for a request of the given size, right now.
+
+    The same function answers admission and Retry-After, so `flex_admitted` is what a
+    flex request of this size sent now (with the default deadline) would be told.
+    """
     state = app_state(request)
     key = await authenticate(request, state)
-    prompt = int(_float_param(request, "prompt_tokens", 100))
-    max_tokens = int(
-        _float_param(request, "max_tokens", state.settings.scheduler.default_max_tokens)
-    )
+    prompt = _count_param(request, "prompt_tokens", 100)
+    max_tokens = _count_param(request, "max_tokens", state.settings.scheduler.default_max_tokens)
     now = state.runtime.clock()
-    tiers = {}
+    tiers: dict[str, dict[str, Any]] = {}
     for tier in ("priority", "default", "flex"):
-        spec = JobSpec("quote", key.tenant, tier, prompt, max_tokens, now, now)
+        wait = state.settings.scheduler.flex_max_wait if tier == "flex" else 0.0
+        spec = JobSpec("quote", key.tenant, tier, prompt, max_tokens, now, now + wait)
+        admission = state.runtime.quote(spec)
         cost = request_cost(state.settings, state.backend.model, tier, prompt, 0, max_tokens)
-        tiers[tier] = {
-            "predicted_wait_seconds": round(state.runtime.quote(spec), 3),
-            "max_cost_usd": usd(cost.nanos),
-        }
-    flex_wait = tiers["flex"]["predicted_wait_seconds"]
+        tiers[tier] = {"max_cost_usd": usd(cost.nanos)}
+        if isinstance(admission, Admitted):
+            tiers[tier]["predicted_wait_seconds"] = round(admission.predicted_wait, 3)
+        else:
+            tiers[tier]["retry_after_seconds"] = round(admission.retry_after, 3)
+            tiers[tier]["refusal"] = admission.reason
     return JSONResponse(
         {
             "object": "flex.quote",
             "model": state.backend.model,
             "prompt_tokens": prompt,
             "max_tokens": max_tokens,
-            "flex_admitted": flex_wait <= state.settings.scheduler.flex_max_wait,
+            "flex_admitted": "refusal" not in tiers["flex"],
             "tiers": tiers,
         }
     )
@@ -102,6 +108,15 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+def _count_param(request: Request, name: str, default: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or len(raw) > 9:
+        raise InvalidRequest(f"'{name}' must be a whole number of tokens.", param=name)
+    return int(raw)
+
+
 def _float_param(request: Request, name: str, default: float) -> float:
     raw = request.query_params.get(name)
     if raw is None:
@@ -110,6 +125,6 @@ def _float_param(request: Request, name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not value >= 0:
+    if not 0 <= value < math.inf:
         raise InvalidRequest(f"'{name}' must be a number >= 0.", param=name)
     return value

@@ -81,7 +81,12 @@ def validate_chat(
     _reject_unsupported(wire)
     tier = resolve_tier(wire.service_tier, key)
     messages = tuple(ChatMessage(m.role, m.text()) for m in wire.messages)
-    prompt = backend.encode_chat(messages)
+    try:
+        prompt = backend.encode_chat(messages)
+    except ValueError as error:  # the model's chat template refused these messages
+        raise InvalidRequest(
+            f"The messages do not fit this model's chat template: {error}", param="messages"
+        ) from None
     sampling = _sampling(wire, len(prompt), backend.context_length, settings)
     return ValidChat(
         tier=tier,

@@ -27,7 +27,11 @@ class Ledger:
     async def settle(self, handle: JobHandle, outcome: Outcome) -> None:
         if outcome not in BILLED:
             return
-        row = self.row(handle, outcome)
+        try:
+            row = self.row(handle, outcome)
+        except Exception:  # a bad price table must not fail a finished request
+            log.exception("cannot price request_id=%s", handle.request_id)
+            return
         inserted = await self._record(row)
         if inserted is None:
             return

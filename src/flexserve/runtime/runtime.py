@@ -20,7 +20,15 @@ from flexserve.backends.base import Backend, BackendError, Chunk, Finish, Genera
 from flexserve.config import SchedulerSettings
 from flexserve.errors import EngineFailure, FlexserveError, Overloaded, ResourceUnavailable
 from flexserve.runtime.events import Done, Failed, JobHandle, Paused, Started, Submission, Token
-from flexserve.scheduling import RANK, JobSpec, Plan, Rejected, Scheduler, Snapshot
+from flexserve.scheduling import (
+    RANK,
+    Admission,
+    JobSpec,
+    Plan,
+    Rejected,
+    Scheduler,
+    Snapshot,
+)
 
 log = logging.getLogger("flexserve.runtime")
 
@@ -99,8 +107,9 @@ class Runtime:
     def snapshot(self) -> Snapshot:
         return self.scheduler.snapshot()
 
-    def quote(self, spec: JobSpec) -> float:
-        return self.scheduler.quote(spec, self.clock())
+    def quote(self, spec: JobSpec) -> Admission:
+        """Read-only, so answering it outside the loop task changes no decision."""
+        return self.scheduler.would_admit(spec, self.clock())
 
     async def start(self) -> None:
         self._loop_task = asyncio.create_task(self._loop(), name="flexserve-runtime")
@@ -111,6 +120,10 @@ class Runtime:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
+        while not self._commands.empty():  # arrivals the loop never saw get an answer too
+            command = self._commands.get_nowait()
+            if isinstance(command, _Arrive):
+                self._handles[command.handle.request_id] = command.handle
         for task in list(self._streams.values()):
             task.cancel()
         await asyncio.gather(*self._streams.values(), return_exceptions=True)
@@ -218,6 +231,7 @@ class Runtime:
             handle.engine_failures += 1
             log.warning("engine failed request_id=%s, requeued", request_id)
             self.scheduler.requeue(request_id, now)
+            handle.events.put_nowait(Paused())  # a stream keeps its heartbeats meanwhile
         else:
             failure = EngineFailure(f"The engine failed while generating: {error}")
             self._finish(handle, Failed(failure), "failed", now)
@@ -264,19 +278,19 @@ class Runtime:
         priority = len(RANK) - RANK[sub.tier]  # priority 4 ... batch 1
         request = GenerationRequest(sub.request_id, sub.prompt_tokens, sub.sampling, priority)
         chunks = self.backend.generate(request, tuple(handle.produced))
-        ended: _Ended
         try:
             ended = await self._pump(handle, chunks)
         except BackendError as error:
             ended = _Ended(sub.request_id, None, error)
         except asyncio.CancelledError:
+            await _close(chunks)
             raise
         except Exception as error:  # an engine bug must fail one request, not the server
             log.exception("engine raised request_id=%s", sub.request_id)
             ended = _Ended(sub.request_id, None, BackendError(type(error).__name__))
-        finally:
-            await _close(chunks)
+        # Report first: a preemption during a slow close must not lose the finish.
         self._commands.put_nowait(ended)
+        await _close(chunks)
 
     async def _pump(self, handle: JobHandle, chunks: AsyncIterator[Chunk]) -> _Ended:
         while True:

@@ -39,6 +39,8 @@ class JobState:
     started: bool = False
     """Has run at least once: such a job is paused when preempted, never shed."""
     preemptions: int = 0
+    input_charged: bool = False
+    """Its prompt counted once toward its tenant's virtual token counter."""
 
     def remaining_output(self) -> int:
         return max(0, self.spec.max_tokens - self.produced)

@@ -109,11 +109,19 @@ class Scheduler:
     cancel = finish
 
     def requeue(self, job_id: str, now: float) -> None:
-        """A running job lost its stream (e.g. a backend error): queue it to resume."""
+        """A running job lost its stream (e.g. a backend error): queue it to resume.
+
+        If it produced nothing it is again a job waiting for its first start, so its
+        deadline applies again (DESIGN: "requeued until its deadline").
+        """
         self._advance(now)
         job = self._jobs.get(job_id)
-        if job is not None and job.phase is Phase.RUNNING:
-            self._enqueue(job)
+        if job is None or job.phase is not Phase.RUNNING:
+            return
+        self._enqueue(job)
+        if job.produced == 0:
+            job.started = False
+            heapq.heappush(self._deadlines, (job.spec.deadline, job.seq, job_id))
 
     # ---- decisions ------------------------------------------------------------------
 
@@ -194,8 +202,17 @@ class Scheduler:
         return self._work_ahead(spec) / self._flex_capacity() + self._time_to_flex_slot()
 
     def quote(self, spec: JobSpec, now: float) -> float:
-        self._advance(now)
+        """The wait a request like `spec` would be told now (reads state, changes none)."""
         return self.predicted_wait(spec, now)
+
+    def would_admit(self, spec: JobSpec, now: float) -> Admission:
+        """What `arrive(spec)` would answer now, without changing any state."""
+        wait = self.predicted_wait(spec, now)
+        if not spec.interactive:
+            refusal = self._refuse_preemptible(spec, now, wait)
+            if refusal is not None:
+                return refusal
+        return Admitted(predicted_wait=wait)
 
     def _work_ahead(self, spec: JobSpec) -> float:
         weight = self.settings.prefill_token_weight
@@ -338,9 +355,10 @@ class Scheduler:
         self._unqueue_counts(job)
         job.phase = Phase.RUNNING
         self._running[job_id] = job
-        if not job.started and not job.spec.interactive:
+        if not job.input_charged and not job.spec.interactive:
             vtc = self._fair[job.spec.tier].vtc
             vtc.charge(job.spec.tenant, input_tokens=job.spec.prompt_tokens)
+            job.input_charged = True
         job.started = True
         start.append(job_id)
 
