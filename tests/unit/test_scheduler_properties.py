@@ -168,8 +168,11 @@ class Harness:
                 running = self.with_status("running")
                 if running:
                     job_id = running[pick % len(running)]
+                    produced = self.sched.job(job_id).produced  # type: ignore[union-attr]
                     self.sched.requeue(job_id, self.now)
                     self.status[job_id] = "queued"
+                    if produced == 0:  # nothing reached a client: its deadline holds again
+                        self.started.discard(job_id)
             case Tick():
                 pass
         return None
