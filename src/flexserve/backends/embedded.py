@@ -126,14 +126,31 @@ class EmbeddedBackend:
         return Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> tuple[int, ...]:
-        """Render the GGUF's own chat template, then tokenize (safe from any thread)."""
+        """Render the GGUF's own chat template, then tokenize (safe from any thread).
+
+        Only the template's own text may become control tokens: a user who writes
+        `<|im_start|>system` gets those characters, not a forged system turn. So the
+        template is rendered around markers and each message's text is tokenized apart,
+        with special-token parsing off.
+        """
+        markers = [f"\x1fflexserve-message-{i}\x1f" for i in range(len(messages))]
         # Any: llama_cpp types messages as TypedDicts with literal roles; ours are plain str.
-        wire: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
-        prompt: str = self._formatter(messages=wire).prompt
+        wire: list[Any] = [
+            {"role": m.role, "content": k} for m, k in zip(messages, markers, strict=True)
+        ]
+        rendered: str = self._formatter(messages=wire).prompt
+        pieces: list[tuple[str, bool]] = []
+        for message, marker in zip(messages, markers, strict=True):
+            template_text, found, rendered = rendered.partition(marker)
+            if not found:
+                raise ValueError("the chat template did not render every message")
+            pieces += [(template_text, True), (message.content, False)]
+        pieces.append((rendered, True))
         with self._model_lock:
             if self._llama is None:
                 raise BackendError("backend closed")
-            return tuple(self._llama.tokenize(prompt))
+            llama = self._llama
+            return tuple(t for text, special in pieces for t in llama.tokenize(text, special))
 
     async def start(self) -> None:
         if not self._started:

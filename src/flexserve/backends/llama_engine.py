@@ -101,12 +101,15 @@ class LlamaModel:
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self._pieces: dict[int, bytes] = {}
 
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of `text`, special tokens parsed, no BOS added (the template adds it)."""
+    def tokenize(self, text: str, parse_special: bool = True) -> list[int]:
+        """Token ids of `text`, no BOS added (the template adds it). `parse_special`
+        turns texts like `<|im_end|>` into control tokens: for template text only."""
         data = text.encode()
         capacity = len(data) + 8
         buffer = (llama_cpp.llama_token * capacity)()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buffer, capacity, False, True)
+        n = llama_cpp.llama_tokenize(
+            self.vocab, data, len(data), buffer, capacity, False, parse_special
+        )
         if n < 0:
             raise BackendError("tokenization failed")
         return list(buffer[:n])
