@@ -115,6 +115,8 @@ class Settings(BaseSettings):
     api_keys: dict[str, str] = Field(default_factory=dict)
     """Keys from config: key -> tenant. Stored hashed at start-up."""
     admin_keys: list[str] = Field(default_factory=list)
+    key_cache_seconds: float = 30.0
+    """How long a looked-up key is trusted before the store is asked again."""
     max_body_bytes: int = 1_000_000
     """Largest JSON body accepted on the inference routes."""
     paused_heartbeat: float = 15.0

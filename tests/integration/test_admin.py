@@ -54,3 +54,15 @@ def test_created_key_works_and_revoked_key_stops(serve: Serve) -> None:
     assert gone.status_code == 200
     with pytest.raises(openai.AuthenticationError):
         c.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "x"}])
+
+
+def test_a_revoke_reaches_another_replica_once_its_cache_expires(serve: Serve) -> None:
+    first = serve()
+    second = serve(key_cache_seconds=0.0)  # same data dir, so the same database
+    created = httpx.post(
+        first.url + "/admin/keys", json={"tenant": "newco"}, headers=bearer(ADMIN_KEY)
+    ).json()
+    models = second.url + "/models"
+    assert httpx.get(models, headers=bearer(created["key"])).status_code == 200
+    httpx.delete(first.url + f"/admin/keys/{created['id']}", headers=bearer(ADMIN_KEY))
+    assert httpx.get(models, headers=bearer(created["key"])).status_code == 401

@@ -68,5 +68,5 @@ async def revoke_key(request: Request) -> Response:
     key_id = request.path_params["key_id"]
     if not await asyncio.to_thread(state.store.revoke_key, key_id):
         raise NotFound(f"No API key with id '{key_id}'.", param="key_id")
-    state.key_cache.clear()
+    state.forget_keys()
     return JSONResponse({"id": key_id, "object": "api_key.deleted", "deleted": True})

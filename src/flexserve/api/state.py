@@ -22,7 +22,14 @@ class AppState:
     runtime: Runtime
     ledger: Ledger
     metrics: Metrics
-    key_cache: dict[str, KeyRecord] = field(default_factory=dict)
+    key_cache: dict[str, tuple[KeyRecord, float]] = field(default_factory=dict)
+    """Key hash -> (record, when cached); entries live `key_cache_seconds`."""
+    key_generation: int = 0
+    """Bumped on every revoke: a lookup that began before it is not cached."""
+
+    def forget_keys(self) -> None:
+        self.key_cache.clear()
+        self.key_generation += 1
 
     async def settle(self, handle: JobHandle, outcome: Outcome) -> None:
         """Called once per job by the runtime: count it, and bill it if billable."""
