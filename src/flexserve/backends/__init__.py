@@ -31,4 +31,5 @@ def build_backend(settings: Settings) -> Backend:
         context_per_slot=embedded.context_per_slot,
         prefill_chunk=embedded.prefill_chunk,
         n_threads=embedded.threads,
+        background_prefill_chunk=embedded.background_prefill_chunk,
     )

@@ -41,6 +41,9 @@ class GenerationRequest:
     sampling: SamplingParams
     priority: int = 0
     """Higher goes first where an engine must choose (e.g. whose prompt to prefill)."""
+    background: bool = False
+    """Flex/batch work: an engine may slow it (e.g. prefill it in smaller steps) so that
+    interactive streams keep their latency."""
 
 
 @dataclass(frozen=True)

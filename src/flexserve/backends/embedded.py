@@ -107,6 +107,7 @@ class EmbeddedBackend:
         context_per_slot: int = 2048,
         prefill_chunk: int = 256,
         n_threads: int | None = None,
+        background_prefill_chunk: int = 16,
     ) -> None:
         if slots < 1 or context_per_slot < 2 or prefill_chunk < 1:
             raise ValueError("slots, context_per_slot and prefill_chunk must be positive")
@@ -116,7 +117,14 @@ class EmbeddedBackend:
         self._model_lock = threading.Lock()  # tokenizing never races with freeing the model
         self._llama: LlamaModel | None = LlamaModel(model_path)
         self._formatter = self._chat_formatter(self._llama)
-        self._engine = LlamaEngine(self._llama, slots, context_per_slot, prefill_chunk, n_threads)
+        self._engine = LlamaEngine(
+            self._llama,
+            slots,
+            context_per_slot,
+            prefill_chunk,
+            n_threads,
+            background_prefill_chunk,
+        )
         self._started = False
 
     @staticmethod
@@ -217,6 +225,7 @@ class EmbeddedBackend:
             loop=asyncio.get_running_loop(),
             events=asyncio.Queue(),
             priority=request.priority,
+            background=request.background,
         )
 
     def _chunks(self, event: EngineEvent, text: TextStream, job: SequenceJob) -> list[Chunk]:

@@ -208,6 +208,7 @@ class SequenceJob:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[EngineEvent]
     priority: int = 0  # higher tiers get the prefill budget first
+    background: bool = False  # flex/batch: prefilled in small steps (see _prefill_shares)
 
 
 @dataclass(eq=False)
@@ -255,11 +256,13 @@ class LlamaEngine:
         context_per_slot: int,
         prefill_chunk: int,
         n_threads: int | None = None,
+        background_prefill_chunk: int = 16,
     ) -> None:
         self.model = model
         self.slots = slots
         self.context_per_slot = context_per_slot
         self.prefill_chunk = prefill_chunk
+        self.background_prefill_chunk = background_prefill_chunk
         self.n_threads = n_threads or os.cpu_count() or 1
         self._inbox: queue.SimpleQueue[tuple[str, SequenceJob | None]] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -481,6 +484,10 @@ class LlamaEngine:
             if budget <= 0:
                 break
             shares[seq] = min(budget, len(seq.job.tokens) - seq.n_cached)
+            if seq.job.background:
+                # A step costs whoever waits for it: an interactive prompt arriving now
+                # waits for this step to end, so background prefill keeps steps short.
+                shares[seq] = min(shares[seq], self.background_prefill_chunk)
             budget -= shares[seq]
         return shares
 

@@ -28,6 +28,7 @@ from flexserve.scheduling import (
     Rejected,
     Scheduler,
     Snapshot,
+    is_interactive,
 )
 
 log = logging.getLogger("flexserve.runtime")
@@ -276,7 +277,10 @@ class Runtime:
     async def _stream(self, handle: JobHandle) -> None:
         sub = handle.submission
         priority = len(RANK) - RANK[sub.tier]  # priority 4 ... batch 1
-        request = GenerationRequest(sub.request_id, sub.prompt_tokens, sub.sampling, priority)
+        background = not is_interactive(sub.tier)
+        request = GenerationRequest(
+            sub.request_id, sub.prompt_tokens, sub.sampling, priority, background
+        )
         chunks = self.backend.generate(request, tuple(handle.produced))
         try:
             ended = await self._pump(handle, chunks)
