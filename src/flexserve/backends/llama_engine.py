@@ -257,7 +257,9 @@ class LlamaEngine:
         prefill_chunk: int,
         n_threads: int | None = None,
         background_prefill_chunk: int = 16,
+        nice: int = 5,
     ) -> None:
+        self.nice = nice
         self.model = model
         self.slots = slots
         self.context_per_slot = context_per_slot
@@ -343,6 +345,10 @@ class LlamaEngine:
     # -- the engine thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        # Linux nice values are per thread and inherited by the compute threads ggml
+        # starts from here: the engine yields the CPU to the event loop when both want it.
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
         try:
             while self._take_commands(block=not self._active):
                 if self._active:
