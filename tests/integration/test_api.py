@@ -27,6 +27,18 @@ def ask(c: openai.OpenAI, content: str = "hello there", **kwargs: object) -> obj
     )
 
 
+def hold_the_slot(c: openai.OpenAI, tier: str = "flex") -> openai.Stream[object]:
+    """A stream that has started, so it holds a slot until closed."""
+    stream = c.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hold"}],
+        stream=True,
+        service_tier=tier,  # type: ignore[arg-type]
+    )
+    next(iter(stream))
+    return stream  # type: ignore[return-value]
+
+
 @pytest.mark.parametrize(
     ("asked", "used"),
     [("default", "default"), ("flex", "flex"), ("priority", "priority"), ("auto", "default")],
@@ -172,13 +184,7 @@ def test_models_lists_the_backend(serve: Serve) -> None:
 def test_flex_shed_is_rate_limit_error_with_retry_after_and_not_billed(serve: Serve) -> None:
     server = serve(slots=1, simulated={"ttft_ms": 5, "tpot_ms": 50, "natural_output_tokens": 40})
     c = client(server)
-    holder = c.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "long one"}],
-        stream=True,
-        service_tier="flex",
-    )
-    next(iter(holder))  # the only slot is now held by this flex stream
+    holder = hold_the_slot(c)  # the only slot is now held by this flex stream
     with pytest.raises(openai.RateLimitError) as caught:
         ask(c, content="no room", service_tier="flex", extra_headers={"X-Flex-Max-Wait": "0"})
     error = caught.value
@@ -348,10 +354,7 @@ def test_interactive_queue_past_its_bound_is_503_overloaded_with_retry_after(
         simulated={"ttft_ms": 5, "tpot_ms": 20, "natural_output_tokens": 200},
     )
     c = client(server)
-    holder = c.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hold"}], stream=True
-    )
-    next(iter(holder))  # a default job holds the only slot: nothing to preempt
+    holder = hold_the_slot(c, "default")  # nothing to preempt
     with pytest.raises(openai.InternalServerError) as caught:
         ask(c, content="waits too long")
     assert caught.value.status_code == 503
@@ -363,13 +366,7 @@ def test_interactive_queue_past_its_bound_is_503_overloaded_with_retry_after(
 def test_streaming_flex_shed_is_a_real_429_not_a_broken_stream(serve: Serve) -> None:
     server = serve(slots=1, simulated={"ttft_ms": 5, "tpot_ms": 50, "natural_output_tokens": 40})
     c = client(server)
-    holder = c.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "hold"}],
-        stream=True,
-        service_tier="flex",
-    )
-    next(iter(holder))
+    holder = hold_the_slot(c)
     with pytest.raises(openai.RateLimitError) as caught:
         c.chat.completions.create(
             model=MODEL,
@@ -394,13 +391,7 @@ def test_quote_predicts_what_admission_will_say(serve: Serve) -> None:
     assert idle["flex_admitted"] and idle["tiers"]["flex"]["predicted_wait_seconds"] == 0.0
     assert idle["tiers"]["flex"]["max_cost_usd"] * 2 == idle["tiers"]["default"]["max_cost_usd"]
     c = client(server)
-    holder = c.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "user", "content": "hold"}],
-        stream=True,
-        service_tier="flex",
-    )
-    next(iter(holder))  # 100 tokens at 10 tokens/s ahead: far past the 0.5 s deadline
+    holder = hold_the_slot(c)  # 100 tokens at 10 tokens/s ahead: far past the 0.5 s deadline
     busy = httpx.get(quote_url, headers=headers).json()
     assert not busy["flex_admitted"]
     retry = busy["tiers"]["flex"]["retry_after_seconds"]
