@@ -28,6 +28,16 @@ def submission(sim: SimulatedBackend, request_id: str, tier: Tier, text: str) ->
     return Submission(request_id, "t", tier, "m", prompt, SamplingParams(max_tokens=100), 60.0)
 
 
+async def slow_runtime() -> tuple[SimulatedBackend, Runtime]:
+    """One slot, long answers: a job holds its slot until told otherwise."""
+    sim = SimulatedBackend(
+        "m", 1, SimulatedSettings(ttft_ms=1, tpot_ms=50, natural_output_tokens=500)
+    )
+    runtime = Runtime(sim, SchedulerSettings())
+    await runtime.start()
+    return sim, runtime
+
+
 async def drain(handle: JobHandle) -> list[JobEvent]:
     events: list[JobEvent] = []
     while not events or not isinstance(events[-1], Done | Failed):
@@ -64,11 +74,7 @@ def test_preempted_job_pauses_then_resumes_without_duplicates() -> None:
 
 def test_cancel_frees_the_slot_for_the_next_job() -> None:
     async def run() -> list[str]:
-        sim = SimulatedBackend(
-            "m", 1, SimulatedSettings(ttft_ms=1, tpot_ms=50, natural_output_tokens=500)
-        )
-        runtime = Runtime(sim, SchedulerSettings())
-        await runtime.start()
+        sim, runtime = await slow_runtime()
         first = runtime.submit(submission(sim, "a", "flex", "long"))
         assert isinstance(await first.events.get(), Started)
         second = runtime.submit(submission(sim, "b", "flex", "next"))
@@ -84,11 +90,7 @@ def test_cancel_frees_the_slot_for_the_next_job() -> None:
 
 def test_shutdown_answers_every_waiter() -> None:
     async def run() -> JobEvent:
-        sim = SimulatedBackend(
-            "m", 1, SimulatedSettings(ttft_ms=1, tpot_ms=50, natural_output_tokens=500)
-        )
-        runtime = Runtime(sim, SchedulerSettings())
-        await runtime.start()
+        sim, runtime = await slow_runtime()
         handle = runtime.submit(submission(sim, "a", "default", "x"))
         assert isinstance(await handle.events.get(), Started)
         await runtime.close()

@@ -64,6 +64,16 @@ def overloaded_at(plans: list[tuple[float, Plan]]) -> dict[str, float]:
     return {r.job_id: t for t, plan in plans for r in plan.overloaded}
 
 
+def start_order(sched: Scheduler, count: int, now: float) -> list[str]:
+    """Finish the running job `count` times, a second apart; who starts each time."""
+    order: list[str] = []
+    for _ in range(count):
+        sched.finish(sched.running_ids()[0], now)
+        order.extend(sched.step(now).start)
+        now += 1.0
+    return order
+
+
 def fill_with_flex(sched: Scheduler, count: int, now: float = 0.0, **kw: Any) -> list[str]:
     """Flex arrivals, one step after each (as the runtime's loop would)."""
     ids = [f"f{i}" for i in range(count)]
@@ -177,12 +187,7 @@ def test_interactive_queues_only_when_every_slot_holds_interactive_work() -> Non
     assert sched.step(4.0) == Plan()
     assert sorted(sched.queued_ids()) == ["d1", "d2", "p1", "p2"]
 
-    order: list[str] = []
-    now = 5.0
-    for _ in range(4):
-        sched.finish(sched.running_ids()[0], now)
-        order.extend(sched.step(now).start)
-        now += 1.0
+    order = start_order(sched, 4, now=5.0)
     assert order == ["p1", "p2", "d1", "d2"]  # priority before default, then arrival
 
 
@@ -442,12 +447,7 @@ def test_batch_starts_only_when_no_flex_is_queued() -> None:
     admit(sched, make_spec("f2", now=3.0))
     sched.step(3.0)
 
-    order: list[str] = []
-    now = 4.0
-    for _ in range(3):
-        sched.finish(sched.running_ids()[0], now)
-        order.extend(sched.step(now).start)
-        now += 1.0
+    order = start_order(sched, 3, now=4.0)
 
     assert order == ["f1", "f2", "b0"]
 

@@ -58,7 +58,6 @@ def _param(loc: tuple[int | str, ...]) -> str:
 @dataclass(frozen=True)
 class ValidChat:
     tier: Tier
-    messages: tuple[ChatMessage, ...]
     prompt_tokens: tuple[int, ...]
     sampling: SamplingParams
     stream: bool
@@ -90,7 +89,6 @@ def validate_chat(
     sampling = _sampling(wire, len(prompt), backend.context_length, settings)
     return ValidChat(
         tier=tier,
-        messages=messages,
         prompt_tokens=prompt,
         sampling=sampling,
         stream=bool(wire.stream),

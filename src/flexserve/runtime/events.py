@@ -66,8 +66,6 @@ class JobHandle:
     started: bool = False
     preemptions: int = 0
     engine_failures: int = 0
-    recomputed_tokens: int = 0
-    finished: bool = False
     settled: asyncio.Task[None] | None = None
     """Billing and accounting of the outcome; handlers await it before their last byte."""
 

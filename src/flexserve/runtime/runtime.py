@@ -215,7 +215,6 @@ class Runtime:
         )
 
     def _refuse(self, handle: JobHandle, error: FlexserveError, outcome: Outcome) -> None:
-        handle.finished = True
         handle.events.put_nowait(Failed(error))
         self._spawn_settle(handle, outcome)
 
@@ -250,7 +249,6 @@ class Runtime:
     ) -> None:
         self.scheduler.finish(handle.request_id, now)
         self._handles.pop(handle.request_id, None)
-        handle.finished = True
         handle.events.put_nowait(event)
         self._spawn_settle(handle, outcome)
 
@@ -262,7 +260,6 @@ class Runtime:
         if task is not None:
             task.cancel()
         self.scheduler.cancel(request_id, now)
-        handle.finished = True
         if handle.started:
             self._spawn_settle(handle, "cancelled")
 
