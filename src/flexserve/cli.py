@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import ValidationError
 
 from flexserve.config import Settings, load_settings
 
@@ -17,7 +19,10 @@ def main() -> None:
 
 
 def _settings(config: Path | None, **overrides: Any) -> Settings:
-    return load_settings(config, **overrides)
+    try:
+        return load_settings(config, **overrides)
+    except (ValidationError, tomllib.TOMLDecodeError) as error:
+        raise click.ClickException(f"invalid settings: {error}") from None
 
 
 @main.command()

@@ -107,12 +107,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLEXSERVE_", env_nested_delimiter="__")
 
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(default=8000, ge=1, le=65535)
     backend: BackendKind = "embedded"
     """`embedded` runs the GGUF model in process; `simulated` is a fake engine for tests."""
     model_name: str = "smollm2-135m"
     """Name clients pass as `model`."""
-    slots: int = 4
+    slots: int = Field(default=4, ge=1)
     data_dir: Path = Path("./data")
     database_url: str | None = None
     """SQLAlchemy URL; None = SQLite file `flexserve.db` in data_dir."""

@@ -72,3 +72,10 @@ def test_config_file_and_flags_layer(tmp_path: Path, monkeypatch: pytest.MonkeyP
     state = served[0].state.flexserve
     assert state.backend.slots == 5 and state.backend.model == "tiny"
     assert state.settings.scheduler.flex_max_wait == 30
+
+
+def test_invalid_settings_are_a_clear_error_before_anything_is_written(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["serve", "--slots", "0", "--data-dir", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "invalid settings" in result.output and "slots" in result.output
+    assert not (tmp_path / "flexserve.db").exists()
