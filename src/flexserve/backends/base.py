@@ -32,6 +32,15 @@ class SamplingParams:
     seed: int | None = None
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    # vLLM's extensions (clients written for vLLM send them); every backend honours them.
+    top_k: int = 0
+    """Sample among the k most likely tokens; 0 = off (vLLM also sends -1 for off)."""
+    repetition_penalty: float = 1.0
+    """Multiplicative penalty on tokens already in prompt or output (1.0 = off)."""
+    min_tokens: int = 0
+    """No end of generation (end-of-sequence token or stop string) before this many."""
+    ignore_eos: bool = False
+    """Keep generating past the model's end-of-sequence token, up to max_tokens."""
 
 
 @dataclass(frozen=True)
