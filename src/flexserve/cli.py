@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import click
-from pydantic import ValidationError
 
-from flexserve.config import Settings, load_settings
+from flexserve.config import InvalidSettings, Settings, load_settings
+
+EXIT_BAD_SETTINGS = 2
+"""As for a bad flag: the command cannot run as configured (a supervisor should not retry)."""
 
 
 @click.group()
@@ -18,11 +19,16 @@ def main() -> None:
     """flexserve: an OpenAI-compatible LLM server with service tiers."""
 
 
+class BadSettings(click.ClickException):
+    exit_code = EXIT_BAD_SETTINGS
+
+
 def _settings(config: Path | None, **overrides: Any) -> Settings:
+    """Checked in full before anything starts: one line naming the setting, exit 2."""
     try:
         return load_settings(config, **overrides)
-    except (ValidationError, tomllib.TOMLDecodeError) as error:
-        raise click.ClickException(f"invalid settings: {error}") from None
+    except InvalidSettings as error:
+        raise BadSettings(f"invalid settings: {error}") from None
 
 
 @main.command()
@@ -48,10 +54,9 @@ def serve(
     config: Path | None,
     log_level: str,
 ) -> None:
-    """Start the server."""
-    import uvicorn
-
+    """Start the server (SIGTERM drains it, then exits 0; a runtime failure exits 1)."""
     from flexserve.api import create_app, open_store
+    from flexserve.api.server import run_server
     from flexserve.keys import create_key, ensure_config_keys
 
     simulated = {"ttft_ms": sim_ttft_ms, "tpot_ms": sim_tpot_ms}
@@ -86,13 +91,9 @@ def serve(
         f"flexserve: model '{state.backend.model}' on the {state.backend.name} backend, "
         f"{state.backend.slots} slots, http://{settings.host}:{settings.port}/v1"
     )
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=log_level,
-        timeout_graceful_shutdown=int(settings.shutdown_grace),
-    )
+    status = run_server(app, settings, log_level)
+    if status != 0:
+        raise SystemExit(status)
 
 
 @main.group()

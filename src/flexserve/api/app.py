@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from flexserve.api import admin, chat, errors, routes
 from flexserve.api.body import RequestIdMiddleware
+from flexserve.api.draining import DrainGate
 from flexserve.api.state import AppState
 from flexserve.backends import build_backend
 from flexserve.backends.base import Backend
@@ -52,6 +53,8 @@ def create_app(
 
     app = FastAPI(title="flexserve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.flexserve = state
+    # Outermost last: every answer, the draining 503 too, carries its request id.
+    app.add_middleware(DrainGate, runtime=state.runtime, retry_after_max=settings.retry_after_max)
     app.add_middleware(RequestIdMiddleware)
     errors.install(app, settings.retry_after_max)
     _routes(app)
