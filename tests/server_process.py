@@ -24,7 +24,8 @@ EXIT_TIMEOUT = 60.0
 
 def toml_value(value: Any) -> str:
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+        pairs = (f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items())
+        return "{ " + ", ".join(pairs) + " }"
     return json.dumps(value)
 
 
@@ -90,9 +91,7 @@ def start_server(
     `python_prelude` runs in the child before the CLI (to inject a fault).
     """
     port = free_port()
-    config = write_config(
-        tmp_path / "flexserve.toml", {"api_keys": {KEY: "tenant-a"}, **settings}
-    )
+    config = write_config(tmp_path / "flexserve.toml", {"api_keys": {KEY: "tenant-a"}, **settings})
     script = f"{python_prelude}\nimport sys\nfrom flexserve.cli import main\nmain(sys.argv[1:])\n"
     args = ["serve", "--backend", "simulated", "--port", str(port), "--data-dir", str(tmp_path)]
     args += ["--config", str(config), "--log-level", "warning"]

@@ -46,9 +46,14 @@ class InvalidSettings(Exception):
 class TierPrice(BaseModel):
     """USD per 1M tokens in one tier (derived from a ModelPrice, never configured)."""
 
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
     input: float
+    """USD per 1M prompt tokens."""
     cached_input: float
+    """USD per 1M prompt tokens served from a prompt cache."""
     output: float
+    """USD per 1M output tokens."""
 
 
 class ModelPrice(BaseModel):

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import KEY
+from tests.conftest import KEY, RunningServer
 from tests.server_process import MODEL, ServerProcess
 
 StartServer = Callable[..., ServerProcess]
@@ -166,9 +166,7 @@ def test_a_dead_runtime_answers_500_and_the_process_exits_non_zero(
     server_process: StartServer,
 ) -> None:
     server = server_process({"slots": 1}, python_prelude=BREAK_THE_SCHEDULER)
-    client = openai.OpenAI(
-        base_url=server.base_url + "/v1", api_key=KEY, max_retries=0, timeout=30
-    )
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key=KEY, max_retries=0, timeout=30)
     with pytest.raises(openai.InternalServerError) as failed:
         client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3
@@ -176,3 +174,30 @@ def test_a_dead_runtime_answers_500_and_the_process_exits_non_zero(
     assert failed.value.status_code == 500
     assert server.exit_status() == 1
     assert "runtime task died: RuntimeError" in server.log.read_text()
+
+
+def test_after_the_runtime_dies_requests_get_500_at_once_and_healthz_says_why(
+    serve: Callable[..., RunningServer],
+) -> None:
+    server = serve(slots=1, simulated={"ttft_ms": 5, "tpot_ms": 20, "natural_output_tokens": 500})
+    client = openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=30)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "long"}], stream=True
+    )
+    next(iter(stream))  # running
+
+    def broken(now: float) -> None:
+        raise RuntimeError("injected scheduler fault")
+
+    server.state.runtime.scheduler.step = broken  # type: ignore[method-assign]
+    with pytest.raises(openai.APIError) as ended:  # the stream's last event: the error
+        for _ in stream:
+            pass
+    assert ended.value.body is not None and ended.value.code == "internal_error"
+    with pytest.raises(openai.InternalServerError) as refused:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+    assert refused.value.status_code == 500
+    health = httpx.get(server.base_url + "/healthz")
+    assert health.status_code == 503
+    assert health.json()["status"] == "failed"
+    assert "RuntimeError" in health.json()["reason"]
