@@ -57,6 +57,7 @@ def serve(
     """Start the server (SIGTERM drains it, then exits 0; a runtime failure exits 1)."""
     from flexserve.api import create_app, open_store
     from flexserve.api.server import run_server
+    from flexserve.backends.model_files import ModelNotFoundError
     from flexserve.keys import create_key, ensure_config_keys
 
     simulated = {"ttft_ms": sim_ttft_ms, "tpot_ms": sim_tpot_ms}
@@ -73,6 +74,10 @@ def serve(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    try:
+        app = create_app(settings)
+    except ModelNotFoundError as error:  # the embedded default model is not installed
+        raise BadSettings(f"invalid settings: embedded.model_path: {error}") from None
     store = open_store(settings)
     store.migrate()
     ensure_config_keys(store, settings.api_keys, settings.admin_keys)
@@ -85,7 +90,6 @@ def serve(
             f"export OPENAI_BASE_URL=http://{settings.host}:{settings.port}/v1\n"
         )
     store.close()
-    app = create_app(settings)
     state = app.state.flexserve
     click.echo(
         f"flexserve: model '{state.backend.model}' on the {state.backend.name} backend, "

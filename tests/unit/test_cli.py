@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from flexserve.api import server
+from flexserve.backends import model_files
 from flexserve.cli import main
 from flexserve.config import Settings
 from flexserve.keys import hash_key
@@ -116,3 +117,14 @@ def test_bad_settings_exit_2_with_one_line_naming_the_setting(
     assert len(lines) == 1 and "invalid settings" in lines[0] and named in lines[0]
     assert "Traceback" not in result.output
     assert not (tmp_path / "flexserve.db").exists()  # nothing written before the check
+
+
+def test_a_missing_default_model_exits_2_naming_the_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(model_files, "DEFAULT_MODEL_PACKAGE", "flexserve_no_such_model_package")
+    monkeypatch.setattr(server, "run_server", fake_run_server([]))
+    result = CliRunner().invoke(main, ["serve", "--data-dir", str(tmp_path)])  # embedded
+    assert result.exit_code == 2
+    assert "embedded.model_path" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "flexserve.db").exists()

@@ -145,6 +145,9 @@ class Runtime:
         """Drain: refuse new work (503); end flex/batch jobs now; give running interactive
         jobs `grace` seconds to finish, then end them too. Returns when no job is left
         and every ended job is settled (billed for what its client received)."""
+        if self._loop_task is None or self._loop_task.done():
+            await self.close()  # no loop to drain through: end what is left now
+            return
         self._commands.put_nowait(_Drain(cut_interactive=False))
         try:
             async with asyncio.timeout(grace):
