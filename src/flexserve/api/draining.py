@@ -12,8 +12,7 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flexserve.api.errors import error_response
-from flexserve.runtime import Runtime
-from flexserve.runtime.runtime import shutting_down
+from flexserve.runtime import Runtime, shutting_down
 
 STILL_ANSWERED = frozenset({"/healthz", "/metrics"})
 
