@@ -20,6 +20,8 @@ from tests.server_process import MODEL, ServerProcess
 StartServer = Callable[..., ServerProcess]
 
 SLOW_ENGINE = {"ttft_ms": 5, "tpot_ms": 10, "natural_output_tokens": 100_000}
+SHORT = 200
+"""Tokens of the interactive answer that finishes within the grace (about 2 s)."""
 
 
 @dataclass
@@ -105,16 +107,17 @@ def queued_request(server: ServerProcess, results: dict[str, Any]) -> threading.
 def test_sigterm_drains_the_real_server_then_exits_zero(
     server_process: StartServer, tmp_path: Path
 ) -> None:
-    server = server_process({"slots": 3, "shutdown_grace": 2.0, "simulated": SLOW_ENGINE})
-    short = StreamReader(server, "default", max_tokens=40).start()  # ends within the grace
-    long = StreamReader(server, "default", max_tokens=5000).start()  # outlasts it
-    for reader in (short, long):
-        assert reader.first_token.wait(30)
+    server = server_process({"slots": 3, "shutdown_grace": 4.0, "simulated": SLOW_ENGINE})
+    long = StreamReader(server, "default", max_tokens=5000).start()  # outlasts the grace
     flex = StreamReader(server, "flex", max_tokens=5000).start()
-    assert flex.first_token.wait(30)
+    for reader in (long, flex):
+        assert reader.first_token.wait(30)
+    short = StreamReader(server, "default", max_tokens=SHORT).start()  # ends within it
+    assert short.first_token.wait(30)
     waiting: dict[str, Any] = {}
     waiter = queued_request(server, waiting)
     server.wait_until(lambda: server.metric('flexserve_queued_jobs{tier="flex"}') == 1)
+    assert not short.done  # the drain finds it running (it takes SHORT * 10 ms)
 
     server.terminate()
 
@@ -137,7 +140,7 @@ def test_sigterm_drains_the_real_server_then_exits_zero(
     assert waiting["response"].status_code == 503
     assert "retry-after" in waiting["response"].headers
     # Interactive work that fits in the grace finishes normally.
-    assert short.done and len(short.contents) == 40
+    assert short.done and len(short.contents) == SHORT
     assert short.last_event is not None and short.last_event["choices"][0]["finish_reason"]
     # Flex at once, interactive past the grace: the stream ends with an error event.
     for cut in (flex, long):
@@ -146,7 +149,7 @@ def test_sigterm_drains_the_real_server_then_exits_zero(
         assert 0 < len(cut.contents) < 5000
     # Every started job is billed for what its client received, once.
     billed = ledger(tmp_path)
-    assert billed[short.request_id] == (40, "completed")
+    assert billed[short.request_id] == (SHORT, "completed")
     assert billed[long.request_id] == (len(long.contents), "cancelled")
     assert billed[flex.request_id] == (len(flex.contents), "cancelled")
     assert len(billed) == 3
