@@ -10,6 +10,7 @@ import click
 
 from flexserve.config import InvalidSettings, Settings, load_settings
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 EXIT_BAD_SETTINGS = 2
 """As for a bad flag: the command cannot run as configured (a supervisor should not retry)."""
 
@@ -41,7 +42,12 @@ def _settings(config: Path | None, **overrides: Any) -> Settings:
 @click.option("--sim-tpot-ms", type=float, default=None, help="Simulated time per token.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None)
 @click.option("--config", type=click.Path(exists=True, path_type=Path), default=None)
-@click.option("--log-level", default="info", show_default=True)
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="info",
+    show_default=True,
+)
 def serve(
     host: str | None,
     port: int | None,
@@ -71,6 +77,7 @@ def serve(
         data_dir=data_dir,
         simulated={k: v for k, v in simulated.items() if v is not None} or None,
     )
+    log_level = log_level.lower()
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )

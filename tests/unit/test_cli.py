@@ -128,3 +128,10 @@ def test_a_missing_default_model_exits_2_naming_the_setting(
     assert result.exit_code == 2
     assert "embedded.model_path" in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "flexserve.db").exists()
+
+
+def test_a_bad_flag_value_exits_2_before_anything_is_written(tmp_path: Path) -> None:
+    args = ["serve", "--data-dir", str(tmp_path), "--log-level", "loud"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "--log-level" in result.stderr
+    assert not (tmp_path / "flexserve.db").exists()

@@ -53,7 +53,7 @@ def create_app(
 
     app = FastAPI(title="flexserve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.flexserve = state
-    # Outermost last: every answer, the draining 503 too, carries its request id.
+    # The middleware added last runs first: the draining 503 gets a request id too.
     app.add_middleware(DrainGate, runtime=state.runtime, retry_after_max=settings.retry_after_max)
     app.add_middleware(RequestIdMiddleware)
     errors.install(app, settings.retry_after_max)

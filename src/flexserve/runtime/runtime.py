@@ -433,6 +433,7 @@ def _runtime_failed(reason: str) -> FlexserveError:
 
 
 def shutting_down() -> Overloaded:
+    """The 503 of a draining server: a job refused or ended by the shutdown."""
     return Overloaded(
         "The server is shutting down; retry shortly.", retry_after=SHUTDOWN_RETRY_AFTER
     )
