@@ -124,12 +124,14 @@ def test_sigterm_drains_the_real_server_then_exits_zero(
     # New requests: 503 with Retry-After, which the official client sees as such.
     client = openai.OpenAI(base_url=server.base_url + "/v1", api_key=KEY, max_retries=0)
     server.wait_until(lambda: httpx.get(server.base_url + "/healthz").status_code == 503)
+    assert httpx.get(server.base_url + "/healthz").json()["status"] == "draining"
     with pytest.raises(openai.InternalServerError) as refused:
         client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "new"}], max_tokens=3
         )
     assert refused.value.status_code == 503
     assert int(refused.value.response.headers["retry-after"]) >= 1
+    assert refused.value.response.headers["x-request-id"].startswith("req_")
 
     for reader in (short, long, flex):
         reader.join()
