@@ -256,7 +256,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             return Settings(**flags)
         return _from_file(config_file)(**flags)
     except ValidationError as error:
-        raise InvalidSettings(describe(error)) from None
+        raise InvalidSettings(_describe(error)) from None
     except SettingsError as error:  # e.g. an environment variable that is not JSON
         raise InvalidSettings(str(error)) from None
     except tomllib.TOMLDecodeError as error:
@@ -278,7 +278,7 @@ def _from_file(config_file: Path) -> type[Settings]:
     return SettingsFromFile
 
 
-def describe(error: ValidationError) -> str:
+def _describe(error: ValidationError) -> str:
     """One line: each problem as `setting.path: message`."""
     problems = []
     for item in error.errors(include_url=False):
