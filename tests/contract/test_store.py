@@ -15,6 +15,7 @@ from flexserve.keys import DefaultTierNotAllowed, ensure_config_keys, hash_key, 
 from flexserve.store import LedgerRow, MemoryStore, SqlStore, Store
 from tests.pg import POSTGRES, fresh_schema, in_schema
 
+
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     if request.param == "memory":

@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import openai
@@ -38,16 +37,18 @@ def test_config_keys_are_reconciled_when_the_server_starts(serve: Serve) -> None
 
 
 class GatedStore(MemoryStore):
-    """Lookups of unknown keys hang until the gate opens, like a stuck database."""
+    """Once armed, lookups of unknown keys hang until the gate opens, like a stuck
+    database."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.armed = False
         self.gate = threading.Event()
         self.waiting = 0
 
     def find_key(self, key_hash: str) -> KeyRecord | None:
         found = super().find_key(key_hash)
-        if found is None:
+        if found is None and self.armed:
             self.waiting += 1
             self.gate.wait(timeout=30)
         return found
@@ -63,9 +64,7 @@ def gated_server(tmp_path: Path) -> Iterator[tuple[RunningServer, GatedStore]]:
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    running = RunningServer(
-        f"http://127.0.0.1:{server.config.port}", settings, app.state.flexserve
-    )
+    running = RunningServer(f"http://127.0.0.1:{server.config.port}", settings, app.state.flexserve)
     running.wait_until(lambda: server.started)
     yield running, store
     store.gate.set()
@@ -78,6 +77,7 @@ def test_a_flood_of_unknown_keys_does_not_starve_a_valid_request(
 ) -> None:
     server, store = gated_server
     ask(server, KEY)  # known and cached
+    store.armed = True
     statuses: list[int] = []
 
     def bad(index: int) -> None:

@@ -38,6 +38,7 @@ def test_a_known_key_is_asked_again_only_after_its_ttl() -> None:
     store, clock = CountingStore(), Clock()
     new = make_key("acme")
     store.add_key(new.record)
+    store.lookups = 0
     keys = cache(store, clock)
 
     async def run() -> None:

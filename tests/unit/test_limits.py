@@ -5,7 +5,9 @@ from __future__ import annotations
 from flexserve.api.limits import Limits, Windows, _duration
 
 
-def admit(windows: Windows, limits: Limits, request_id: str, tokens: int, now: float) -> float | None:
+def admit(
+    windows: Windows, limits: Limits, request_id: str, tokens: int, now: float
+) -> float | None:
     return windows.admit("key_1", limits, request_id, 0, tokens, now).retry_after
 
 

@@ -65,7 +65,9 @@ def create_app(
 def open_store(settings: Settings) -> SqlStore:
     if settings.database_url is None:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return SqlStore(settings.resolved_database_url(), sqlite_busy_timeout=settings.sqlite_busy_timeout)
+    return SqlStore(
+        settings.resolved_database_url(), sqlite_busy_timeout=settings.sqlite_busy_timeout
+    )
 
 
 def _prepare_store(settings: Settings, store: Store) -> None:

@@ -116,17 +116,16 @@ class Windows:
 def _refusal(
     window: _KeyWindow, limits: Limits, tokens: int, now: float
 ) -> tuple[str, float] | None:
-    if limits.concurrent_requests is not None:
-        if len(window.in_flight) >= limits.concurrent_requests:
-            return f"{limits.concurrent_requests} concurrent requests", CONCURRENCY_RETRY_AFTER
-    if limits.requests_per_minute is not None:
-        if len(window.admitted) >= limits.requests_per_minute:
-            limit = limits.requests_per_minute
-            return f"{limit} requests per minute", _until_requests_at_most(window, limit - 1, now)
-    if limits.tokens_per_minute is not None:
-        if window.tokens + tokens > limits.tokens_per_minute:
-            limit = limits.tokens_per_minute
-            return f"{limit} tokens per minute", _until_tokens_at_most(window, limit - tokens, now)
+    """Why the request may not start now and when to retry, or None."""
+    concurrent = limits.concurrent_requests
+    if concurrent is not None and len(window.in_flight) >= concurrent:
+        return f"{concurrent} concurrent requests", CONCURRENCY_RETRY_AFTER
+    rpm = limits.requests_per_minute
+    if rpm is not None and len(window.admitted) >= rpm:
+        return f"{rpm} requests per minute", _until_requests_at_most(window, rpm - 1, now)
+    tpm = limits.tokens_per_minute
+    if tpm is not None and window.tokens + tokens > tpm:
+        return f"{tpm} tokens per minute", _until_tokens_at_most(window, tpm - tokens, now)
     return None
 
 

@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, TypeVar
 
 from sqlalchemy.exc import IntegrityError
@@ -38,9 +38,10 @@ class Ledger:
     def __init__(self, settings: Settings, store: Store, outbox: Outbox | None = None) -> None:
         self.settings = settings
         self.store = store
-        self.outbox = outbox or Outbox(
-            settings.data_dir / FILE_NAME, busy_timeout=settings.sqlite_busy_timeout
-        )
+        if outbox is None:
+            busy_timeout = settings.sqlite_busy_timeout
+            outbox = Outbox(settings.data_dir / FILE_NAME, busy_timeout=busy_timeout)
+        self.outbox = outbox
         self._writer = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="ledger")
         self._wake = asyncio.Event()
         self._store_up = True

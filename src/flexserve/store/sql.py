@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import threading
 from collections.abc import Iterator
 from importlib.resources import files
 from typing import Any
@@ -16,8 +18,8 @@ from flexserve.store.records import KeyRecord, LedgerRow, TierUsage
 from flexserve.store.schema import api_keys, ledger
 
 STARTUP_LOCK = 0x666C_6578_7376
-"""PostgreSQL advisory lock key held around migrations and the config-key reconcile, so
-that replicas starting at once on one database take turns."""
+"""PostgreSQL advisory lock key held around migrations and around the config-key
+reconcile, so that replicas starting at once on one database take turns."""
 CONNECT_TIMEOUT_SECONDS = 5
 """A database that does not answer fails a connection soon (the ledger outbox retries)."""
 
@@ -27,29 +29,38 @@ class SqlStore:
         self.url = url
         self.engine = _engine(url, sqlite_busy_timeout)
         self.is_postgres = self.engine.dialect.name == "postgresql"
+        self._local_lock = threading.Lock()
 
     def migrate(self) -> None:
         config = Config()
         config.set_main_option("script_location", str(files("flexserve.store") / "migrations"))
-        with self.engine.begin() as connection:
-            if self.is_postgres:  # released when this transaction ends
-                connection.execute(select(func.pg_advisory_xact_lock(STARTUP_LOCK)))
+        with self.startup_lock(), self.engine.begin() as connection:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 
     @contextlib.contextmanager
     def startup_lock(self) -> Iterator[None]:
-        """Held while one replica reconciles config keys (PostgreSQL; SQLite serializes
-        writers itself)."""
-        if not self.is_postgres:
-            yield
+        """Replicas (processes or threads) starting at once on one database take turns:
+        a PostgreSQL advisory lock, or a lock file beside a SQLite file."""
+        if self.is_postgres:
+            with self.engine.connect() as connection:
+                _advisory(connection, "pg_advisory_lock")
+                try:
+                    yield
+                finally:
+                    _advisory(connection, "pg_advisory_unlock")
             return
-        with self.engine.connect() as connection:
-            _advisory(connection, "pg_advisory_lock")
+        database = self.engine.url.database
+        if not database or database == ":memory:":
+            with self._local_lock:
+                yield
+            return
+        with open(f"{database}.lock", "a") as lock_file:  # flock: threads and processes
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
             try:
                 yield
             finally:
-                _advisory(connection, "pg_advisory_unlock")
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
 
     def add_key(self, key: KeyRecord) -> None:
         with self.engine.begin() as conn:
@@ -87,8 +98,8 @@ class SqlStore:
         statement = insert(ledger).values(**row.__dict__)
         statement = statement.on_conflict_do_nothing(index_elements=[ledger.c.request_id])
         with self.engine.begin() as conn:
-            inserted = conn.execute(statement).rowcount
-        return inserted == 1
+            inserted = conn.execute(statement.returning(ledger.c.request_id)).first()
+        return inserted is not None
 
     def ledger(self, tenant: str) -> list[LedgerRow]:
         query = select(ledger).where(ledger.c.tenant == tenant).order_by(ledger.c.created_at)
@@ -125,8 +136,8 @@ def _advisory(connection: Connection, function: str) -> None:
 
 def _engine(url: str, sqlite_busy_timeout: float) -> Engine:
     if not url.startswith("sqlite"):
-        connect_args = {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
-        return create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+        timeout = {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+        return create_engine(url, pool_pre_ping=True, connect_args=timeout)
     # A writer waits at most `sqlite_busy_timeout` for another's lock, then fails (the
     # ledger outbox retries); a request never hangs on a long-held lock.
     connect_args = {"check_same_thread": False, "timeout": sqlite_busy_timeout}
