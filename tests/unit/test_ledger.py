@@ -141,3 +141,16 @@ def test_an_integrity_error_other_than_a_duplicate_keeps_the_row_and_the_rest_fl
     assert len(ledger.outbox) == 1
     assert ledger.drain()
     assert sorted(r.request_id for r in store.ledger("acme")) == ["req_bad", "req_ok"]
+
+
+class BrokenOutbox(Outbox):
+    def put(self, row: LedgerRow) -> None:
+        raise OSError("disk full")
+
+
+def test_a_failing_outbox_falls_back_to_the_store_and_never_fails_the_request(
+    outbox_path: Path,
+) -> None:
+    store = MemoryStore()
+    settle_all(Ledger(Settings(), store, BrokenOutbox(outbox_path)), handle())
+    assert [r.request_id for r in store.ledger("acme")] == ["req_1"]

@@ -69,7 +69,12 @@ class Ledger:
         except Exception:  # a bad price table must not fail a finished request
             log.exception("cannot price request_id=%s", handle.request_id)
             return
-        await self._in_writer(self.outbox.put, row)
+        try:
+            await self._in_writer(self.outbox.put, row)
+        except Exception:  # the local disk failed: the store directly is all that is left
+            log.exception("ledger outbox write failed request_id=%s", row.request_id)
+            await self._in_writer(self._record_without_outbox, row)
+            return
         if not self._store_up:  # the drainer is retrying: do not make this answer wait
             self._wake.set()
             return
@@ -114,6 +119,12 @@ class Ledger:
             inserted,
         )
         return "billed" if inserted else "already_billed"
+
+    def _record_without_outbox(self, row: LedgerRow) -> None:
+        try:
+            self.store.record(row)
+        except Exception:
+            log.exception("ledger row lost request_id=%s tier=%s", row.request_id, row.tier)
 
     async def _drain_forever(self) -> None:
         while True:
