@@ -49,6 +49,7 @@ def _public(key: KeyRecord) -> dict[str, Any]:
         "admin": key.is_admin,
         "created_at": int(key.created_at),
         "revoked": key.revoked,
+        "from_config": key.from_config,
         "limits": {
             "requests_per_minute": key.requests_per_minute,
             "tokens_per_minute": key.tokens_per_minute,
@@ -69,7 +70,6 @@ async def create_key(request: Request) -> Response:
     except DefaultTierNotAllowed as error:
         raise InvalidRequest(str(error), param="default_tier") from None
     await asyncio.to_thread(state.store.add_key, new.record)
-    state.keys.forget()  # a lookup of this key just before may have been cached as unknown
     return JSONResponse({**_public(new.record), "key": new.secret}, status_code=201)
 
 
