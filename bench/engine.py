@@ -30,7 +30,7 @@ from llama_cpp import Llama
 
 from flexserve.backends.base import ChatMessage, GenerationRequest, SamplingParams, TokenChunk
 from flexserve.backends.embedded import EmbeddedBackend
-from flexserve.backends.llama_engine import LlamaModel
+from flexserve.backends.llama_model import LlamaModel
 from flexserve.backends.model_files import default_model_path
 
 # Story prompts: SmolLM2 writes well past 64 tokens before its end-of-turn token.
