@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator, Sequence
 from contextlib import aclosing
+from dataclasses import replace
 
 import pytest
 
@@ -166,13 +167,24 @@ def test_seeded_sampling_is_reproducible_across_preemption(backend: EmbeddedBack
     assert ids(other) != ids(first)
 
 
-def test_penalties_are_kept_across_preemption(backend: EmbeddedBackend) -> None:
+def test_penalties_count_the_output_produced_before_a_preemption(
+    backend: EmbeddedBackend,
+) -> None:
+    """Resumed, the sampler still penalises the tokens of the first run: the text equals
+    the uninterrupted one, and differs from a sampler that forgot them."""
+    cut = 6
     req = request(backend, PROMPTS[1], frequency_penalty=1.5, presence_penalty=0.5)
-    plain = asyncio.run(collect(backend, request(backend, PROMPTS[1])))
     full = asyncio.run(collect(backend, req))
-    resumed = asyncio.run(preempted_run(backend, req, cut_points=[6]))
-    assert ids(full) != ids(plain)
+    resumed = asyncio.run(preempted_run(backend, req, cut_points=[cut]))
     assert ids(resumed) == ids(full)
+    # The same context after the cut, but the first `cut` tokens given as prompt: the
+    # sampler has no history, as a resume that forgot it would have.
+    forgetful = GenerationRequest(
+        "forgetful",
+        req.prompt_tokens + tuple(ids(full)[:cut]),
+        replace(req.sampling, max_tokens=req.sampling.max_tokens - cut),
+    )
+    assert ids(asyncio.run(collect(backend, forgetful))) != ids(full)[cut:]
 
 
 def test_max_tokens_ends_with_length(backend: EmbeddedBackend) -> None:

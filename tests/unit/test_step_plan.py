@@ -77,7 +77,9 @@ sequences = st.lists(
     ),
     max_size=12,
 )
-limits = st.builds(StepLimits, prefill_chunk=st.integers(1, 300), background_chunk=st.integers(1, 64))
+limits = st.builds(
+    StepLimits, prefill_chunk=st.integers(1, 300), background_chunk=st.integers(1, 64)
+)
 
 
 @given(sequences, limits)
@@ -95,8 +97,8 @@ def test_a_step_is_one_ubatch_and_every_generating_sequence_moves(
             assert n <= step.background_chunk
     if any(s.prefill_remaining for s in active):
         assert prefill > 0  # some prompt always moves: no step without progress
-        first = max(
-            (s for s in active if s.prefill_remaining), key=lambda s: s.priority
-        ).priority
-        served = [s.priority for n, s in zip(plan, active, strict=True) if n and s.prefill_remaining]
+        first = max((s for s in active if s.prefill_remaining), key=lambda s: s.priority).priority
+        served = [
+            s.priority for n, s in zip(plan, active, strict=True) if n and s.prefill_remaining
+        ]
         assert max(served) == first  # the most urgent waiting prompt is among those served

@@ -244,7 +244,8 @@ class LlamaEngine:
         """The step's parts in seq id order: llama.cpp groups consecutive sequences."""
         active = [a for a in self._by_seq_id if a is not None]
         parts: list[_Part] = []
-        for seq, n in zip(active, plan_step([a.state() for a in active], self.limits)):
+        plan = plan_step([a.state() for a in active], self.limits)
+        for seq, n in zip(active, plan, strict=True):
             if not seq.prefilling:
                 assert seq.next_token is not None
                 parts.append(_Part(seq, seq.n_cached, (seq.next_token,), True, False))

@@ -54,13 +54,18 @@ class LlamaModel:
         init_llama_backend()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0
+        # No repacked weight buffers (AMX, ...): their kernels die with SIGILL on hosts that
+        # do not enable AMX tiles, and one kernel for every batch size keeps batching exact.
+        params.use_extra_bufts = False
         self.handle: Any = llama_cpp.llama_model_load_from_file(path.encode(), params)
         if not self.handle:
             raise BackendError(f"llama.cpp could not load {path}")
         self.vocab: Any = llama_cpp.llama_model_get_vocab(self.handle)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.end_of_generation = frozenset(
-            token for token in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, token)
+            token
+            for token in range(self.n_vocab)
+            if llama_cpp.llama_vocab_is_eog(self.vocab, token)
         )
         """Tokens that end a generation (end of turn, end of text, ...)."""
         self._pieces: dict[int, bytes] = {}
@@ -120,5 +125,3 @@ class LlamaModel:
         if self.handle:
             llama_cpp.llama_model_free(self.handle)
             self.handle = None
-
-
