@@ -190,7 +190,7 @@ def test_penalties_count_the_output_produced_before_a_preemption(
 def test_top_k_draws_among_the_k_most_likely_tokens_only(backend: EmbeddedBackend) -> None:
     greedy = ids(asyncio.run(collect(backend, request(backend, CAPITAL))))
     for seed in (1, 2):
-        hot = {"temperature": 1.5, "seed": seed}
+        hot = {"temperature": 1.5, "seed": seed, "max_tokens": 10}
         wandering = ids(asyncio.run(collect(backend, request(backend, CAPITAL, **hot))))
         assert wandering != greedy
         off = ids(asyncio.run(collect(backend, request(backend, CAPITAL, top_k=-1, **hot))))
@@ -203,7 +203,7 @@ def test_repetition_penalty_counts_prompt_and_output(backend: EmbeddedBackend) -
     """vLLM's rule: every token of the prompt or the output so far is penalised."""
     plain = request(backend, CAPITAL)
     assert set(ids(asyncio.run(collect(backend, plain)))) & set(plain.prompt_tokens)
-    req = request(backend, CAPITAL, repetition_penalty=100.0)
+    req = request(backend, CAPITAL, repetition_penalty=100.0, max_tokens=12)
     out = ids(asyncio.run(collect(backend, req)))
     assert not set(out) & set(req.prompt_tokens)
     assert len(set(out)) == len(out)

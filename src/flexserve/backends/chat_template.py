@@ -69,20 +69,21 @@ class ControlTexts:
     def __init__(self, texts: Iterable[str]) -> None:
         self._texts = frozenset(text for text in texts if text)
         self._lengths = sorted({len(text) for text in self._texts})
-        self._first_chars = frozenset(text[0] for text in self._texts)
+        first_chars = "".join(sorted({text[0] for text in self._texts}))
+        self._starts = re.compile(f"[{re.escape(first_chars)}]") if first_chars else None
         self._heads = frozenset(t[:k] for t in self._texts for k in range(1, len(t)))
         self._tails = frozenset(t[k:] for t in self._texts for k in range(1, len(t)))
 
     def occurrences(self, text: str) -> list[Span]:
         """Every (possibly overlapping) span of `text` that is a control-token string."""
         found: list[Span] = []
-        for start, char in enumerate(text):
-            if char in self._first_chars:
-                found += [
-                    (start, start + n)
-                    for n in self._lengths
-                    if start + n <= len(text) and text[start : start + n] in self._texts
-                ]
+        for candidate in self._starts.finditer(text) if self._starts else ():
+            start = candidate.start()
+            found += [
+                (start, start + n)
+                for n in self._lengths
+                if start + n <= len(text) and text[start : start + n] in self._texts
+            ]
         return found
 
     def edge_fragments(self, text: str) -> list[Span]:
@@ -116,25 +117,17 @@ class ChatTemplate:
 
     def encode(self, messages: Sequence[ChatMessage], tokenizer: Tokenizer) -> tuple[int, ...]:
         """The prompt's tokens: control tokens only where the template wrote them."""
-        rendered = self.render(messages)
-        tokens: list[int] = []
-        cursor = 0
-        for start, end in [*self._plain_spans(rendered), (len(rendered.text),) * 2]:
-            if cursor < start:
-                tokens += tokenizer.tokenize(rendered.text[cursor:start], True)
-            if start < end:
-                tokens += tokenizer.tokenize(rendered.text[start:end], False)
-            cursor = end
-        return tuple(tokens)
+        pieces = self._pieces(self.render(messages))
+        return tuple(t for text, special in pieces for t in tokenizer.tokenize(text, special))
 
     def render(self, messages: Sequence[ChatMessage]) -> RenderedChat:
         """The prompt text and where the messages' text is in it (see the module doc)."""
-        roles = [m.role for m in messages]
-        text = self._render(roles, [m.content for m in messages])
-        spans = self._message_spans(roles, [m.content for m in messages], text)
+        roles, contents = [m.role for m in messages], [m.content for m in messages]
+        text = self._render(roles, contents)
+        spans = self._message_spans(roles, contents, text)
         if spans is not None:
             return RenderedChat(text, spans)
-        return self._render_neutralized(roles, [m.content for m in messages])
+        return self._render_neutralized(roles, contents)
 
     def _render(self, roles: Sequence[str], contents: Sequence[str]) -> str:
         messages = [{"role": r, "content": c} for r, c in zip(roles, contents, strict=True)]
@@ -159,12 +152,8 @@ class ChatTemplate:
             return None
         text, spans, cursor = "", [], 0
         for i in sorted(range(len(markers)), key=lambda i: bare.index(markers[i])):
-            at, padded_at = bare.index(markers[i]), padded.index(markers[i])
-            content = contents[i]
-            if padded[max(0, padded_at - len(_PAD)) : padded_at] != _PAD:
-                content = content.lstrip()
-            if padded[padded_at + len(markers[i]) :][: len(_PAD)] != _PAD:
-                content = content.rstrip()
+            at = bare.index(markers[i])
+            content = _trim_like(contents[i], padded, padded.index(markers[i]), markers[i])
             text += bare[cursor:at]
             spans.append((len(text), len(text) + len(content)))
             text += content
@@ -201,6 +190,15 @@ class ChatTemplate:
             cursor = end
         return out + content[cursor:]
 
+    def _pieces(self, rendered: RenderedChat) -> list[tuple[str, bool]]:
+        """The prompt cut into (text, parse special tokens?) pieces, in order."""
+        pieces, cursor = [], 0
+        for start, end in self._plain_spans(rendered):
+            pieces += [(rendered.text[cursor:start], True), (rendered.text[start:end], False)]
+            cursor = end
+        pieces.append((rendered.text[cursor:], True))
+        return [(text, special) for text, special in pieces if text]
+
     def _plain_spans(self, rendered: RenderedChat) -> list[Span]:
         """Message characters that are part of a control string in the prompt."""
         from_message = bytearray(len(rendered.text))
@@ -212,6 +210,15 @@ class ChatTemplate:
                 for i in range(start, end):
                     plain[i] |= from_message[i]
         return [m.span() for m in re.finditer(b"\x01+", bytes(plain))]
+
+
+def _trim_like(content: str, padded: str, at: int, marker: str) -> str:
+    """`content` trimmed on each side where the template trimmed the padded marker at `at`."""
+    if padded[max(0, at - len(_PAD)) : at] != _PAD:
+        content = content.lstrip()
+    if padded[at + len(marker) : at + len(marker) + len(_PAD)] != _PAD:
+        content = content.rstrip()
+    return content
 
 
 def _merge(spans: Iterable[Span]) -> list[Span]:
