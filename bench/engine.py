@@ -135,7 +135,7 @@ class RawBatchLoop:
 
 def without_extra_buffer_types() -> None:
     """Load `Llama` models as flexserve's LlamaModel does: no extra (repacked, e.g. AMX)
-    weight buffers, whose kernels die with SIGILL on hosts that do not enable AMX."""
+    weight buffers, so that both run the same kernels."""
     bindings = llama_cpp.llama_cpp  # what llama_cpp.Llama calls
     default_params = bindings.llama_model_default_params
 

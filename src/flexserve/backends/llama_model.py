@@ -54,8 +54,9 @@ class LlamaModel:
         init_llama_backend()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0
-        # No repacked weight buffers (AMX, ...): their kernels die with SIGILL on hosts that
-        # do not enable AMX tiles, and one kernel for every batch size keeps batching exact.
+        # No repacked weight buffers ("extra buffer types", e.g. AMX): a native build's AMX
+        # kernels die with SIGILL on hosts that advertise AMX without enabling it, and exact
+        # batching and resume are checked (tests/integration) with the plain CPU kernels.
         params.use_extra_bufts = False
         self.handle: Any = llama_cpp.llama_model_load_from_file(path.encode(), params)
         if not self.handle:
