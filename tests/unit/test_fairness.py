@@ -87,33 +87,34 @@ def job(job_id: str, tenant: str, deadline: float, seq: int) -> JobState:
 
 
 def test_fair_queue_serves_least_service_first_then_earliest_deadline() -> None:
-    live = {"a1", "a2", "b1", "b2"}
-    queue = FairQueue(lambda job_id: job_id in live)
+    queue = FairQueue()
     for tenant in ("A", "B"):
         queue.vtc.join(tenant)
     queue.push(job("a1", "A", deadline=50.0, seq=1))
     queue.push(job("a2", "A", deadline=10.0, seq=2))
     queue.push(job("b1", "B", deadline=90.0, seq=3))
     queue.push(job("b2", "B", deadline=80.0, seq=4))
-    queue.vtc.charge("A", input_tokens=1)
+    queue.charge("A", input_tokens=1)
 
     assert queue.pop() == "b2"  # B has had less; its earliest deadline first
-    queue.vtc.charge("B", input_tokens=5)
+    queue.charge("B", input_tokens=5)
     assert queue.pop() == "a2"
     assert queue.pop() == "a1"
     assert queue.pop() == "b1"
     assert queue.peek() is None
 
 
-def test_fair_queue_skips_entries_that_are_no_longer_queued() -> None:
-    live = {"a1", "b1"}
-    queue = FairQueue(lambda job_id: job_id in live)
-    queue.push(job("a1", "A", deadline=1.0, seq=1))
+def test_fair_queue_forgets_a_removed_job_and_its_tenant() -> None:
+    queue = FairQueue()
+    a1 = job("a1", "A", deadline=1.0, seq=1)
+    queue.push(a1)
     queue.push(job("b1", "B", deadline=2.0, seq=2))
 
-    live.discard("a1")  # cancelled
+    queue.remove(a1)  # cancelled
 
     assert queue.peek() == "b1"
+    assert len(queue) == 1
+    assert queue.jobs_of("A") == 0
 
 
 def test_whole_system_idle_then_both_tenants_return() -> None:

@@ -412,7 +412,7 @@ def test_shed_retry_after_does_not_count_the_shed_job_as_work_ahead() -> None:
     assert shed_at(plans) == {"f": 10.0}
     (refusal,) = [r for _, p in plans for r in p.shed]
     again = make_spec("again", now=10.0, max_tokens=200, max_wait=10.0, config=config)
-    assert refusal.retry_after == pytest.approx(sched.quote(again, 10.0) - 10.0)
+    assert refusal.retry_after == pytest.approx(sched.predicted_wait(again, 10.0) - 10.0)
 
 
 def test_backend_with_every_slot_reserved_rejects_flex_at_once() -> None:
@@ -559,7 +559,7 @@ def test_predicted_wait_is_zero_with_a_free_slot_and_no_queue() -> None:
     sched = Scheduler(settings(), slots=2, now=0.0)
     fill_with_flex(sched, 1)
 
-    assert sched.quote(make_spec("probe"), 0.0) == 0.0
+    assert sched.predicted_wait(make_spec("probe"), 0.0) == 0.0
 
 
 def test_predicted_wait_shrinks_as_the_measured_rate_grows() -> None:
@@ -570,7 +570,7 @@ def test_predicted_wait_shrinks_as_the_measured_rate_grows() -> None:
     for i in range(5):
         admit(sched, make_spec(f"q{i}", max_tokens=100, max_wait=10_000, config=config))
     probe = make_spec("probe", tenant="other")
-    waits = [sched.quote(probe, 0.0)]
+    waits = [sched.predicted_wait(probe, 0.0)]
     rates = [sched.snapshot().tokens_per_slot_second]
 
     now = 0.0
@@ -579,7 +579,7 @@ def test_predicted_wait_shrinks_as_the_measured_rate_grows() -> None:
             now += 0.1
             sched.token("f0", now, count=5)
         sched.step(now)
-        waits.append(sched.quote(probe, now))
+        waits.append(sched.predicted_wait(probe, now))
         rates.append(sched.snapshot().tokens_per_slot_second)
 
     assert rates == sorted(rates)

@@ -21,6 +21,7 @@ from flexserve.config import SchedulerSettings
 from flexserve.errors import EngineFailure, FlexserveError, Overloaded, ResourceUnavailable
 from flexserve.runtime.events import Done, Failed, JobHandle, Paused, Started, Submission, Token
 from flexserve.scheduling import (
+    PREEMPTIBLE,
     RANK,
     Admission,
     JobSpec,
@@ -32,6 +33,8 @@ from flexserve.scheduling import (
 )
 
 log = logging.getLogger("flexserve.runtime")
+
+_OVERLOADED = "The server is overloaded with interactive traffic; retry shortly."
 
 Outcome = Literal["completed", "cancelled", "failed", "shed", "overloaded"]
 Settle = Callable[[JobHandle, Outcome], Coroutine[Any, Any, None]]
@@ -171,6 +174,10 @@ class Runtime:
         )
         admission = self.scheduler.arrive(spec, now)
         if isinstance(admission, Rejected):
+            if spec.interactive:  # its queue is full
+                full = Overloaded(_OVERLOADED, retry_after=admission.retry_after)
+                self._refuse(handle, full, "overloaded")
+                return
             error = ResourceUnavailable(
                 _busy_message(admission.reason), retry_after=admission.retry_after
             )
@@ -189,10 +196,7 @@ class Runtime:
             )
             self._refuse(self._handles.pop(refusal.job_id), error, "shed")
         for refusal in plan.overloaded:
-            overloaded = Overloaded(
-                "The server is overloaded with interactive traffic; retry shortly.",
-                retry_after=refusal.retry_after,
-            )
+            overloaded = Overloaded(_OVERLOADED, retry_after=refusal.retry_after)
             self._refuse(self._handles.pop(refusal.job_id), overloaded, "overloaded")
 
     def _run(self, handle: JobHandle) -> None:
@@ -240,14 +244,17 @@ class Runtime:
         """Before any token reached the client: flex/batch resume, interactive retry once."""
         if handle.produced:
             return False
-        if handle.submission.tier in ("flex", "batch"):
+        if handle.submission.tier in PREEMPTIBLE:
             return handle.engine_failures < MAX_FLEX_ENGINE_RETRIES
         return handle.engine_failures < 1
 
     def _finish(
         self, handle: JobHandle, event: Done | Failed, outcome: Outcome, now: float
     ) -> None:
-        self.scheduler.finish(handle.request_id, now)
+        if outcome == "completed":  # only whole answers teach the scheduler their length
+            self.scheduler.finish(handle.request_id, now)
+        else:
+            self.scheduler.cancel(handle.request_id, now)
         self._handles.pop(handle.request_id, None)
         handle.events.put_nowait(event)
         self._spawn_settle(handle, outcome)
