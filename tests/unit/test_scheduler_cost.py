@@ -68,9 +68,7 @@ def cost_of_one_of_each_event(sched: Scheduler) -> dict[str, int]:
         "interactive arrival + preempting step": calls_during(
             lambda: (sched.arrive(interactive, 2.0), sched.step(2.0))
         ),
-        "finish + next start": calls_during(
-            lambda: (sched.finish("d", 3.0), sched.step(3.0))
-        ),
+        "finish + next start": calls_during(lambda: (sched.finish("d", 3.0), sched.step(3.0))),
     }
     queued = sched.queued_ids()[-1]
     costs["cancel a queued job"] = calls_during(lambda: sched.cancel(queued, 3.0))

@@ -220,7 +220,8 @@ class Harness:
         """Interactive jobs are refused only over their bound; a tenant with nothing
         queued is never shut out of a queue by the count of others' jobs."""
         same_kind = [
-            self.specs[j] for j in self.with_status("queued")
+            self.specs[j]
+            for j in self.with_status("queued")
             if self.specs[j].interactive == spec.interactive
         ]
         if spec.interactive:

@@ -369,9 +369,7 @@ class Scheduler:
         self._running[job_id] = job
         self._running_count[job.spec.tier] += 1
         if not job.input_charged:
-            self._queues[job.spec.tier].charge(
-                job.spec.tenant, input_tokens=job.spec.prompt_tokens
-            )
+            self._queues[job.spec.tier].charge(job.spec.tenant, input_tokens=job.spec.prompt_tokens)
             job.input_charged = True
         job.started = True
         start.append(job_id)
