@@ -167,6 +167,26 @@ async def chat(
     return res
 
 
+async def get_json(target: Target, path: str, timeout: float) -> tuple[int, Any]:  # noqa: ASYNC109
+    """GET one JSON document on a fresh connection: (status, parsed body)."""
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n"
+        f"Authorization: Bearer {target.key}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(target.host, target.port)
+        try:
+            writer.write(request)
+            await writer.drain()
+            status, headers = await _read_head(reader)
+            raw = b"".join([part async for part in _body(reader, headers)])
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+    return status, json.loads(raw) if raw else None
+
+
 async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
     head = await reader.readuntil(b"\r\n\r\n")
     first, *rest = head.decode("latin-1").split("\r\n")
@@ -469,6 +489,7 @@ async def _deep_flood(cfg: LoadConfig, cmd_q: Any, state: Any, inflight: Any) ->
             classify(res, cfg.expected_tokens)
         except asyncio.CancelledError:
             res.outcome = "cancelled"  # hung up on purpose when the flood went off
+            res.t_end = time.monotonic()
             raise
         finally:
             inflight.value -= 1
