@@ -1,6 +1,6 @@
 """Prediction accuracy: does the quoted wait come true?
 
-    .venv/bin/python bench/predictions.py [--slots K] [--duration S] [--loads 0.85,1.25]
+    .venv/bin/python bench/predictions.py [--slots K] [--duration S] [--loads 0.95,1.25]
 
 What it does:
 
@@ -54,9 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per load")
-    p.add_argument("--loads", default="0.85,1.25", help="arrival rates as shares of capacity")
+    p.add_argument("--loads", default="0.95,1.25", help="arrival rates as shares of capacity")
     p.add_argument("--warmup", type=float, default=8.0)
     p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--dump", help="write every (load, predicted, actual, outcome) here")
     args = p.parse_args(argv)
     loads = [float(x) for x in args.loads.split(",")]
     env = {
@@ -80,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         proc.start()
         prompt, samples = out.get(timeout=args.warmup + len(loads) * (args.duration + 200))
         proc.join(timeout=10)
+    if args.dump:
+        with open(args.dump, "w") as out_file:
+            for sample in samples:
+                out_file.write(json.dumps(sample.__dict__) + "\n")
     summary = report(samples, loads, args, prompt, time.monotonic() - started)
     print(json.dumps(summary, separators=(",", ":")))
     return 0
@@ -193,8 +198,8 @@ def report(
         long = [s for s in timed if s.actual is not None and s.actual > 1.0]
         within = _within(long)
         ratios = [s.predicted / s.actual for s in long if s.predicted is not None and s.actual]
-        mean_pred = statistics.fmean(s.predicted for s in long if s.predicted is not None)
-        mean_act = statistics.fmean(s.actual for s in long if s.actual is not None)
+        mean_pred = _mean([s.predicted for s in long if s.predicted is not None])
+        mean_act = _mean([s.actual for s in long if s.actual is not None])
         all_within = _within([s for s in timed if s.actual is not None and s.actual > 0.25])
         bad = sum(s.outcome != "ok" for s in mine)
         median = statistics.median(ratios) if ratios else float("nan")
@@ -216,6 +221,10 @@ def report(
     print("   the same over waits above 0.25 s)")
     print(f"  elapsed {elapsed:.1f} s")
     return {"loads": summary, "k": args.slots, "capacity_rps": round(rate, 3)}
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
 
 
 def _within(samples: list[Sample], tolerance: float = 0.25) -> float:
