@@ -506,6 +506,7 @@ async def _deep_flood(cfg: LoadConfig, cmd_q: Any, state: Any, inflight: Any) ->
         for _ in range(cfg.backlog):
             send()
             await asyncio.sleep(1.0 / cfg.burst_rps)
+        state.value = ON  # the backlog is built: the orchestrator may start a window
         while cfg.topup_rps > 0:
             await asyncio.sleep(rng.expovariate(cfg.topup_rps))
             send()
@@ -517,7 +518,6 @@ async def _deep_flood(cfg: LoadConfig, cmd_q: Any, state: Any, inflight: Any) ->
             label = msg[1]
             if sending is None:
                 sending = asyncio.create_task(sender())
-            state.value = ON
         elif msg[0] in ("off", "stop"):
             if sending is not None:
                 sending.cancel()

@@ -20,10 +20,11 @@ What it does (DESIGN.md, "Benchmarks: what the figures mean"):
   flex queue, as flex exists for. Each flood phase sends a burst of N flex requests
   (150/s), then Poisson arrivals at the capacity the default load leaves, so about N
   stay queued at the server's default `flex_max_wait` (540 s; the queue bound is raised
-  to 4 N so that nothing is refused for room). Switching the flood off hangs up on every
-  open flex request (the server cancels their jobs), and the alone window starts only
-  when the server's flex queue is empty again. The queue depth at each flood window's
-  start and end is read from /metrics;
+  to 4 N so that nothing is refused for room). A flood window starts 3 s after the
+  burst has been sent, so it measures the backlog, not the burst's arrival. Switching
+  the flood off hangs up on every open flex request (the server cancels their jobs),
+  and the alone window starts only when the server's flex queue is empty again. The
+  queue depth at each flood window's start and end is read from /metrics;
 - interleaves `--pairs` pairs of (alone, flood) windows of `--window` seconds after a
   warm-up, in ABBA order (alone0 flood0 flood1 alone1 alone2 flood2 ...), so slow drift
   cancels and one flood ramp and drain serve two flood windows; ramp and drain are
@@ -141,7 +142,7 @@ def parse_plan(argv: list[str] | None) -> tuple[Plan, argparse.Namespace]:
         flex_max_wait=a.flex_max_wait or (60.0 if embedded else 540.0 if a.deep else 2.0),
         flood_workers=a.flood_workers or 3 * slots,
         impatient=a.impatient,
-        ramp=a.deep / BURST_RPS + 3.0 if a.deep else 2.0 if embedded else 0.5,
+        ramp=3.0 if a.deep else 2.0 if embedded else 0.5,  # deep: after its burst
         warmup=6.0 if embedded else 2.0,
         seed=a.seed,
         server_log_level=a.server_log_level,
@@ -322,10 +323,15 @@ class Bench:
             time.sleep(0.02)
 
     def flood_on(self, label: str) -> None:
+        """Switch the flood on; in deep mode, return once its burst has been sent (so
+        that no window measures the burst's arrival rather than the backlog)."""
         self.f_cmd.put(("on", label))
-        end = time.monotonic() + 5
+        end = time.monotonic() + (5 + 4 * self.plan.deep / BURST_RPS)
         while self.f_state.value != _load.ON and time.monotonic() < end:
+            self.check_alive()
             time.sleep(0.005)
+        if self.f_state.value != _load.ON:
+            self.incidents.append(f"flood {label}: not on in time")
 
     def flood_off_and_drain(self, timeout: float) -> float:
         start = time.monotonic()
