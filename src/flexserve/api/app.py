@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from flexserve.api import admin, chat, errors, routes
 from flexserve.api.body import RequestIdMiddleware
+from flexserve.api.limits import RateLimitMiddleware
 from flexserve.api.state import AppState
 from flexserve.backends import build_backend
 from flexserve.backends.base import Backend
@@ -42,16 +43,19 @@ def create_app(
         await asyncio.to_thread(_prepare_store, settings, store)
         await backend.start()
         await state.runtime.start()
+        await state.start()
         log.info("serving model=%s backend=%s slots=%d", backend.model, backend.name, backend.slots)
         try:
             yield
         finally:
             await state.runtime.close()
+            await state.close()
             await backend.close()
             store.close()
 
     app = FastAPI(title="flexserve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.flexserve = state
+    app.add_middleware(RateLimitMiddleware)
     app.add_middleware(RequestIdMiddleware)
     errors.install(app, settings.retry_after_max)
     _routes(app)
@@ -61,7 +65,9 @@ def create_app(
 def open_store(settings: Settings) -> SqlStore:
     if settings.database_url is None:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return SqlStore(settings.resolved_database_url())
+    return SqlStore(
+        settings.resolved_database_url(), sqlite_busy_timeout=settings.sqlite_busy_timeout
+    )
 
 
 def _prepare_store(settings: Settings, store: Store) -> None:

@@ -37,6 +37,7 @@ async def chat_completions(request: Request) -> Response:
     valid = await asyncio.to_thread(
         validate_chat, wire, key, state.backend, state.settings, headers
     )
+    state.limits.admit(request, key, valid)  # 429 rate_limit_exceeded over the key's limits
     request_id: str = request.state.request_id
     handle = state.runtime.submit(
         Submission(
