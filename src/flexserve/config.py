@@ -105,6 +105,12 @@ class SchedulerSettings(BaseModel):
     """Cost of one prompt token relative to one output token, in predictions."""
     default_max_tokens: int = Field(default=256, ge=1)
     """Output cap assumed in predictions (and applied) when a request sets none."""
+    interactive_queue_max_jobs: int = Field(default=1000, ge=1)
+    """Most priority + default jobs queued at once, shared fairly between tenants; more
+    get `503 overloaded` at arrival."""
+    output_length_smoothing: float = Field(default=0.2, gt=0.0, le=1.0)
+    """Weight of the newest completed answer in the learned output length per tenant,
+    which predictions use in place of `max_tokens` (the bound)."""
 
 
 class SimulatedSettings(BaseModel):

@@ -38,6 +38,8 @@ from flexserve.scheduling import (
 
 log = logging.getLogger("flexserve.runtime")
 
+_OVERLOADED = "The server is overloaded with interactive traffic; retry shortly."
+
 Outcome = Literal["completed", "cancelled", "failed", "shed", "overloaded"]
 Settle = Callable[[JobHandle, Outcome], Coroutine[Any, Any, None]]
 
@@ -255,6 +257,10 @@ class Runtime:
         admission = self.scheduler.arrive(spec, now)
         if isinstance(admission, Rejected):
             del self._handles[sub.request_id]
+            if spec.interactive:  # its queue is full
+                full = Overloaded(_OVERLOADED, retry_after=admission.retry_after)
+                self._refuse(handle, full, "overloaded")
+                return
             error = ResourceUnavailable(
                 _busy_message(admission.reason), retry_after=admission.retry_after
             )
@@ -271,10 +277,7 @@ class Runtime:
             )
             self._refuse(self._handles.pop(refusal.job_id), error, "shed")
         for refusal in plan.overloaded:
-            overloaded = Overloaded(
-                "The server is overloaded with interactive traffic; retry shortly.",
-                retry_after=refusal.retry_after,
-            )
+            overloaded = Overloaded(_OVERLOADED, retry_after=refusal.retry_after)
             self._refuse(self._handles.pop(refusal.job_id), overloaded, "overloaded")
 
     def _run(self, handle: JobHandle) -> None:
@@ -329,7 +332,10 @@ class Runtime:
     def _finish(
         self, handle: JobHandle, event: Done | Failed, outcome: Outcome, now: float
     ) -> None:
-        self.scheduler.finish(handle.request_id, now)
+        if outcome == "completed":  # only whole answers teach the scheduler their length
+            self.scheduler.finish(handle.request_id, now)
+        else:
+            self.scheduler.cancel(handle.request_id, now)
         self._handles.pop(handle.request_id, None)
         handle.events.put_nowait(event)
         self._spawn_settle(handle, outcome)
@@ -362,7 +368,7 @@ class Runtime:
         task = self._streams.pop(handle.request_id, None)
         if task is not None:
             task.cancel()
-        self.scheduler.finish(handle.request_id, now)
+        self.scheduler.cancel(handle.request_id, now)  # a cut answer teaches no length
         self._handles.pop(handle.request_id, None)
         handle.events.put_nowait(Failed(shutting_down()))
         outcome: Outcome = "overloaded"
