@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import secrets
 import time
 from dataclasses import dataclass
 
 from flexserve.scheduling.tiers import TIERS, Tier
 from flexserve.store import KeyRecord, Store
+
+log = logging.getLogger("flexserve.keys")
 
 KEY_PREFIX = "fs-"
 ADMIN_TENANT = "admin"
@@ -58,7 +61,7 @@ def make_key(
         key_id="key_" + secrets.token_hex(8),
         tenant=tenant,
         key_hash=hash_key(secret),
-        prefix=secret[:8],
+        prefix=secret[: min(8, len(secret) // 4)],  # never enough of a short key to guess it
         default_tier=default_tier,
         allowed_tiers=allowed_tiers,
         is_admin=is_admin,
@@ -92,6 +95,12 @@ def ensure_config_keys(store: Store, keys: dict[str, str], admin_keys: list[str]
                     make_key(tenant, secret=secret, is_admin=is_admin, from_config=True).record
                 )
                 continue
+            if key.revoked and not key.from_config:  # an admin revoked it: that stands
+                log.warning(
+                    "config names key %s, which an admin revoked: it stays revoked", key.key_id
+                )
+                continue
+            # A key config had removed (and so revoked) works again once config names it.
             updated = dataclasses.replace(
                 key, tenant=tenant, is_admin=is_admin, revoked=False, from_config=True
             )
@@ -99,4 +108,4 @@ def ensure_config_keys(store: Store, keys: dict[str, str], admin_keys: list[str]
                 store.update_key(updated)
         for key in stored.values():
             if key.from_config and not key.revoked and key.key_hash not in wanted:
-                store.revoke_key(key.key_id)
+                store.update_key(dataclasses.replace(key, revoked=True))

@@ -196,3 +196,16 @@ def test_sqlite_waits_for_a_lock_only_its_busy_timeout(tmp_path: Path) -> None:
     waiter.close()
     assert finished
     assert len(outcome) == 1 and isinstance(outcome[0], OperationalError)
+
+
+def test_an_admins_revoke_of_a_config_key_survives_a_restart(store: Store) -> None:
+    ensure_config_keys(store, {"fs-leaked-config-key": "acme"}, [])
+    leaked = store.find_key(hash_key("fs-leaked-config-key"))
+    assert leaked is not None and store.revoke_key(leaked.key_id)
+    ensure_config_keys(store, {"fs-leaked-config-key": "acme"}, [])  # the next start
+    assert active_tenant(store, "fs-leaked-config-key") is None
+
+
+def test_the_shown_prefix_of_a_short_key_does_not_reveal_it() -> None:
+    record = make_key("acme", secret="demo1234").record
+    assert len(record.prefix) <= 2

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
 from flexserve.backends.base import SamplingParams, TokenChunk
 from flexserve.billing import Ledger
@@ -153,4 +153,53 @@ def test_a_failing_outbox_falls_back_to_the_store_and_never_fails_the_request(
 ) -> None:
     store = MemoryStore()
     settle_all(Ledger(Settings(), store, BrokenOutbox(outbox_path)), handle())
+    assert [r.request_id for r in store.ledger("acme")] == ["req_1"]
+
+
+class RefusingStore(MemoryStore):
+    """Refuses every row of one request id, as a database refuses a value it cannot hold."""
+
+    def __init__(self, refused_id: str) -> None:
+        super().__init__()
+        self.refused_id = refused_id
+
+    def record(self, row: LedgerRow) -> bool:
+        if row.request_id == self.refused_id:
+            raise DataError("insert", {}, ValueError("value too long for type varchar(200)"))
+        return super().record(row)
+
+
+def test_a_row_the_store_always_refuses_is_set_aside_and_never_blocks_the_rest(
+    outbox_path: Path,
+) -> None:
+    store = RefusingStore("req_bad")
+    ledger = Ledger(Settings(), store, Outbox(outbox_path))
+    ledger.outbox.put(ledger.row(handle(request_id="req_bad"), "completed"))
+    for n in range(200):  # more than one page of pending rows queued behind it
+        ledger.outbox.put(ledger.row(handle(request_id=f"req_{n}"), "completed"))
+    passes = 0
+    while not ledger.drain():
+        passes += 1
+        assert passes < 10, "the refused row keeps the outbox from draining"
+    assert len(store.ledger("acme")) == 200
+    assert len(ledger.outbox) == 0 and ledger.outbox.refused_count() == 1
+
+
+def test_a_data_error_is_a_refused_row_not_a_store_outage(outbox_path: Path) -> None:
+    ledger = Ledger(Settings(), RefusingStore("req_bad"), Outbox(outbox_path))
+    ledger.outbox.put(ledger.row(handle(request_id="req_bad"), "completed"))
+    ledger.drain()
+    assert ledger._store_up  # an outage would make settles skip straight to the drainer
+
+
+class UndeletableOutbox(Outbox):
+    def remove(self, request_id: str) -> None:
+        raise OSError("database is locked")
+
+
+def test_a_failed_outbox_delete_after_billing_does_not_fail_the_request(
+    outbox_path: Path,
+) -> None:
+    store = MemoryStore()
+    settle_all(Ledger(Settings(), store, UndeletableOutbox(outbox_path)), handle())
     assert [r.request_id for r in store.ledger("acme")] == ["req_1"]

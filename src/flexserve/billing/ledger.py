@@ -16,7 +16,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, TypeVar
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from flexserve.billing.outbox import FILE_NAME, Outbox
 from flexserve.billing.prices import request_cost
@@ -30,7 +31,12 @@ BILLED: frozenset[Outcome] = frozenset({"completed", "cancelled"})
 """Shed, overloaded and failed requests cost nothing."""
 WRITER_THREADS = 2
 """Ledger writes have their own threads: auth lookups or tokenizing cannot starve them."""
-Delivery = Literal["billed", "already_billed", "refused", "store_away"]
+Delivery = Literal["billed", "already_billed", "refused", "store_away", "not_removed"]
+STORE_AWAY = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout, OSError)
+"""Errors that say the database cannot be reached now (retry every row later), as opposed
+to a row the database refuses (a data or constraint error: that row alone is retried)."""
+SET_ASIDE_AFTER = 5
+"""Refusals of one row before it moves to the outbox's `refused` table for an operator."""
 R = TypeVar("R")
 
 
@@ -58,7 +64,7 @@ class Ledger:
                 await self._drainer
         with contextlib.suppress(Exception):  # whatever is left waits for the next start
             await self._in_writer(self.drain)
-        self._writer.shutdown(wait=True)
+        await asyncio.to_thread(self._writer.shutdown, True)
         self.outbox.close()
 
     async def settle(self, handle: JobHandle, outcome: Outcome) -> None:
@@ -79,7 +85,7 @@ class Ledger:
             self._wake.set()
             return
         delivery = await self._in_writer(self._deliver, row)
-        if delivery in ("refused", "store_away"):
+        if delivery != "billed" and delivery != "already_billed":
             self._wake.set()
 
     def drain(self) -> bool:
@@ -88,7 +94,7 @@ class Ledger:
             refused = False
             for row in rows:
                 delivery = self._deliver(row)
-                if delivery == "store_away":
+                if delivery in ("store_away", "not_removed"):
                     return False
                 refused = refused or delivery == "refused"
             if refused:  # kept for a later pass, after the rows behind it
@@ -97,18 +103,23 @@ class Ledger:
 
     def _deliver(self, row: LedgerRow) -> Delivery:
         """Store one outbox row. Blocking. Only a duplicate request id means "already
-        billed"; any other error keeps the row in the outbox to be retried."""
+        billed" (the store skips it); an unreachable database keeps every row for later;
+        a row the database refuses is retried a few times, then set aside."""
         try:
             inserted = self.store.record(row)
-        except IntegrityError:
-            log.exception("ledger row refused request_id=%s, kept in outbox", row.request_id)
-            return "refused"
-        except Exception as error:
+        except STORE_AWAY as error:
             self._store_up = False
             log.warning("store away request_id=%s (%s), kept in outbox", row.request_id, error)
             return "store_away"
+        except Exception as error:
+            self._refused(row, error)
+            return "refused"
         self._store_up = True
-        self.outbox.remove(row.request_id)
+        try:
+            self.outbox.remove(row.request_id)
+        except Exception:  # billed already; a later drain re-delivers it, a no-op
+            log.warning("outbox delete failed request_id=%s", row.request_id)
+            return "not_removed"
         log.info(
             "billed request_id=%s tier=%s input=%d output=%d nanos=%d new=%s",
             row.request_id,
@@ -120,6 +131,18 @@ class Ledger:
         )
         return "billed" if inserted else "already_billed"
 
+    def _refused(self, row: LedgerRow, error: Exception) -> None:
+        reason = f"{type(error).__name__}: {error}"
+        if self.outbox.refused(row.request_id, reason, SET_ASIDE_AFTER):
+            log.error(
+                "ledger row set aside after %d refusals request_id=%s (%s)",
+                SET_ASIDE_AFTER,
+                row.request_id,
+                type(error).__name__,
+            )
+        else:
+            log.warning("ledger row refused request_id=%s (%s)", row.request_id, reason)
+
     def _record_without_outbox(self, row: LedgerRow) -> None:
         try:
             self.store.record(row)
@@ -128,12 +151,12 @@ class Ledger:
 
     async def _drain_forever(self) -> None:
         while True:
+            self._wake.clear()  # before draining: a row put meanwhile wakes the next pass
             try:
                 drained = await self._in_writer(self.drain)
             except Exception:  # the outbox file itself failed: keep trying
                 log.exception("ledger outbox drain failed")
                 drained = False
-            self._wake.clear()
             retry = None if drained else self.settings.ledger_retry_interval
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(retry):

@@ -33,7 +33,14 @@ class Outbox:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when put returns
         self._db.execute(
-            "CREATE TABLE IF NOT EXISTS outbox (request_id TEXT PRIMARY KEY, row TEXT NOT NULL)"
+            "CREATE TABLE IF NOT EXISTS outbox (request_id TEXT PRIMARY KEY, row TEXT NOT NULL,"
+            " refusals INTEGER NOT NULL DEFAULT 0)"
+        )
+        # Rows the store refused again and again (not an outage): kept for an operator,
+        # out of the way of the rows behind them.
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS refused (request_id TEXT PRIMARY KEY, row TEXT NOT NULL,"
+            " reason TEXT NOT NULL)"
         )
 
     def put(self, row: LedgerRow) -> None:
@@ -46,12 +53,36 @@ class Outbox:
             )
 
     def pending(self, limit: int = 100) -> list[LedgerRow]:
-        """The oldest rows still to deliver."""
+        """The rows still to deliver: the least refused first, then the oldest, so a row
+        the store keeps refusing never holds up the rows behind it."""
         with self._lock:
             found = self._db.execute(
-                "SELECT row FROM outbox ORDER BY rowid LIMIT ?", (limit,)
+                "SELECT row FROM outbox ORDER BY refusals, rowid LIMIT ?", (limit,)
             ).fetchall()
         return [LedgerRow(**json.loads(payload)) for (payload,) in found]
+
+    def refused(self, request_id: str, reason: str, set_aside_after: int) -> bool:
+        """Count one refusal of a row; after `set_aside_after` of them move it to the
+        `refused` table. True if it was set aside."""
+        with self._lock, self._db:
+            self._db.execute(
+                "UPDATE outbox SET refusals = refusals + 1 WHERE request_id = ?", (request_id,)
+            )
+            moved = self._db.execute(
+                "INSERT INTO refused (request_id, row, reason) SELECT request_id, row, ?"
+                " FROM outbox WHERE request_id = ? AND refusals >= ?",
+                (reason[:500], request_id, set_aside_after),
+            ).rowcount
+            self._db.execute(
+                "DELETE FROM outbox WHERE request_id = ? AND refusals >= ?",
+                (request_id, set_aside_after),
+            )
+        return moved > 0
+
+    def refused_count(self) -> int:
+        with self._lock:
+            (count,) = self._db.execute("SELECT count(*) FROM refused").fetchone()
+        return int(count)
 
     def remove(self, request_id: str) -> None:
         """The row reached the store (or was already there)."""

@@ -27,7 +27,9 @@ class Store(Protocol):
 
     def list_keys(self, tenant: str | None = None) -> list[KeyRecord]: ...
 
-    def revoke_key(self, key_id: str) -> bool: ...
+    def revoke_key(self, key_id: str) -> bool:
+        """An admin's revoke: final (config reconciliation never undoes it)."""
+        ...
 
     def record(self, row: LedgerRow) -> bool:
         """Insert a ledger row; False (and no change) if its request id is already billed.

@@ -48,7 +48,7 @@ class MemoryStore:
             key = self._keys.get(key_id)
             if key is None:
                 return False
-            self._keys[key_id] = dataclasses.replace(key, revoked=True)
+            self._keys[key_id] = dataclasses.replace(key, revoked=True, from_config=False)
             return True
 
     def record(self, row: LedgerRow) -> bool:

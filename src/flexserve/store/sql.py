@@ -85,9 +85,12 @@ class SqlStore:
             return [_key(row._mapping) for row in conn.execute(query)]
 
     def revoke_key(self, key_id: str) -> bool:
+        """An admin's revoke: final, also for a key that config still names."""
         with self.engine.begin() as conn:
             done = conn.execute(
-                update(api_keys).where(api_keys.c.key_id == key_id).values(revoked=True)
+                update(api_keys)
+                .where(api_keys.c.key_id == key_id)
+                .values(revoked=True, from_config=False)
             )
         return done.rowcount > 0
 
