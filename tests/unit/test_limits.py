@@ -71,3 +71,21 @@ def test_durations_read_like_openais() -> None:
 
 def test_no_limits_no_headers() -> None:
     assert Windows().admit("key_1", Limits(), "a", 0, 10, now=0.0).headers == {}
+
+
+def test_a_job_that_settles_after_its_client_left_still_corrects_its_tokens() -> None:
+    windows, limits = Windows(), Limits(tokens_per_minute=100)
+    assert windows.admit("key_1", limits, "a", 10, 80, now=0.0).retry_after is None
+    windows.finished("a")  # the client hung up; the runtime settles the job just after
+    windows.settled("a", produced=5)
+    assert admit(windows, limits, "b", 30, now=1.0) is None
+    assert windows.in_flight() == 1  # only "b"
+
+
+def test_jobs_that_never_settle_are_forgotten_once_out_of_the_window() -> None:
+    windows, limits = Windows(), Limits(tokens_per_minute=1000)
+    for n in range(50):
+        admit(windows, limits, f"r{n}", 1, now=float(n))
+        windows.finished(f"r{n}")  # cancelled before starting: never settled
+    admit(windows, limits, "late", 1, now=200.0)
+    assert len(windows._unsettled) == 1

@@ -167,6 +167,33 @@ def test_a_dead_loop_fails_every_waiter_at_once(broken: str) -> None:
     assert failure == "the runtime task died: RuntimeError"
 
 
+def test_a_dead_loop_bills_a_stream_for_the_tokens_its_client_received() -> None:
+    outcomes: dict[str, str] = {}
+
+    async def record(handle: JobHandle, outcome: Outcome) -> None:
+        outcomes[handle.request_id] = outcome
+
+    def boom(*args: object) -> None:
+        raise RuntimeError("injected scheduler fault")
+
+    async def run() -> None:
+        sim, runtime = await slow_runtime(slots=2)
+        runtime.set_settle(record)
+        streamed = runtime.submit(submission(sim, "streamed", "default", "x", stream=True))
+        answer = runtime.submit(submission(sim, "answer", "default", "y"))
+        for handle in (streamed, answer):
+            assert isinstance(await handle.events.get(), Started)
+            assert isinstance(await handle.events.get(), Token)  # tokens were produced
+        runtime.scheduler.step = boom  # type: ignore[method-assign]
+        runtime.submit(submission(sim, "trigger", "priority", "z"))
+        await until_failed(streamed)
+        await runtime.close()
+
+    asyncio.run(run())
+    # The stream's client got its tokens: billed. The JSON answer never went out: free.
+    assert outcomes["streamed"] == "cancelled" and outcomes["answer"] == "failed"
+
+
 class EngineBug(SimulatedBackend):
     """`generate` fails before yielding for prompts that say 'bug': sync or async."""
 

@@ -74,6 +74,11 @@ class Windows:
     def __init__(self) -> None:
         self._keys: dict[str, _KeyWindow] = {}
         self._requests: dict[str, tuple[_KeyWindow, _Admitted]] = {}
+        """In flight: admitted, and the HTTP exchange not over."""
+        self._unsettled: dict[str, tuple[_KeyWindow, _Admitted]] = {}
+        """Admitted, tokens not yet corrected. A job settles after its exchange ends when
+        its client leaves, so this outlives `_requests`; in admission order, and dropped
+        once out of the window (a job cancelled before it started never settles)."""
 
     def admit(
         self, key_id: str, limits: Limits, request_id: str, prompt: int, tokens: int, now: float
@@ -88,12 +93,20 @@ class Windows:
         window.admitted.append(admitted)
         window.tokens += tokens
         window.in_flight.add(request_id)
-        self._requests[request_id] = (window, admitted)
+        self._requests[request_id] = self._unsettled[request_id] = (window, admitted)
+        self._forget_settlements_before(now - WINDOW)
         return Verdict(_headers(window, limits, now))
+
+    def _forget_settlements_before(self, moment: float) -> None:
+        while self._unsettled:
+            request_id, (_, admitted) = next(iter(self._unsettled.items()))
+            if admitted.at > moment:
+                return
+            del self._unsettled[request_id]
 
     def settled(self, request_id: str, produced: int) -> None:
         """Count what the job really used instead of its max_tokens."""
-        entry = self._requests.get(request_id)
+        entry = self._unsettled.pop(request_id, None)
         if entry is None:
             return
         window, admitted = entry

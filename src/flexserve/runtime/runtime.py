@@ -222,7 +222,7 @@ class Runtime:
             task.cancel()
         for handle in self._handles.values():
             handle.events.put_nowait(Failed(error))
-            self._spawn_settle(handle, "failed")
+            self._spawn_settle(handle, _cut_outcome(handle))
         self._handles.clear()
         self._drained.set()
 
@@ -371,11 +371,7 @@ class Runtime:
         self.scheduler.cancel(handle.request_id, now)  # a cut answer teaches no length
         self._handles.pop(handle.request_id, None)
         handle.events.put_nowait(Failed(shutting_down()))
-        outcome: Outcome = "overloaded"
-        if handle.started:
-            received = handle.submission.stream and bool(handle.produced)
-            outcome = "cancelled" if received else "failed"
-        self._spawn_settle(handle, outcome)
+        self._spawn_settle(handle, _cut_outcome(handle) if handle.started else "overloaded")
 
     def _spawn_settle(self, handle: JobHandle, outcome: Outcome) -> None:
         task = asyncio.create_task(self._settle(handle, outcome))
@@ -443,6 +439,13 @@ def shutting_down() -> Overloaded:
     return Overloaded(
         "The server is shutting down; retry shortly.", retry_after=SHUTDOWN_RETRY_AFTER
     )
+
+
+def _cut_outcome(handle: JobHandle) -> Outcome:
+    """A job cut by the server (shutdown, a dead runtime) is billed for what its client
+    received: a stream's tokens so far; a JSON answer that never went out, nothing."""
+    received = handle.submission.stream and bool(handle.produced)
+    return "cancelled" if received else "failed"
 
 
 def _busy_message(reason: str) -> str:
