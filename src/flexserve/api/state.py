@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
+from flexserve.api.retries import Orphans
 from flexserve.backends.base import Backend
 from flexserve.billing import Ledger
 from flexserve.config import Settings
@@ -24,6 +25,8 @@ class AppState:
     metrics: Metrics
     key_cache: dict[str, tuple[KeyRecord, float]] = field(default_factory=dict)
     """Key hash -> (record, when cached); entries live `key_cache_seconds`."""
+    orphans: Orphans = field(default_factory=Orphans)
+    """Answers whose client left, kept for its retry (api/retries.py)."""
     key_generation: int = 0
     """Bumped on every revoke: a lookup that began before it is not cached."""
 
