@@ -142,6 +142,17 @@ def _authenticated(*statuses: int, **extra: Any) -> RouteDoc:
     }
 
 
+_SSE_EVENT: Final = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "A `chat.completion.chunk` as JSON; the last event is `[DONE]`",
+        }
+    },
+}
+"""One server-sent event (Open API before 3.2 describes a stream's events one by one)."""
 CHAT: Final[RouteDoc] = _authenticated(
     400,
     403,
@@ -159,7 +170,7 @@ CHAT: Final[RouteDoc] = _authenticated(
                 "of `chat.completion.chunk` objects ending with `data: [DONE]`",
                 "content": {
                     "application/json": {"schema": inline_schema(ChatCompletion)},
-                    "text/event-stream": {"schema": {"type": "string"}},
+                    "text/event-stream": {"schema": _SSE_EVENT},
                 },
             }
         },
