@@ -23,11 +23,9 @@ Answer = asyncio.Task[dict[str, Any]]
 
 
 def attempt_key(headers: Mapping[str, str], body: bytes) -> str:
-    """What identifies this request across the client's attempts."""
-    explicit = headers.get(IDEMPOTENCY_HEADER)
-    if explicit:
-        return "key:" + explicit
-    return "body:" + hashlib.sha256(body).hexdigest()
+    """What identifies this request across the client's attempts: the body, and the
+    caller's key if any (a key sent again with another body is another request)."""
+    return headers.get(IDEMPOTENCY_HEADER, "") + ":" + hashlib.sha256(body).hexdigest()
 
 
 def is_retry(headers: Mapping[str, str]) -> bool:

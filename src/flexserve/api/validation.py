@@ -9,19 +9,24 @@ from typing import Final, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from flexserve.api.strictness import reject_unsupported
-from flexserve.api.wire import ChatCompletionRequest, Message, StreamOptions, TextPart
+from flexserve.api.wire import (
+    SERVICE_TIERS,
+    TIER_ALIASES,
+    ChatCompletionRequest,
+    Message,
+    StreamOptions,
+    TextPart,
+)
 from flexserve.backends.base import Backend, ChatMessage, SamplingParams
 from flexserve.config import Settings
 from flexserve.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, TierNotAllowed
-from flexserve.scheduling.tiers import PREEMPTIBLE, REQUESTABLE, Tier
+from flexserve.scheduling.tiers import PREEMPTIBLE, Tier
 from flexserve.store import KeyRecord
 
 Model = TypeVar("Model", bound=BaseModel)
 FLEX_MAX_WAIT_HEADER = "x-flex-max-wait"
 READ_TIMEOUT_HEADER = "x-stainless-read-timeout"
 """The official client's read timeout, sent on every request."""
-TIER_ALIASES: Final[dict[str, Tier]] = {"fast": "priority"}
-"""OpenAI's newer names: run as the tier they alias, reported as the client sent them."""
 _UNION_TAGS: Final = frozenset(
     {"str", "int", "float", "bool", "none"}
     | {model.__name__ for model in (Message, StreamOptions, TextPart)}
@@ -120,10 +125,10 @@ def validate_chat(
 
 
 def resolve_tier(requested: str | None, key: KeyRecord) -> Tier:
-    if requested is not None and requested not in REQUESTABLE and requested not in TIER_ALIASES:
+    if requested is not None and requested not in SERVICE_TIERS:
         raise InvalidRequest(
             f"Invalid value for 'service_tier': '{requested}'. "
-            f"Supported values are: {', '.join([*REQUESTABLE, *TIER_ALIASES])}.",
+            f"Supported values are: {', '.join(SERVICE_TIERS)}.",
             param="service_tier",
         )
     tier: Tier

@@ -11,10 +11,17 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flexserve.scheduling.tiers import REQUESTABLE, Tier
+
 INT32_MAX: Final = 2**31 - 1
 """Bound of every token count: far above any context, far below what breaks an engine."""
 INT64_MIN: Final = -(2**63)
 INT64_MAX: Final = 2**63 - 1
+
+TIER_ALIASES: Final[dict[str, Tier]] = {"fast": "priority"}
+"""OpenAI's newer names: run as the tier they alias, reported as the client sent them."""
+SERVICE_TIERS: Final = (*REQUESTABLE, *TIER_ALIASES)
+"""What a client may ask for (checked in validation.py, with a message naming them)."""
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 TokenCount = Annotated[int, Field(ge=1, le=INT32_MAX)]
@@ -97,7 +104,9 @@ class ChatCompletionRequest(VllmExtensions):
     messages: list[Message] = Field(min_length=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    service_tier: str | None = None
+    service_tier: Annotated[str, Field(json_schema_extra={"enum": list(SERVICE_TIERS)})] | None = (
+        None
+    )
     max_tokens: TokenCount | None = None
     max_completion_tokens: TokenCount | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
