@@ -251,6 +251,8 @@ def test_flex_request_whose_client_left_while_queued_is_counted_and_not_billed(
     ("field", "value"),
     [
         ("seed", "9" * 4300),
+        ("seed", "9" * 50_000),  # past what the JSON parser takes as a number at all
+        ("temperature", "9" * 5000 + ".5"),
         ("seed", str(2**63)),
         ("max_tokens", "9" * 401),
         ("max_completion_tokens", str(2**31)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Final, TypeVar
@@ -27,6 +28,8 @@ Model = TypeVar("Model", bound=BaseModel)
 FLEX_MAX_WAIT_HEADER = "x-flex-max-wait"
 READ_TIMEOUT_HEADER = "x-stainless-read-timeout"
 """The official client's read timeout, sent on every request."""
+_MAX_DIGITS: Final = 40
+"""Longer numbers are out of range for every field (the largest bound has 19 digits)."""
 _UNION_TAGS: Final = frozenset(
     {"str", "int", "float", "bool", "none"}
     | {model.__name__ for model in (Message, StreamOptions, TextPart)}
@@ -39,7 +42,33 @@ def parse_body(model: type[Model], body: bytes) -> Model:
     try:
         return model.model_validate_json(body)
     except ValidationError as error:
-        raise _invalid(error) from None
+        raise _named_huge_number(model, body, error) or _invalid(error) from None
+
+
+def _named_huge_number(
+    model: type[Model], body: bytes, error: ValidationError
+) -> InvalidRequest | None:
+    """A number too long for the JSON parser (thousands of digits) is a bad value of
+    its field, not bad JSON: find the field by parsing again with such numbers capped."""
+    first = error.errors(include_url=False)[0]
+    if first["type"] != "json_invalid" or "number out of range" not in first["msg"]:
+        return None
+    try:
+        capped = json.loads(body, parse_int=_capped_int, parse_float=_capped_float)
+        model.model_validate(capped)
+    except ValidationError as named:
+        return _invalid(named)
+    except ValueError:  # really not JSON
+        return None
+    return None  # the number sits where any value is accepted: still not parseable
+
+
+def _capped_int(digits: str) -> int:
+    return int(digits) if len(digits) <= _MAX_DIGITS else 10**_MAX_DIGITS
+
+
+def _capped_float(text: str) -> float:
+    return float(text[:_MAX_DIGITS] + ("e999" if len(text) > _MAX_DIGITS else ""))
 
 
 def _invalid(error: ValidationError) -> InvalidRequest:
