@@ -159,3 +159,19 @@ def test_a_flex_job_that_could_not_start_before_the_client_times_out_is_refused_
         )
     assert caught.value.code == "resource_unavailable"
     holder.close()
+
+
+def test_a_client_that_does_not_retry_frees_the_slot_when_it_leaves(serve: Serve) -> None:
+    server = serve(paused_heartbeat=5.0, retry_grace=3600, simulated=SLOW)
+    with pytest.raises(httpx.ReadTimeout):  # curl-like: no SDK retry count, no key
+        httpx.post(
+            server.url + "/chat/completions",
+            json=BODY,
+            headers={"authorization": f"Bearer {KEY}"},
+            timeout=0.3,
+        )
+    rows = server.state.store.ledger
+    server.wait_until(lambda: len(rows("tenant-a")) == 1)
+    (row,) = rows("tenant-a")
+    assert row.outcome == "cancelled" and row.output_tokens < 40
+    assert len(server.state.orphans) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from flexserve.api.retries import Orphan, Orphans, attempt_key, is_retry
+from flexserve.api.retries import Orphan, Orphans, attempt_key, is_retry, may_be_retried
 
 BODY = b'{"model": "m", "messages": []}'
 
@@ -16,6 +16,12 @@ def test_a_retry_is_marked_by_the_sdk_retry_count_or_an_idempotency_key() -> Non
     assert not is_retry({"x-stainless-retry-count": "x"})
     assert is_retry({"x-stainless-retry-count": "1"})
     assert is_retry({"idempotency-key": "k"})
+
+
+def test_only_a_client_that_says_it_retries_may_be_retried() -> None:
+    assert may_be_retried({"x-stainless-retry-count": "0"})
+    assert may_be_retried({"idempotency-key": "k"})
+    assert not may_be_retried({})
 
 
 def test_the_attempt_key_is_the_body_and_the_callers_key() -> None:

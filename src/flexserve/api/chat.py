@@ -19,7 +19,7 @@ from flexserve.api.auth import authenticate
 from flexserve.api.body import read_body
 from flexserve.api.errors import CLIENT_GONE
 from flexserve.api.keepalive import deliver
-from flexserve.api.retries import Orphan, attempt_key, is_retry
+from flexserve.api.retries import Orphan, attempt_key, is_retry, may_be_retried
 from flexserve.api.state import AppState, app_state
 from flexserve.api.validation import ValidChat, parse_body, validate_chat
 from flexserve.api.wire import ChatCompletionRequest
@@ -40,7 +40,7 @@ async def chat_completions(request: Request) -> Response:
     valid = await asyncio.to_thread(
         validate_chat, wire, key, state.backend, state.settings, headers
     )
-    attempt = _Attempt(state, key.tenant, attempt_key(headers, body))
+    attempt = _Attempt(state, key.tenant, attempt_key(headers, body), may_be_retried(headers))
     if not valid.stream and is_retry(headers):
         orphan = state.orphans.adopt(key.tenant, attempt.key)
         if orphan is not None:  # this retry takes over the answer its first attempt left
@@ -72,8 +72,8 @@ async def chat_completions(request: Request) -> Response:
 async def _json(
     request: Request, answer: _Answer, attempt: _Attempt, client_left: bool
 ) -> Response:
-    """The job has started: from here a client that leaves orphans the answer (its job
-    goes on) for the client's retry to adopt, instead of paying for a second job."""
+    """The job has started: from here a client that may retry and leaves orphans the
+    answer (its job goes on) for its retry to adopt, instead of paying for a second job."""
     collecting = asyncio.ensure_future(answer.collect())
     orphan = Orphan(answer.handle.request_id, collecting, lambda: answer.give_up(collecting))
     if client_left:
@@ -85,13 +85,18 @@ async def _json(
 class _Attempt:
     """One client attempt at a non-streaming request, as the retry registry sees it."""
 
-    def __init__(self, state: AppState, tenant: str, key: str) -> None:
+    def __init__(self, state: AppState, tenant: str, key: str, retried: bool) -> None:
         self.state = state
         self.tenant = tenant
         self.key = key
+        self.retried = retried
+        """The client may send this request again (else leaving cancels its job)."""
         self.heartbeat = state.settings.paused_heartbeat
 
     def leave(self, orphan: Orphan) -> Callable[[], None]:
+        """What to do when the client leaves: keep the answer for a retry, or give up."""
+        if not self.retried:
+            return orphan.on_unclaimed
         grace = self.state.settings.retry_grace
         return lambda: self.state.orphans.leave(self.tenant, self.key, orphan, grace)
 

@@ -28,6 +28,12 @@ def attempt_key(headers: Mapping[str, str], body: bytes) -> str:
     return headers.get(IDEMPOTENCY_HEADER, "") + ":" + hashlib.sha256(body).hexdigest()
 
 
+def may_be_retried(headers: Mapping[str, str]) -> bool:
+    """A client that retries says so: the SDK sends its retry count on every attempt.
+    Other clients (curl, load generators) that hang up have gone for good."""
+    return bool(headers.get(IDEMPOTENCY_HEADER)) or RETRY_COUNT_HEADER in headers
+
+
 def is_retry(headers: Mapping[str, str]) -> bool:
     """An explicit key marks every attempt; without one, only the SDK's retries count."""
     if headers.get(IDEMPOTENCY_HEADER):
