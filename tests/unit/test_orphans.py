@@ -14,6 +14,8 @@ def test_a_retry_is_marked_by_the_sdk_retry_count_or_an_idempotency_key() -> Non
     assert not is_retry({"x-stainless-retry-count": "0"})
     assert not is_retry({})
     assert not is_retry({"x-stainless-retry-count": "x"})
+    assert not is_retry({"x-stainless-retry-count": "²"})
+    assert is_retry({"x-stainless-retry-count": "9" * 5000})
     assert is_retry({"x-stainless-retry-count": "1"})
     assert is_retry({"idempotency-key": "k"})
 

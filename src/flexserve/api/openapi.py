@@ -124,6 +124,16 @@ def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
     }
 
 
+def _header(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "header",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
 def _path(name: str, description: str) -> dict[str, Any]:
     return {
         "name": name,
@@ -163,6 +173,18 @@ CHAT: Final[RouteDoc] = _authenticated(
     503,
     summary="Create a chat completion (JSON, or SSE with `stream: true`)",
     openapi_extra={
+        "parameters": [
+            _header(
+                "X-Flex-Max-Wait",
+                {"type": "number", "minimum": 0},
+                "Flex: seconds the job may wait to start (at most `flex_max_wait`)",
+            ),
+            _header(
+                "Idempotency-Key",
+                {"type": "string"},
+                "A retry with the same key and body is answered (and billed) once",
+            ),
+        ],
         "requestBody": _json_body(ChatCompletionRequest),
         "responses": {
             "200": {
