@@ -175,3 +175,21 @@ def test_a_client_that_does_not_retry_frees_the_slot_when_it_leaves(serve: Serve
     (row,) = rows("tenant-a")
     assert row.outcome == "cancelled" and row.output_tokens < 40
     assert len(server.state.orphans) == 0
+
+
+def test_a_failure_after_the_status_went_out_breaks_the_body_so_the_client_retries(
+    serve: Serve,
+) -> None:
+    server = serve(
+        paused_heartbeat=0.05,
+        simulated={**SLOW, "fault_markers": True},
+    )
+    c = client(server, timeout=30)
+    with pytest.raises(openai.APIConnectionError):  # what the SDK retries
+        c.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "fail late [sim:error@20]"}]
+        )
+    registry = server.state.metrics.registry
+    failed = {"tier": "default", "outcome": "failed"}
+    server.wait_until(lambda: registry.get_sample_value("flexserve_requests_total", failed) == 1)
+    assert server.state.store.ledger("tenant-a") == []  # a failed job is never billed
