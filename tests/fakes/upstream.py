@@ -1,0 +1,116 @@
+"""A recording fake of an OpenAI-compatible upstream, for tests of the `openai` backend.
+
+It records every body it receives and answers with a scripted stream: the words of
+`answer` one per chunk (continuing after the partial answer it was sent, as a real
+engine continues), usage in the last chunk. `refuse` makes it answer an HTTP error
+instead (e.g. OpenAI's 429 `resource_unavailable` with Retry-After); `die_after` makes it
+cut the connection after that many chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+@dataclass
+class FakeUpstream:
+    answer: str = "one two three four five six seven eight"
+    refuse: tuple[int, dict[str, Any], dict[str, str]] | None = None
+    die_after: int | None = None
+    received: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    metrics_text: str = ""
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/v1/chat/completions", self._generate, methods=["POST"]),
+                Route("/v1/completions", self._generate, methods=["POST"]),
+                Route("/metrics", self._metrics, methods=["GET"]),
+            ]
+        )
+
+    async def _metrics(self, request: Request) -> Response:
+        return Response(self.metrics_text, media_type="text/plain")
+
+    async def _generate(self, request: Request) -> Response:
+        body = await request.json()
+        self.received.append((request.url.path, body))
+        if self.refuse is not None:
+            status, payload, headers = self.refuse
+            return JSONResponse(payload, status_code=status, headers=headers)
+        return StreamingResponse(
+            self._chunks(request.url.path, body), media_type="text/event-stream"
+        )
+
+    async def _chunks(self, path: str, body: dict[str, Any]) -> AsyncIterator[str]:
+        words = self.answer.split()
+        already = _partial_words(path, body)
+        rest = words[already:][: body.get("max_tokens", len(words))]
+        for index, word in enumerate(rest):
+            if self.die_after is not None and index >= self.die_after:
+                raise ConnectionResetError("fake upstream dies mid-stream")
+            text = word if already + index == 0 else " " + word
+            choice = (
+                {"index": 0, "delta": {"content": text}, "finish_reason": None}
+                if path.endswith("chat/completions")
+                else {"index": 0, "text": text, "finish_reason": None}
+            )
+            yield _sse({"choices": [choice]})
+        finish = "length" if already + len(rest) < len(words) else "stop"
+        last = {"index": 0, "delta": {}, "finish_reason": finish}
+        if not path.endswith("chat/completions"):
+            last = {"index": 0, "text": "", "finish_reason": finish}
+        yield _sse({"choices": [last]})
+        usage = {"prompt_tokens": 7, "completion_tokens": len(rest), "total_tokens": 7 + len(rest)}
+        yield _sse({"choices": [], "usage": usage})
+        yield "data: [DONE]\n\n"
+
+
+def _partial_words(path: str, body: dict[str, Any]) -> int:
+    """How many words of the answer the request already carries (a resume)."""
+    if path.endswith("chat/completions"):
+        last = (body.get("messages") or [{}])[-1]
+        partial = last.get("content", "") if last.get("role") == "assistant" else ""
+    else:
+        partial = str(body.get("prompt", "")).rpartition("<|assistant|>")[2]
+    return len(partial.split())
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+@contextmanager
+def serve_fake(fake: FakeUpstream) -> Iterator[str]:
+    """Serve `fake` on a loopback port; yields its base URL (ending in /v1)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(fake.app(), host="127.0.0.1", port=port, log_level="critical")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("fake upstream did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

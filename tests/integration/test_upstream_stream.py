@@ -1,0 +1,78 @@
+"""One streaming call to an upstream, against the recording fake (real HTTP, real SSE)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from flexserve.backends.base import BackendError, ChatMessage, SamplingParams
+from flexserve.backends.upstream import (
+    StreamEnd,
+    TextDelta,
+    UpstreamCall,
+    UpstreamRefused,
+    build_call,
+    stream_call,
+)
+from tests.fakes.upstream import FakeUpstream, serve_fake
+
+MESSAGES = (ChatMessage("user", "count"),)
+
+
+def collect(base_url: str, call: UpstreamCall) -> list[TextDelta | StreamEnd]:
+    async def run() -> list[TextDelta | StreamEnd]:
+        async with httpx.AsyncClient(timeout=10) as http:
+            return [item async for item in stream_call(http, base_url, "k", call)]
+
+    return asyncio.run(run())
+
+
+def test_text_deltas_then_one_end_with_the_upstreams_usage() -> None:
+    fake = FakeUpstream(answer="a b c")
+    with serve_fake(fake) as url:
+        items = collect(
+            url, build_call("vllm", model="m", messages=MESSAGES, sampling=SamplingParams(10))
+        )
+    assert "".join(i.text for i in items if isinstance(i, TextDelta)) == "a b c"
+    assert items[-1] == StreamEnd("stop", 7, 3)
+    path, body = fake.received[0]
+    assert path == "/v1/chat/completions" and body["stream_options"] == {"include_usage": True}
+
+
+def test_resume_continues_after_the_partial_answer_without_repeating_it() -> None:
+    fake = FakeUpstream(answer="a b c d")
+    call = build_call(
+        "vllm", model="m", messages=MESSAGES, sampling=SamplingParams(10), partial="a b", produced=2
+    )
+    with serve_fake(fake) as url:
+        items = collect(url, call)
+    assert "".join(i.text for i in items if isinstance(i, TextDelta)) == " c d"
+
+
+def test_openai_flex_429_is_a_refusal_with_its_retry_after_not_a_backend_failure() -> None:
+    error = {"error": {"message": "Resource unavailable", "code": "resource_unavailable"}}
+    fake = FakeUpstream(refuse=(429, error, {"retry-after": "7"}))
+    with serve_fake(fake) as url, pytest.raises(UpstreamRefused) as refused:
+        collect(url, build_call("none", model="m", messages=MESSAGES, sampling=SamplingParams(4)))
+    assert (refused.value.status, refused.value.code, refused.value.retry_after) == (
+        429,
+        "resource_unavailable",
+        7.0,
+    )
+
+
+def test_5xx_and_a_stream_cut_midway_are_backend_failures() -> None:
+    call = build_call("none", model="m", messages=MESSAGES, sampling=SamplingParams(4))
+    busy = FakeUpstream(refuse=(503, {"error": "busy"}, {}))
+    with serve_fake(busy) as url, pytest.raises(BackendError):
+        collect(url, call)
+    with serve_fake(FakeUpstream(die_after=1)) as url, pytest.raises(BackendError):
+        collect(url, call)
+
+
+def test_a_refused_connection_is_a_backend_failure() -> None:
+    call = build_call("none", model="m", messages=MESSAGES, sampling=SamplingParams(4))
+    with pytest.raises(BackendError):
+        collect("http://127.0.0.1:9/v1", call)
