@@ -110,7 +110,6 @@ class _Answer:
         self.valid = valid
         self.created = int(time.time())
         self.completion_id = "chatcmpl-" + handle.request_id.removeprefix("req_")
-        self._first_token_seen = False
         self._tokens_seen = 0
 
     async def next_event_or_disconnect(self, request: Request) -> JobEvent | None:
@@ -216,8 +215,7 @@ class _Answer:
 
     def _observe_token(self) -> None:
         self._tokens_seen += 1
-        if not self._first_token_seen:
-            self._first_token_seen = True
+        if self._tokens_seen == 1:
             elapsed = self.state.runtime.clock() - self.handle.arrival
             self.state.metrics.ttft.labels(self.valid.tier).observe(elapsed)
 
