@@ -124,6 +124,26 @@ class Settings(BaseSettings):
     admin_keys: list[str] = Field(default_factory=list)
     key_cache_seconds: float = 30.0
     """How long a looked-up key is trusted before the store is asked again."""
+    key_negative_cache_seconds: float = Field(default=5.0, ge=0, le=3600)
+    """How long an unknown key is answered 401 without asking the store again (a key
+    created on another replica works here after at most this long)."""
+    key_cache_size: int = Field(default=10_000, ge=1, le=10_000_000)
+    """Most keys held in each of the key caches (known and unknown)."""
+    auth_lookup_threads: int = Field(default=4, ge=1, le=64)
+    """Threads (and so at most database connections) for key lookups, apart from the
+    threads that tokenize and write the ledger, so a flood of bad keys starves neither."""
+    ledger_retry_interval: float = Field(default=5.0, gt=0, le=3600)
+    """Seconds between attempts to move ledger rows from the local outbox to the database
+    while it is away."""
+    sqlite_busy_timeout: float = Field(default=5.0, gt=0, le=600)
+    """Seconds a SQLite write waits for another writer's lock before failing (the ledger
+    outbox retries it later)."""
+    key_requests_per_minute: int | None = Field(default=None, ge=1)
+    """Default per-key limit of requests per minute, for keys without their own."""
+    key_tokens_per_minute: int | None = Field(default=None, ge=1)
+    """Default per-key limit of tokens (prompt + max_tokens) per minute."""
+    key_concurrent_requests: int | None = Field(default=None, ge=1)
+    """Default per-key limit of requests in flight at once."""
     max_body_bytes: int = 1_000_000
     """Largest JSON body accepted on the inference routes."""
     paused_heartbeat: float = 15.0

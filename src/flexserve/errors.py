@@ -99,6 +99,14 @@ class ResourceUnavailable(FlexserveError):
     code = "resource_unavailable"
 
 
+class RateLimitExceeded(FlexserveError):
+    """The key is over its own requests, tokens or concurrency limit (api/limits.py)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
 class Overloaded(FlexserveError):
     """An interactive job waited longer than `interactive_max_wait`."""
 

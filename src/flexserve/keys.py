@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import secrets
 import time
 from dataclasses import dataclass
 
-from flexserve.scheduling.tiers import Tier
+from flexserve.scheduling.tiers import TIERS, Tier
 from flexserve.store import KeyRecord, Store
 
 KEY_PREFIX = "fs-"
-ALL_TIERS: tuple[Tier, ...] = ("priority", "default", "flex", "batch")
+ADMIN_TENANT = "admin"
+
+
+class DefaultTierNotAllowed(ValueError):
+    """A key's default tier must be one it may use, or `auto` could never be served."""
 
 
 def hash_key(key: str) -> str:
@@ -25,14 +30,29 @@ class NewKey:
     record: KeyRecord
 
 
+@dataclass(frozen=True)
+class KeyLimits:
+    """Per-key limits; None = no limit of that kind."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    concurrent_requests: int | None = None
+
+
 def make_key(
     tenant: str,
     *,
     secret: str | None = None,
     is_admin: bool = False,
     default_tier: Tier = "default",
-    allowed_tiers: tuple[Tier, ...] = ALL_TIERS,
+    allowed_tiers: tuple[Tier, ...] = TIERS,
+    limits: KeyLimits = KeyLimits(),
+    from_config: bool = False,
 ) -> NewKey:
+    if default_tier not in allowed_tiers:
+        raise DefaultTierNotAllowed(
+            f"default_tier '{default_tier}' is not one of allowed_tiers {list(allowed_tiers)}."
+        )
     secret = secret or KEY_PREFIX + secrets.token_urlsafe(32)
     record = KeyRecord(
         key_id="key_" + secrets.token_hex(8),
@@ -43,6 +63,8 @@ def make_key(
         allowed_tiers=allowed_tiers,
         is_admin=is_admin,
         created_at=time.time(),
+        from_config=from_config,
+        **dataclasses.asdict(limits),
     )
     return NewKey(secret, record)
 
@@ -54,10 +76,27 @@ def create_key(store: Store, tenant: str, **options: bool) -> NewKey:
 
 
 def ensure_config_keys(store: Store, keys: dict[str, str], admin_keys: list[str]) -> None:
-    """Keys named in config are stored (hashed) on start-up; existing ones are kept."""
-    for secret, tenant in keys.items():
-        if store.find_key(hash_key(secret)) is None:
-            store.add_key(make_key(tenant, secret=secret).record)
-    for secret in admin_keys:
-        if store.find_key(hash_key(secret)) is None:
-            store.add_key(make_key("admin", secret=secret, is_admin=True).record)
+    """Make the stored keys agree with the config, under the store's start-up lock (so
+    replicas starting at once take turns): a config key is stored (hashed) or moved to
+    its tenant now, and a key that came from config and is no longer named is revoked."""
+    wanted = {hash_key(secret): (tenant, False) for secret, tenant in keys.items()}
+    wanted |= {hash_key(secret): (ADMIN_TENANT, True) for secret in admin_keys}
+    secrets_by_hash = {hash_key(s): s for s in [*keys, *admin_keys]}
+    with store.startup_lock():
+        stored = {key.key_hash: key for key in store.list_keys()}
+        for digest, (tenant, is_admin) in wanted.items():
+            key = stored.get(digest)
+            if key is None:
+                secret = secrets_by_hash[digest]
+                store.add_key(
+                    make_key(tenant, secret=secret, is_admin=is_admin, from_config=True).record
+                )
+                continue
+            updated = dataclasses.replace(
+                key, tenant=tenant, is_admin=is_admin, revoked=False, from_config=True
+            )
+            if updated != key:
+                store.update_key(updated)
+        for key in stored.values():
+            if key.from_config and not key.revoked and key.key_hash not in wanted:
+                store.revoke_key(key.key_id)

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import uuid
+import dataclasses
+import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy.exc import IntegrityError, OperationalError
 
-from flexserve.keys import hash_key, make_key
+from flexserve.keys import DefaultTierNotAllowed, ensure_config_keys, hash_key, make_key
 from flexserve.store import LedgerRow, MemoryStore, SqlStore, Store
-
-POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-
-def _postgres_available() -> bool:
-    engine = create_engine(POSTGRES)
-    try:
-        with engine.connect() as conn:
-            conn.execute(text("select 1"))
-    except Exception:
-        return False
-    finally:
-        engine.dispose()
-    return True
+from tests.pg import POSTGRES, fresh_schema, in_schema
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
@@ -38,19 +27,11 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
         yield sql
         sql.close()
         return
-    if not _postgres_available():
-        pytest.skip("PostgreSQL is not running on 127.0.0.1:5432")
-    schema = "contract_" + uuid.uuid4().hex[:8]
-    admin = create_engine(POSTGRES)
-    with admin.begin() as conn:
-        conn.execute(text(f"create schema {schema}"))
-    pg = SqlStore(f"{POSTGRES}?options=-csearch_path%3D{schema}")
-    pg.migrate()
-    yield pg
-    pg.close()
-    with admin.begin() as conn:
-        conn.execute(text(f"drop schema {schema} cascade"))
-    admin.dispose()
+    with fresh_schema() as schema:
+        pg = SqlStore(in_schema(POSTGRES, schema))
+        pg.migrate()
+        yield pg
+        pg.close()
 
 
 def row(request_id: str, tenant: str = "t1", tier: str = "flex", created: float = 1.0) -> LedgerRow:
@@ -120,3 +101,98 @@ def test_usage_groups_per_tier_and_never_crosses_tenants(store: Store) -> None:
     assert usage["default"].requests == 1
     assert [u.tier for u in store.usage("t1", since=2.5)] == ["default"]
     assert [r.request_id for r in store.ledger("t2")] == ["d"]
+
+
+def test_a_row_that_breaks_another_constraint_is_not_taken_for_already_billed(
+    store: Store,
+) -> None:
+    if isinstance(store, MemoryStore):
+        pytest.skip("the fake has no constraints to break")
+    broken = dataclasses.replace(row("req_1"), tenant=None)  # type: ignore[arg-type]
+    with pytest.raises(IntegrityError):
+        store.record(broken)
+    assert store.record(row("req_1"))  # the request id was never billed
+
+
+def test_update_key_replaces_its_fields(store: Store) -> None:
+    new = make_key("acme")
+    store.add_key(new.record)
+    moved = dataclasses.replace(new.record, tenant="globex", requests_per_minute=7)
+    store.update_key(moved)
+    assert store.find_key(new.record.key_hash) == moved
+
+
+def test_a_default_tier_outside_the_allowed_tiers_is_refused() -> None:
+    with pytest.raises(DefaultTierNotAllowed):
+        make_key("acme", default_tier="priority", allowed_tiers=("flex", "batch"))
+
+
+def active_tenant(store: Store, secret: str) -> str | None:
+    found = store.find_key(hash_key(secret))
+    return None if found is None or found.revoked else found.tenant
+
+
+def test_config_keys_are_reconciled_at_start_up(store: Store) -> None:
+    created = make_key("acme")  # an admin-made key: config never touches it
+    store.add_key(created.record)
+    ensure_config_keys(store, {"fs-a": "acme", "fs-b": "globex"}, ["fs-admin"])
+    assert active_tenant(store, "fs-a") == "acme"
+    # next start: fs-a moved to globex, fs-b removed, fs-admin removed
+    ensure_config_keys(store, {"fs-a": "globex"}, [])
+    assert active_tenant(store, "fs-a") == "globex"
+    assert active_tenant(store, "fs-b") is None
+    assert active_tenant(store, "fs-admin") is None
+    assert active_tenant(store, created.secret) == "acme"
+    # and back again: a key named in config again works again
+    ensure_config_keys(store, {"fs-a": "globex", "fs-b": "globex"}, [])
+    assert active_tenant(store, "fs-b") == "globex"
+    assert len(store.list_keys()) == 4
+
+
+def test_replicas_reconciling_at_once_store_each_config_key_once(store: Store) -> None:
+    keys = {f"fs-{i}": "acme" for i in range(20)}
+    start = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def replica() -> None:
+        start.wait()
+        try:
+            ensure_config_keys(store, keys, [])
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=replica) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(store.list_keys()) == 20
+
+
+def test_sqlite_waits_for_a_lock_only_its_busy_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "locked.db"
+    migrated = SqlStore(f"sqlite:///{path}")
+    migrated.migrate()
+    migrated.close()
+    waiter = SqlStore(f"sqlite:///{path}", sqlite_busy_timeout=0.05)
+    outcome: list[BaseException | bool] = []
+
+    def write() -> None:
+        try:
+            outcome.append(waiter.record(row("req_1")))
+        except BaseException as error:
+            outcome.append(error)
+
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    thread = threading.Thread(target=write)
+    thread.start()
+    thread.join(timeout=10)  # the old 30 s wait would still be blocked here
+    finished = not thread.is_alive()
+    holder.execute("ROLLBACK")
+    holder.close()
+    thread.join()
+    waiter.close()
+    assert finished
+    assert len(outcome) == 1 and isinstance(outcome[0], OperationalError)

@@ -13,20 +13,29 @@ from flexserve.api.auth import authenticate_admin
 from flexserve.api.body import read_body
 from flexserve.api.state import app_state
 from flexserve.api.validation import parse_body
-from flexserve.errors import NotFound
-from flexserve.keys import make_key
+from flexserve.errors import InvalidRequest, NotFound
+from flexserve.keys import DefaultTierNotAllowed, KeyLimits, make_key
 from flexserve.scheduling.tiers import Tier
 from flexserve.store import KeyRecord
 
 ADMIN_BODY_LIMIT = 10_000
 
 
+class LimitsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    concurrent_requests: int | None = Field(default=None, ge=1)
+
+
 class NewKeyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     tenant: str = Field(min_length=1, max_length=200)
     default_tier: Tier = "default"
-    allowed_tiers: list[Tier] | None = None
+    allowed_tiers: list[Tier] | None = Field(default=None, min_length=1)
     admin: bool = False
+    limits: LimitsRequest = Field(default_factory=LimitsRequest)
+    """Unset limits fall back to the config's defaults (`key_*` settings)."""
 
 
 def _public(key: KeyRecord) -> dict[str, Any]:
@@ -40,6 +49,12 @@ def _public(key: KeyRecord) -> dict[str, Any]:
         "admin": key.is_admin,
         "created_at": int(key.created_at),
         "revoked": key.revoked,
+        "from_config": key.from_config,
+        "limits": {
+            "requests_per_minute": key.requests_per_minute,
+            "tokens_per_minute": key.tokens_per_minute,
+            "concurrent_requests": key.concurrent_requests,
+        },
     }
 
 
@@ -49,8 +64,11 @@ async def create_key(request: Request) -> Response:
     asked = parse_body(NewKeyRequest, await read_body(request, ADMIN_BODY_LIMIT))
     options: dict[str, Any] = {"is_admin": asked.admin, "default_tier": asked.default_tier}
     if asked.allowed_tiers is not None:
-        options["allowed_tiers"] = tuple(asked.allowed_tiers)
-    new = make_key(asked.tenant, **options)
+        options["allowed_tiers"] = tuple(dict.fromkeys(asked.allowed_tiers))
+    try:
+        new = make_key(asked.tenant, limits=KeyLimits(**asked.limits.model_dump()), **options)
+    except DefaultTierNotAllowed as error:
+        raise InvalidRequest(str(error), param="default_tier") from None
     await asyncio.to_thread(state.store.add_key, new.record)
     return JSONResponse({**_public(new.record), "key": new.secret}, status_code=201)
 
@@ -68,5 +86,5 @@ async def revoke_key(request: Request) -> Response:
     key_id = request.path_params["key_id"]
     if not await asyncio.to_thread(state.store.revoke_key, key_id):
         raise NotFound(f"No API key with id '{key_id}'.", param="key_id")
-    state.forget_keys()
+    state.keys.forget()
     return JSONResponse({"id": key_id, "object": "api_key.deleted", "deleted": True})

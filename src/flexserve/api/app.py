@@ -14,6 +14,7 @@ from flexserve import __version__
 from flexserve.api import admin, chat, errors, routes
 from flexserve.api import openapi as docs
 from flexserve.api.body import RequestIdMiddleware
+from flexserve.api.limits import RateLimitMiddleware
 from flexserve.api.state import AppState
 from flexserve.backends import build_backend
 from flexserve.backends.base import Backend
@@ -44,11 +45,13 @@ def create_app(
         await asyncio.to_thread(_prepare_store, settings, store)
         await backend.start()
         await state.runtime.start()
+        await state.start()
         log.info("serving model=%s backend=%s slots=%d", backend.model, backend.name, backend.slots)
         try:
             yield
         finally:
             await state.runtime.close()
+            await state.close()
             await backend.close()
             store.close()
 
@@ -61,6 +64,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.flexserve = state
+    app.add_middleware(RateLimitMiddleware)
     app.add_middleware(RequestIdMiddleware)
     errors.install(app, settings.retry_after_max)
     _routes(app)
@@ -70,7 +74,9 @@ def create_app(
 def open_store(settings: Settings) -> SqlStore:
     if settings.database_url is None:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return SqlStore(settings.resolved_database_url())
+    return SqlStore(
+        settings.resolved_database_url(), sqlite_busy_timeout=settings.sqlite_busy_timeout
+    )
 
 
 def _prepare_store(settings: Settings, store: Store) -> None:

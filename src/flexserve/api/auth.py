@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 from starlette.requests import Request
 
 from flexserve.api.state import AppState
@@ -20,27 +17,9 @@ async def authenticate(request: Request, state: AppState) -> KeyRecord:
         raise InvalidApiKey(
             "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
         )
-    digest = hash_key(secret.strip())
-    key = _cached(state, digest)
+    key = await state.keys.find(hash_key(secret.strip()))
     if key is None:
-        generation = state.key_generation
-        key = await asyncio.to_thread(state.store.find_key, digest)
-        if key is not None and not key.revoked and generation == state.key_generation:
-            state.key_cache[digest] = (key, time.monotonic())
-    if key is None or key.revoked:
         raise InvalidApiKey(f"Incorrect API key provided: {secret.strip()[:6]}****.")
-    return key
-
-
-def _cached(state: AppState, digest: str) -> KeyRecord | None:
-    """A recent lookup; short-lived, so a revoke on another replica takes effect soon."""
-    entry = state.key_cache.get(digest)
-    if entry is None:
-        return None
-    key, cached_at = entry
-    if time.monotonic() - cached_at > state.settings.key_cache_seconds:
-        del state.key_cache[digest]
-        return None
     return key
 
 

@@ -46,6 +46,7 @@ async def chat_completions(request: Request) -> Response:
         if orphan is not None:  # this retry takes over the answer its first attempt left
             request.state.request_id = orphan.request_id  # the answer's ledger key
             return await deliver(request, orphan.answer, attempt.heartbeat, attempt.leave(orphan))
+    state.limits.admit(request, key, valid)  # 429 rate_limit_exceeded over the key's limits
     handle = state.runtime.submit(
         Submission(
             request_id=request.state.request_id,

@@ -6,13 +6,15 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
+from flexserve.api.key_cache import KeyCache
+from flexserve.api.limits import RateLimiter
 from flexserve.api.retries import Orphans
 from flexserve.backends.base import Backend
 from flexserve.billing import Ledger
 from flexserve.config import Settings
 from flexserve.metrics import Metrics
 from flexserve.runtime import JobHandle, Outcome, Runtime
-from flexserve.store import KeyRecord, Store
+from flexserve.store import Store
 
 
 @dataclass
@@ -23,16 +25,22 @@ class AppState:
     runtime: Runtime
     ledger: Ledger
     metrics: Metrics
-    key_cache: dict[str, tuple[KeyRecord, float]] = field(default_factory=dict)
-    """Key hash -> (record, when cached); entries live `key_cache_seconds`."""
+    keys: KeyCache = field(init=False)
+    limits: RateLimiter = field(init=False)
     orphans: Orphans = field(default_factory=Orphans)
     """Answers whose client left, kept for its retry (api/retries.py)."""
-    key_generation: int = 0
-    """Bumped on every revoke: a lookup that began before it is not cached."""
 
-    def forget_keys(self) -> None:
-        self.key_cache.clear()
-        self.key_generation += 1
+    def __post_init__(self) -> None:
+        self.keys = KeyCache(self.store, self.settings)
+        self.limits = RateLimiter(self.settings, self.runtime.clock)
+
+    async def start(self) -> None:
+        await self.ledger.start()
+
+    async def close(self) -> None:
+        """After the runtime closed: its last settles are in the ledger's outbox."""
+        await self.ledger.close()
+        self.keys.close()
 
     async def settle(self, handle: JobHandle, outcome: Outcome) -> None:
         """Called once per job by the runtime: count it, and bill it if billable."""
@@ -40,6 +48,7 @@ class AppState:
         self.metrics.requests.labels(tier, outcome).inc()
         if handle.preemptions:
             self.metrics.preemptions.labels(tier).inc(handle.preemptions)
+        self.limits.settled(handle.request_id, len(handle.produced))
         await self.ledger.settle(handle, outcome)
         if outcome in ("completed", "cancelled"):
             self.metrics.tokens.labels(tier, "input").inc(len(handle.submission.prompt_tokens))

@@ -1,7 +1,8 @@
-"""Price table, ledger writes and usage reports."""
+"""Price table, ledger writes (through a durable local outbox) and usage reports."""
 
 from flexserve.billing.ledger import Ledger
+from flexserve.billing.outbox import Outbox
 from flexserve.billing.prices import Cost, request_cost, usd
 from flexserve.billing.usage import usage_report
 
-__all__ = ["Cost", "Ledger", "request_cost", "usage_report", "usd"]
+__all__ = ["Cost", "Ledger", "Outbox", "request_cost", "usage_report", "usd"]

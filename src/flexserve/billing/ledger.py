@@ -1,11 +1,24 @@
-"""Turns a settled job into at most one ledger row, written off the event loop."""
+"""Turns a settled job into exactly one ledger row, durably, off the event loop.
+
+Path of a row: the local outbox (on disk before the answer's last byte), then the store.
+While the store answers, a row is delivered at once, so usage reads see it when the
+answer ends; while it is away, rows wait in the outbox and the drainer delivers them when
+it is back. The request id makes every delivery idempotent.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal, TypeVar
 
+from sqlalchemy.exc import IntegrityError
+
+from flexserve.billing.outbox import FILE_NAME, Outbox
 from flexserve.billing.prices import request_cost
 from flexserve.config import Settings
 from flexserve.runtime import JobHandle, Outcome
@@ -13,16 +26,40 @@ from flexserve.store import LedgerRow, Store
 
 log = logging.getLogger("flexserve.billing")
 
-WRITE_ATTEMPTS = 4
-RETRY_DELAY = 0.05
 BILLED: frozenset[Outcome] = frozenset({"completed", "cancelled"})
 """Shed, overloaded and failed requests cost nothing."""
+WRITER_THREADS = 2
+"""Ledger writes have their own threads: auth lookups or tokenizing cannot starve them."""
+Delivery = Literal["billed", "already_billed", "refused", "store_away"]
+R = TypeVar("R")
 
 
 class Ledger:
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store, outbox: Outbox | None = None) -> None:
         self.settings = settings
         self.store = store
+        if outbox is None:
+            busy_timeout = settings.sqlite_busy_timeout
+            outbox = Outbox(settings.data_dir / FILE_NAME, busy_timeout=busy_timeout)
+        self.outbox = outbox
+        self._writer = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="ledger")
+        self._wake = asyncio.Event()
+        self._store_up = True
+        self._drainer: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Deliver what an earlier run (or outage) left in the outbox, and keep doing so."""
+        self._drainer = asyncio.create_task(self._drain_forever(), name="ledger-drainer")
+
+    async def close(self) -> None:
+        if self._drainer is not None:
+            self._drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drainer
+        with contextlib.suppress(Exception):  # whatever is left waits for the next start
+            await self._in_writer(self.drain)
+        self._writer.shutdown(wait=True)
+        self.outbox.close()
 
     async def settle(self, handle: JobHandle, outcome: Outcome) -> None:
         if outcome not in BILLED:
@@ -32,9 +69,46 @@ class Ledger:
         except Exception:  # a bad price table must not fail a finished request
             log.exception("cannot price request_id=%s", handle.request_id)
             return
-        inserted = await self._record(row)
-        if inserted is None:
+        try:
+            await self._in_writer(self.outbox.put, row)
+        except Exception:  # the local disk failed: the store directly is all that is left
+            log.exception("ledger outbox write failed request_id=%s", row.request_id)
+            await self._in_writer(self._record_without_outbox, row)
             return
+        if not self._store_up:  # the drainer is retrying: do not make this answer wait
+            self._wake.set()
+            return
+        delivery = await self._in_writer(self._deliver, row)
+        if delivery in ("refused", "store_away"):
+            self._wake.set()
+
+    def drain(self) -> bool:
+        """Deliver outbox rows, oldest first; True when none is left. Blocking."""
+        while rows := self.outbox.pending():
+            refused = False
+            for row in rows:
+                delivery = self._deliver(row)
+                if delivery == "store_away":
+                    return False
+                refused = refused or delivery == "refused"
+            if refused:  # kept for a later pass, after the rows behind it
+                return False
+        return True
+
+    def _deliver(self, row: LedgerRow) -> Delivery:
+        """Store one outbox row. Blocking. Only a duplicate request id means "already
+        billed"; any other error keeps the row in the outbox to be retried."""
+        try:
+            inserted = self.store.record(row)
+        except IntegrityError:
+            log.exception("ledger row refused request_id=%s, kept in outbox", row.request_id)
+            return "refused"
+        except Exception as error:
+            self._store_up = False
+            log.warning("store away request_id=%s (%s), kept in outbox", row.request_id, error)
+            return "store_away"
+        self._store_up = True
+        self.outbox.remove(row.request_id)
         log.info(
             "billed request_id=%s tier=%s input=%d output=%d nanos=%d new=%s",
             row.request_id,
@@ -44,20 +118,29 @@ class Ledger:
             row.cost_nanos,
             inserted,
         )
+        return "billed" if inserted else "already_billed"
 
-    async def _record(self, row: LedgerRow) -> bool | None:
-        """Write the row, retrying: the answer is already out, so the write must not fail
-        the request. Retries are safe because the request id makes the write idempotent."""
-        for attempt in range(WRITE_ATTEMPTS):
+    def _record_without_outbox(self, row: LedgerRow) -> None:
+        try:
+            self.store.record(row)
+        except Exception:
+            log.exception("ledger row lost request_id=%s tier=%s", row.request_id, row.tier)
+
+    async def _drain_forever(self) -> None:
+        while True:
             try:
-                return await asyncio.to_thread(self.store.record, row)
-            except Exception:
-                log.warning(
-                    "ledger write failed request_id=%s attempt=%d", row.request_id, attempt + 1
-                )
-                await asyncio.sleep(RETRY_DELAY * 2**attempt)
-        log.error("ledger write gave up request_id=%s tier=%s", row.request_id, row.tier)
-        return None
+                drained = await self._in_writer(self.drain)
+            except Exception:  # the outbox file itself failed: keep trying
+                log.exception("ledger outbox drain failed")
+                drained = False
+            self._wake.clear()
+            retry = None if drained else self.settings.ledger_retry_interval
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(retry):
+                    await self._wake.wait()
+
+    async def _in_writer(self, function: Callable[..., R], *args: object) -> R:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, function, *args)
 
     def row(self, handle: JobHandle, outcome: Outcome) -> LedgerRow:
         """Input once, each produced token once, however often the job was preempted."""

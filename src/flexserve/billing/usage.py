@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flexserve.billing.prices import usd
+from flexserve.scheduling.tiers import PREEMPTIBLE
 from flexserve.store import TierUsage
 
 
@@ -19,7 +20,7 @@ def usage_report(tenant: str, rows: list[TierUsage]) -> dict[str, Any]:
         }
         for row in rows
     }
-    discounted = [row for row in rows if row.tier in ("flex", "batch")]
+    discounted = [row for row in rows if row.tier in PREEMPTIBLE]  # flex and batch
     saved = sum(row.list_cost_nanos - row.cost_nanos for row in discounted)
     total = sum(row.cost_nanos for row in rows)
     return {

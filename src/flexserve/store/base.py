@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 from flexserve.store.records import KeyRecord, LedgerRow, TierUsage
@@ -12,7 +13,15 @@ class Store(Protocol):
         """Bring the schema to the newest version (idempotent)."""
         ...
 
+    def startup_lock(self) -> AbstractContextManager[None]:
+        """Held while one replica reconciles config keys, so replicas take turns."""
+        ...
+
     def add_key(self, key: KeyRecord) -> None: ...
+
+    def update_key(self, key: KeyRecord) -> None:
+        """Replace the stored fields of the key with this key_id."""
+        ...
 
     def find_key(self, key_hash: str) -> KeyRecord | None: ...
 
@@ -21,7 +30,9 @@ class Store(Protocol):
     def revoke_key(self, key_id: str) -> bool: ...
 
     def record(self, row: LedgerRow) -> bool:
-        """Insert a ledger row; False (and no change) if its request id is already billed."""
+        """Insert a ledger row; False (and no change) if its request id is already billed.
+
+        Any other failure (another integrity error, the database away) raises."""
         ...
 
     def ledger(self, tenant: str) -> list[LedgerRow]: ...

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
+from collections.abc import Iterator
 
 from flexserve.store.records import KeyRecord, LedgerRow, TierUsage
 
@@ -13,15 +15,26 @@ class MemoryStore:
         self._keys: dict[str, KeyRecord] = {}
         self._ledger: dict[str, LedgerRow] = {}
         self._lock = threading.Lock()
+        self._startup = threading.Lock()
 
     def migrate(self) -> None:
         return None
+
+    @contextlib.contextmanager
+    def startup_lock(self) -> Iterator[None]:
+        with self._startup:
+            yield
 
     def add_key(self, key: KeyRecord) -> None:
         with self._lock:
             if key.key_id in self._keys or self.find_key(key.key_hash) is not None:
                 raise ValueError("duplicate key")
             self._keys[key.key_id] = key
+
+    def update_key(self, key: KeyRecord) -> None:
+        with self._lock:
+            if key.key_id in self._keys:
+                self._keys[key.key_id] = key
 
     def find_key(self, key_hash: str) -> KeyRecord | None:
         return next((k for k in self._keys.values() if k.key_hash == key_hash), None)

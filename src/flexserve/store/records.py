@@ -19,6 +19,12 @@ class KeyRecord:
     is_admin: bool
     created_at: float
     revoked: bool = False
+    from_config: bool = False
+    """Named in the config file: start-up reconciles it (tenant, admin, revoked)."""
+    requests_per_minute: int | None = None
+    """Per-key limits; None = no limit of that kind (see api/limits.py)."""
+    tokens_per_minute: int | None = None
+    concurrent_requests: int | None = None
 
 
 @dataclass(frozen=True)

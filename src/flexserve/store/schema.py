@@ -1,4 +1,7 @@
-"""Table definitions (SQLAlchemy Core). Changes go through a new Alembic migration."""
+"""Table definitions (SQLAlchemy Core): the one source of truth for the schema.
+
+Changes go through a new Alembic migration; tests/contract/test_schema.py checks that the
+migrations produce exactly this metadata, on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    false,
 )
 
 metadata = MetaData()
@@ -28,6 +32,10 @@ api_keys = Table(
     Column("is_admin", Boolean, nullable=False),
     Column("created_at", Float, nullable=False),
     Column("revoked", Boolean, nullable=False, default=False),
+    Column("from_config", Boolean, nullable=False, server_default=false()),
+    Column("requests_per_minute", Integer, nullable=True),
+    Column("tokens_per_minute", Integer, nullable=True),
+    Column("concurrent_requests", Integer, nullable=True),
 )
 
 ledger = Table(

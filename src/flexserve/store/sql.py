@@ -2,34 +2,75 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import threading
+from collections.abc import Iterator
 from importlib.resources import files
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, Engine, create_engine, event, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from flexserve.store.records import KeyRecord, LedgerRow, TierUsage
 from flexserve.store.schema import api_keys, ledger
 
+STARTUP_LOCK = 0x666C_6578_7376
+"""PostgreSQL advisory lock key held around migrations and around the config-key
+reconcile, so that replicas starting at once on one database take turns."""
+CONNECT_TIMEOUT_SECONDS = 5
+"""A database that does not answer fails a connection soon (the ledger outbox retries)."""
+
 
 class SqlStore:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, sqlite_busy_timeout: float = 5.0) -> None:
         self.url = url
-        self.engine = _engine(url)
+        self.engine = _engine(url, sqlite_busy_timeout)
+        self.is_postgres = self.engine.dialect.name == "postgresql"
+        self._local_lock = threading.Lock()
 
     def migrate(self) -> None:
         config = Config()
         config.set_main_option("script_location", str(files("flexserve.store") / "migrations"))
-        with self.engine.begin() as connection:
+        with self.startup_lock(), self.engine.begin() as connection:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 
+    @contextlib.contextmanager
+    def startup_lock(self) -> Iterator[None]:
+        """Replicas (processes or threads) starting at once on one database take turns:
+        a PostgreSQL advisory lock, or a lock file beside a SQLite file."""
+        if self.is_postgres:
+            with self.engine.connect() as connection:
+                _advisory(connection, "pg_advisory_lock")
+                try:
+                    yield
+                finally:
+                    _advisory(connection, "pg_advisory_unlock")
+            return
+        database = self.engine.url.database
+        if not database or database == ":memory:":
+            with self._local_lock:
+                yield
+            return
+        with open(f"{database}.lock", "a") as lock_file:  # flock: threads and processes
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
     def add_key(self, key: KeyRecord) -> None:
-        values = {**key.__dict__, "allowed_tiers": ",".join(key.allowed_tiers)}
         with self.engine.begin() as conn:
-            conn.execute(insert(api_keys).values(**values))
+            conn.execute(api_keys.insert().values(**_key_values(key)))
+
+    def update_key(self, key: KeyRecord) -> None:
+        values = _key_values(key)
+        del values["key_id"]
+        with self.engine.begin() as conn:
+            conn.execute(update(api_keys).where(api_keys.c.key_id == key.key_id).values(values))
 
     def find_key(self, key_hash: str) -> KeyRecord | None:
         with self.engine.connect() as conn:
@@ -51,12 +92,14 @@ class SqlStore:
         return done.rowcount > 0
 
     def record(self, row: LedgerRow) -> bool:
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(insert(ledger).values(**row.__dict__))
-        except IntegrityError:
-            return False  # already billed: a retried write must not bill twice
-        return True
+        """Only a row with the same request id counts as "already billed" (ON CONFLICT on
+        the primary key); any other integrity or connection error raises, to be retried."""
+        insert = postgresql.insert if self.is_postgres else sqlite.insert
+        statement = insert(ledger).values(**row.__dict__)
+        statement = statement.on_conflict_do_nothing(index_elements=[ledger.c.request_id])
+        with self.engine.begin() as conn:
+            inserted = conn.execute(statement.returning(ledger.c.request_id)).first()
+        return inserted is not None
 
     def ledger(self, tenant: str) -> list[LedgerRow]:
         query = select(ledger).where(ledger.c.tenant == tenant).order_by(ledger.c.created_at)
@@ -86,10 +129,19 @@ class SqlStore:
         self.engine.dispose()
 
 
-def _engine(url: str) -> Engine:
+def _advisory(connection: Connection, function: str) -> None:
+    connection.execute(select(getattr(func, function)(STARTUP_LOCK)))
+    connection.commit()
+
+
+def _engine(url: str, sqlite_busy_timeout: float) -> Engine:
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        timeout = {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
+        return create_engine(url, pool_pre_ping=True, connect_args=timeout)
+    # A writer waits at most `sqlite_busy_timeout` for another's lock, then fails (the
+    # ledger outbox retries); a request never hangs on a long-held lock.
+    connect_args = {"check_same_thread": False, "timeout": sqlite_busy_timeout}
+    engine = create_engine(url, connect_args=connect_args)
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -99,6 +151,10 @@ def _engine(url: str) -> Engine:
         cursor.close()
 
     return engine
+
+
+def _key_values(key: KeyRecord) -> dict[str, Any]:
+    return {**key.__dict__, "allowed_tiers": ",".join(key.allowed_tiers)}
 
 
 def _key(row: Any) -> KeyRecord:
