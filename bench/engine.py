@@ -30,7 +30,7 @@ from llama_cpp import Llama
 
 from flexserve.backends.base import ChatMessage, GenerationRequest, SamplingParams, TokenChunk
 from flexserve.backends.embedded import EmbeddedBackend
-from flexserve.backends.llama_engine import LlamaModel
+from flexserve.backends.llama_model import LlamaModel
 from flexserve.backends.model_files import default_model_path
 
 # Story prompts: SmolLM2 writes well past 64 tokens before its end-of-turn token.
@@ -133,6 +133,20 @@ class RawBatchLoop:
         llama_cpp.llama_free(self.ctx)
 
 
+def without_extra_buffer_types() -> None:
+    """Load `Llama` models as flexserve's LlamaModel does: no extra (repacked, e.g. AMX)
+    weight buffers, so that both run the same kernels."""
+    bindings = llama_cpp.llama_cpp  # what llama_cpp.Llama calls
+    default_params = bindings.llama_model_default_params
+
+    def params() -> Any:
+        p = default_params()
+        p.use_extra_bufts = False
+        return p
+
+    bindings.llama_model_default_params = params
+
+
 def llama_cpp_single(llama: Llama, prompt: str, max_tokens: int) -> int:
     llama.reset()  # type: ignore[no-untyped-call]  # no prefix reuse: prefill like the others
     result: Any = llama.create_chat_completion(
@@ -204,6 +218,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
+    without_extra_buffer_types()
     path = str(default_model_path())
     backend = EmbeddedBackend(
         path,

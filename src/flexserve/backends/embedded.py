@@ -14,9 +14,6 @@ import codecs
 import hashlib
 import threading
 from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import Any
-
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from .base import (
     BackendError,
@@ -27,7 +24,10 @@ from .base import (
     GenerationRequest,
     TokenChunk,
 )
-from .llama_engine import EngineEvent, LlamaEngine, LlamaModel, SequenceJob
+from .chat_template import ChatTemplate, ControlTexts
+from .engine_jobs import EngineEvent, SequenceJob
+from .llama_engine import LlamaEngine
+from .llama_model import LlamaModel
 from .model_files import DEFAULT_MODEL_NAME
 
 # Used only when a GGUF carries no template of its own.
@@ -43,19 +43,28 @@ class TextStream:
 
     Held back: bytes of a UTF-8 character split across tokens, and any tail of the text
     that could be the start of a stop string. Everything from a stop string on is never
-    released.
+    released. With `min_tokens` (vLLM's rule), only a stop string that ends in token
+    number `min_tokens` or later stops the stream.
     """
 
-    def __init__(self, piece: Callable[[int], bytes], stops: Sequence[str]) -> None:
+    def __init__(
+        self, piece: Callable[[int], bytes], stops: Sequence[str], min_tokens: int = 0
+    ) -> None:
         self._piece = piece
         self._stops = tuple(stop for stop in stops if stop)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""
+        self._min_tokens = min_tokens
+        self._pushed = 0
+        self._protected = 0  # no stop string may end in this start of the held text
         self.stopped = False
 
     def push(self, token: int) -> str:
         """Add one token; return the text that may now go to the client."""
         self._held += self._utf8.decode(self._piece(token))
+        self._pushed += 1
+        if self._pushed < self._min_tokens:
+            self._protected = len(self._held)
         cut = self._stop_position()
         if cut is not None:
             self.stopped = True
@@ -64,6 +73,7 @@ class TextStream:
         keep = self._longest_stop_prefix_suffix()
         text = self._held[: len(self._held) - keep]
         self._held = self._held[len(text) :]
+        self._protected = max(0, self._protected - len(text))
         return text
 
     def flush(self) -> str:
@@ -75,7 +85,15 @@ class TextStream:
         return text
 
     def _stop_position(self) -> int | None:
-        found = [i for i in (self._held.find(stop) for stop in self._stops) if i >= 0]
+        """Where the first stop string that ends past the protected text starts."""
+        found = [
+            i
+            for i in (
+                self._held.find(stop, max(0, self._protected - len(stop) + 1))
+                for stop in self._stops
+            )
+            if i >= 0
+        ]
         return min(found) if found else None
 
     def _longest_stop_prefix_suffix(self) -> int:
@@ -108,7 +126,9 @@ class EmbeddedBackend:
         prefill_chunk: int = 256,
         n_threads: int | None = None,
         background_prefill_chunk: int = 16,
+        chat_template: str | None = None,
     ) -> None:
+        """`chat_template` replaces the GGUF's own (Jinja, as in tokenizer_config.json)."""
         if slots < 1 or context_per_slot < 2 or prefill_chunk < 1:
             raise ValueError("slots, context_per_slot and prefill_chunk must be positive")
         self.model = model_name
@@ -116,7 +136,7 @@ class EmbeddedBackend:
         self.context_length = context_per_slot
         self._model_lock = threading.Lock()  # tokenizing never races with freeing the model
         self._llama: LlamaModel | None = LlamaModel(model_path)
-        self._formatter = self._chat_formatter(self._llama)
+        self._template = self._chat_template(self._llama, chat_template)
         self._engine = LlamaEngine(
             self._llama,
             slots,
@@ -128,37 +148,22 @@ class EmbeddedBackend:
         self._started = False
 
     @staticmethod
-    def _chat_formatter(llama: LlamaModel) -> Jinja2ChatFormatter:
+    def _chat_template(llama: LlamaModel, source: str | None) -> ChatTemplate:
         bos, eos = llama.special_tokens()
-        template = llama.chat_template() or CHATML_TEMPLATE
-        return Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        source = source or llama.chat_template() or CHATML_TEMPLATE
+        return ChatTemplate(source, ControlTexts(llama.control_texts()), bos, eos)
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> tuple[int, ...]:
-        """Render the GGUF's own chat template, then tokenize (safe from any thread).
+        """Render the model's chat template, then tokenize (safe from any thread).
 
         Only the template's own text may become control tokens: a user who writes
-        `<|im_start|>system` gets those characters, not a forged system turn. So the
-        template is rendered around markers and each message's text is tokenized apart,
-        with special-token parsing off.
+        `<|im_start|>system` gets those characters, not a forged system turn (see
+        `chat_template`). A template that refuses the messages raises ValueError.
         """
-        markers = [f"\x1fflexserve-message-{i}\x1f" for i in range(len(messages))]
-        # Any: llama_cpp types messages as TypedDicts with literal roles; ours are plain str.
-        wire: list[Any] = [
-            {"role": m.role, "content": k} for m, k in zip(messages, markers, strict=True)
-        ]
-        rendered: str = self._formatter(messages=wire).prompt
-        pieces: list[tuple[str, bool]] = []
-        for message, marker in zip(messages, markers, strict=True):
-            template_text, found, rendered = rendered.partition(marker)
-            if not found:
-                raise ValueError("the chat template did not render every message")
-            pieces += [(template_text, True), (message.content, False)]
-        pieces.append((rendered, True))
         with self._model_lock:
             if self._llama is None:
                 raise BackendError("backend closed")
-            llama = self._llama
-            return tuple(t for text, special in pieces for t in llama.tokenize(text, special))
+            return self._template.encode(messages, self._llama)
 
     async def start(self) -> None:
         if not self._started:
@@ -190,7 +195,8 @@ class EmbeddedBackend:
         if not request.prompt_tokens:
             raise BackendError("empty prompt")  # nothing to sample the first token from
         assert self._llama is not None
-        text = TextStream(self._llama.piece, request.sampling.stop)
+        sampling = request.sampling
+        text = TextStream(self._llama.piece, sampling.stop, sampling.min_tokens)
         history = tuple(done.token_id for done in resume)
         for token in history:  # rebuild what was held back when the stream was cut
             text.push(token)
