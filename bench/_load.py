@@ -6,7 +6,10 @@ the clock), and two process entry points built on it:
 - `prober_main`: open-loop default-tier requests (streaming), sent at the absolute
   times the orchestrator gives it, each measured for TTFT, TPOT and end-to-end latency;
 - `flood_main`: a closed-loop flex flood, N workers each keeping one request in flight
-  while the flood is on; a shed request (429) is retried after its Retry-After (capped).
+  while the flood is on; a shed request (429) is retried after its Retry-After (capped);
+- `deep_flood_main`: an open-loop flex flood that builds a deep backlog: a burst of
+  `backlog` requests, then Poisson arrivals; switched off, it hangs up on every request
+  still open (the server cancels their jobs), so the next window starts from nothing.
 
 Both talk to the orchestrator through a command queue (read by a thread, handed to the
 event loop) and two shared integers (`state`, `inflight`), and send their results back
@@ -164,6 +167,26 @@ async def chat(
     return res
 
 
+async def get_json(target: Target, path: str, timeout: float) -> tuple[int, Any]:  # noqa: ASYNC109
+    """GET one JSON document on a fresh connection: (status, parsed body)."""
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n"
+        f"Authorization: Bearer {target.key}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(target.host, target.port)
+        try:
+            writer.write(request)
+            await writer.drain()
+            status, headers = await _read_head(reader)
+            raw = b"".join([part async for part in _body(reader, headers)])
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+    return status, json.loads(raw) if raw else None
+
+
 async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
     head = await reader.readuntil(b"\r\n\r\n")
     first, *rest = head.decode("latin-1").split("\r\n")
@@ -268,6 +291,9 @@ class LoadConfig:
     impatient_wait: tuple[float, float] = (0.5, 4.0)
     shed_backoff_cap: float = 2.0
     seed: int = 1
+    backlog: int = 0  # deep mode: flex requests sent in a burst when the flood starts
+    burst_rps: float = 150.0  # how fast the burst is sent
+    topup_rps: float = 0.0  # deep mode: open-loop Poisson flex rate after the burst
 
 
 OFF, ON = 0, 1
@@ -427,3 +453,78 @@ async def _flood(cfg: LoadConfig, cmd_q: Any, state: Any, inflight: Any) -> list
             off.set()
             await asyncio.gather(*workers)
             return results
+
+
+# ---- the deep flex backlog ----------------------------------------------------------
+
+
+def deep_flood_main(cfg: LoadConfig, cmd_q: Any, out_q: Any, state: Any, inflight: Any) -> None:
+    """Commands as `flood_main`; ("off",) also closes every open request."""
+    out_q.put(asyncio.run(_deep_flood(cfg, cmd_q, state, inflight)))
+
+
+async def _deep_flood(cfg: LoadConfig, cmd_q: Any, state: Any, inflight: Any) -> list[Result]:
+    inbox = _start_pump(cmd_q)
+    rng = random.Random(cfg.seed)
+    results: list[Result] = []
+    open_requests: set[asyncio.Task[None]] = set()
+    label = ""
+    counter = 0
+
+    async def one(index: int) -> None:
+        stream = index % cfg.stream_every == 0
+        payload: dict[str, Any] = {
+            "model": cfg.target.model,
+            "messages": _prompt("background", index),
+            "service_tier": "flex",
+            "stream": stream,
+            "max_tokens": cfg.max_tokens,
+        }
+        if stream:
+            payload["stream_options"] = {"include_usage": True}
+        res = Result("flex", label, stream=stream)
+        inflight.value += 1
+        try:
+            await chat(cfg.target, res, payload, cfg.flex_timeout)
+            classify(res, cfg.expected_tokens)
+        except asyncio.CancelledError:
+            res.outcome = "cancelled"  # hung up on purpose when the flood went off
+            res.t_end = time.monotonic()
+            raise
+        finally:
+            inflight.value -= 1
+            results.append(res)
+
+    def send() -> None:
+        nonlocal counter
+        counter += 1
+        task = asyncio.create_task(one(counter))
+        open_requests.add(task)
+        task.add_done_callback(open_requests.discard)
+
+    async def sender() -> None:
+        for _ in range(cfg.backlog):
+            send()
+            await asyncio.sleep(1.0 / cfg.burst_rps)
+        state.value = ON  # the backlog is built: the orchestrator may start a window
+        while cfg.topup_rps > 0:
+            await asyncio.sleep(rng.expovariate(cfg.topup_rps))
+            send()
+
+    sending: asyncio.Task[None] | None = None
+    while True:
+        msg = await inbox.get()
+        if msg[0] == "on":
+            label = msg[1]
+            if sending is None:
+                sending = asyncio.create_task(sender())
+        elif msg[0] in ("off", "stop"):
+            if sending is not None:
+                sending.cancel()
+                sending = None
+            for task in list(open_requests):
+                task.cancel()
+            await asyncio.gather(*open_requests, return_exceptions=True)
+            state.value = OFF
+            if msg[0] == "stop":
+                return results

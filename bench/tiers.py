@@ -1,7 +1,7 @@
 """Tier isolation benchmark: does a flex flood change what the default tier sees?
 
     .venv/bin/python bench/tiers.py [--slots K] [--window S] [--pairs N]
-                                    [--backend simulated|embedded]
+                                    [--backend simulated|embedded] [--deep N]
 
 What it does (DESIGN.md, "Benchmarks: what the figures mean"):
 
@@ -16,6 +16,15 @@ What it does (DESIGN.md, "Benchmarks: what the figures mean"):
   flex_max_wait of 10-20 s nothing would ever be shed; an open-loop flood that outgrows
   such a wait would need as long again to drain, beyond this run's 2-minute budget.)
   `--impatient F` makes a share F of flex requests send X-Flex-Max-Wait 0.5-4 s;
+- `--deep N` is the deep-backlog mode instead: the flood is open-loop and keeps a deep
+  flex queue, as flex exists for. Each flood phase sends a burst of N flex requests
+  (150/s), then Poisson arrivals at the capacity the default load leaves, so about N
+  stay queued at the server's default `flex_max_wait` (540 s; the queue bound is raised
+  to 4 N so that nothing is refused for room). A flood window starts 3 s after the
+  burst has been sent, so it measures the backlog, not the burst's arrival. Switching
+  the flood off hangs up on every open flex request (the server cancels their jobs),
+  and the alone window starts only when the server's flex queue is empty again. The
+  queue depth at each flood window's start and end is read from /metrics;
 - interleaves `--pairs` pairs of (alone, flood) windows of `--window` seconds after a
   warm-up, in ABBA order (alone0 flood0 flood1 alone1 alone2 flood2 ...), so slow drift
   cancels and one flood ramp and drain serve two flood windows; ramp and drain are
@@ -63,6 +72,8 @@ SAMPLED = "flexserve_backend_sampled_tokens_total"
 PREFILLED = "flexserve_backend_prefilled_tokens_total"
 REQUESTS = "flexserve_requests_total"
 PREEMPTIONS = "flexserve_preemptions_total"
+QUEUED = "flexserve_queued_jobs"
+BURST_RPS = 150.0
 
 
 @dataclass
@@ -85,6 +96,7 @@ class Plan:
     seed: int
     server_log_level: str
     server_env: dict[str, str]
+    deep: int  # deep-backlog mode: flex requests kept queued (0 = closed-loop flood)
 
 
 def parse_plan(argv: list[str] | None) -> tuple[Plan, argparse.Namespace]:
@@ -101,6 +113,7 @@ def parse_plan(argv: list[str] | None) -> tuple[Plan, argparse.Namespace]:
     p.add_argument("--flex-max-wait", type=float, help="server flex_max_wait (15 sim, 60 emb)")
     p.add_argument("--flood-workers", type=int, help="flex requests kept in flight (3*K)")
     p.add_argument("--impatient", type=float, default=0.0, help="share with X-Flex-Max-Wait")
+    p.add_argument("--deep", type=int, default=0, help="open-loop flood keeping N flex queued")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--server-log-level", default="warning")
     p.add_argument(
@@ -126,14 +139,15 @@ def parse_plan(argv: list[str] | None) -> tuple[Plan, argparse.Namespace]:
         ttft_ms=a.ttft_ms,
         ttft_per_prompt_token_ms=0.05,  # the SimulatedSettings default (b)
         tpot_ms=a.tpot_ms,
-        flex_max_wait=a.flex_max_wait or (60.0 if embedded else 2.0),
+        flex_max_wait=a.flex_max_wait or (60.0 if embedded else 540.0 if a.deep else 2.0),
         flood_workers=a.flood_workers or 3 * slots,
         impatient=a.impatient,
-        ramp=2.0 if embedded else 0.5,
+        ramp=3.0 if a.deep else 2.0 if embedded else 0.5,  # deep: after its burst
         warmup=6.0 if embedded else 2.0,
         seed=a.seed,
         server_log_level=a.server_log_level,
         server_env=dict(item.split("=", 1) for item in a.server_env),
+        deep=a.deep,
     )
     if plan.pairs < 1 or plan.window <= 0 or plan.slots < 1:
         p.error("--pairs, --window and --slots must be positive")
@@ -147,6 +161,8 @@ def server_args(plan: Plan) -> tuple[list[str], dict[str, str]]:
         "FLEXSERVE_API_KEYS": json.dumps({DEFAULT_KEY: "interactive", FLEX_KEY: "flood"}),
         "FLEXSERVE_SCHEDULER__FLEX_MAX_WAIT": str(plan.flex_max_wait),
     }
+    if plan.deep:
+        env["FLEXSERVE_SCHEDULER__FLEX_QUEUE_MAX_JOBS"] = str(4 * plan.deep)
     if plan.backend == "simulated":
         args += ["--sim-ttft-ms", str(plan.ttft_ms), "--sim-tpot-ms", str(plan.tpot_ms)]
         env["FLEXSERVE_SIMULATED__NATURAL_OUTPUT_TOKENS"] = str(plan.natural_tokens)
@@ -214,11 +230,19 @@ class Window:
     t1: float
     busy: float  # delta busy slot-seconds
     server_cpu: float  # delta server CPU seconds
+    queued_flex: tuple[float, float] = (0.0, 0.0)  # flex queue at the window's start, end
     drain: float = 0.0  # flood drain time after the window
 
 
 class Bench:
-    def __init__(self, plan: Plan, server: Server, target_default: Target, target_flex: Target):
+    def __init__(
+        self,
+        plan: Plan,
+        server: Server,
+        target_default: Target,
+        target_flex: Target,
+        spare_rps: float = 0.0,
+    ):
         self.plan = plan
         self.server = server
         ctx = mp.get_context("spawn")
@@ -235,6 +259,9 @@ class Bench:
             flood_workers=plan.flood_workers,
             impatient_fraction=plan.impatient,
             seed=plan.seed,
+            backlog=plan.deep,
+            burst_rps=BURST_RPS,
+            topup_rps=spare_rps,
         )
         self.p_cmd, self.p_out = ctx.Queue(), ctx.Queue()
         self.f_cmd, self.f_out = ctx.Queue(), ctx.Queue()
@@ -247,7 +274,7 @@ class Bench:
             name="bench-prober",
         )
         self.flood = ctx.Process(
-            target=_load.flood_main,
+            target=_load.deep_flood_main if plan.deep else _load.flood_main,
             args=(self.flex_cfg, self.f_cmd, self.f_out, self.f_state, self.f_inflight),
             name="bench-flood",
         )
@@ -296,10 +323,15 @@ class Bench:
             time.sleep(0.02)
 
     def flood_on(self, label: str) -> None:
+        """Switch the flood on; in deep mode, return once its burst has been sent (so
+        that no window measures the burst's arrival rather than the backlog)."""
         self.f_cmd.put(("on", label))
-        end = time.monotonic() + 5
+        end = time.monotonic() + (5 + 4 * self.plan.deep / BURST_RPS)
         while self.f_state.value != _load.ON and time.monotonic() < end:
+            self.check_alive()
             time.sleep(0.005)
+        if self.f_state.value != _load.ON:
+            self.incidents.append(f"flood {label}: not on in time")
 
     def flood_off_and_drain(self, timeout: float) -> float:
         start = time.monotonic()
@@ -314,6 +346,12 @@ class Bench:
                 )
                 break
             time.sleep(0.02)
+        if self.plan.deep:  # hung-up requests leave the server's queue as it notices
+            while metric(self.server.metrics()[1], QUEUED, tier="flex") > 0:
+                if time.monotonic() > end:
+                    self.incidents.append("flood drain: the server still queues flex")
+                    break
+                time.sleep(0.1)
         return time.monotonic() - start
 
     def measured_window(self, label: str, kind: str, pair: int, offsets: list[float]) -> None:
@@ -326,7 +364,8 @@ class Bench:
         t1, m1 = self.server.metrics()
         c1 = cpu_seconds(pid)
         busy = metric(m1, BUSY) - metric(m0, BUSY)
-        self.windows.append(Window(label, kind, pair, t0, t1, busy, c1 - c0))
+        queued = (metric(m0, QUEUED, tier="flex"), metric(m1, QUEUED, tier="flex"))
+        self.windows.append(Window(label, kind, pair, t0, t1, busy, c1 - c0, queued))
 
     def run(self, rate: float) -> None:
         """Warm-up, then the pairs in ABBA order: alone0 flood0 flood1 alone1 alone2 ...,
@@ -460,6 +499,7 @@ def flex_counts(results: list[Result]) -> dict[str, int]:
         "sent": len(results),
         "completed": sum(r.outcome == "ok" for r in results),
         "shed": sum(r.outcome == "shed" for r in results),
+        "cancelled": sum(r.outcome == "cancelled" for r in results),
         "errors": sum(r.outcome == "error" for r in results),
         "paused_streams": sum(r.paused > 0 for r in results if r.outcome == "ok"),
     }
@@ -497,10 +537,17 @@ def report(
         f"(Poisson, streaming; same offsets in both windows of a pair)"
     )
     impatient = f", {plan.impatient:.0%} with X-Flex-Max-Wait 0.5-4 s" if plan.impatient else ""
-    print(
-        f"  flood: {plan.flood_workers} closed-loop flex workers (half streaming{impatient}); "
-        f"server flex_max_wait {plan.flex_max_wait:g} s"
-    )
+    if plan.deep:
+        print(
+            f"  flood: deep backlog, open loop: a burst of {plan.deep} flex requests "
+            f"({BURST_RPS:g}/s), then Poisson at {capacity - rate:.2f} req/s (half streaming); "
+            f"server flex_max_wait {plan.flex_max_wait:g} s; off = hang up on all"
+        )
+    else:
+        print(
+            f"  flood: {plan.flood_workers} closed-loop flex workers (half streaming{impatient}); "
+            f"server flex_max_wait {plan.flex_max_wait:g} s"
+        )
     if plan.server_env:
         print(f"  extra server settings: {plan.server_env}")
     print(
@@ -510,7 +557,7 @@ def report(
     header = (
         f"  {'window':<8} {'n':>4} {'err':>3} {'ttft p50':>9} {'ttft p99':>9} {'ttft max':>9} "
         f"{'tpot p99':>9} {'e2e p99':>8} {'util':>5} {'srv cpu':>7} "
-        f"{'flex ok/shed/err':>16} {'in fl':>5} {'drain':>6}"
+        f"{'flex ok/shed/err':>16} {'in fl':>5} {'queue':>9} {'drain':>6}"
     )
     print(header)
     stats: dict[str, dict[str, Any]] = {}
@@ -523,15 +570,18 @@ def report(
         fc = flex_counts(flex_by_label.get(w.label, []))
         flex = f"{fc['completed']}/{fc['shed']}/{fc['errors']}" if w.kind == "flood" else ""
         drain = f"{w.drain:.1f}s" if w.drain else ""
-        inflight = f"{in_flight(flexes, w.t0, w.t1):.1f}" if w.kind == "flood" else ""
+        inflight = f"{in_flight(flexes, w.t0, w.t1):.0f}" if w.kind == "flood" else ""
+        queue = f"{w.queued_flex[0]:.0f}-{w.queued_flex[1]:.0f}" if w.kind == "flood" else ""
         print(
             f"  {w.label:<8} {s['n']:>4} {s['errors']:>3} {_ms(s['ttft_p50'])} "
             f"{_ms(s['ttft_p99'])} {_ms(s['ttft_max'])} {_ms(s['tpot_p99'])} "
-            f"{s['e2e_p99']:>7.3f}s {util:>5.2f} {cpu:>6.0%} {flex:>16} {inflight:>5} {drain:>6}"
+            f"{s['e2e_p99']:>7.3f}s {util:>5.2f} {cpu:>6.0%} {flex:>16} {inflight:>5} "
+            f"{queue:>9} {drain:>6}"
         )
     print("  (times in ms unless marked; util = busy slot-s / (K x window); srv cpu = server")
     print("   process CPU / window, 100% = one core; flex counted by send time; in fl = mean")
-    print("   flex requests open during the window; drain = flood wind-down after it)")
+    print("   flex requests open during the window; queue = flex queued at the server at the")
+    print("   window's start-end; drain = flood wind-down after it)")
     print()
 
     ratios: dict[str, list[float]] = {"ttft": [], "tpot": [], "e2e": []}
@@ -616,7 +666,8 @@ def report(
     )
     print(
         f"  flex: {fc['sent']} sent, {fc['completed']} completed, {fc['shed']} shed, "
-        f"{fc['errors']} errors; {fc['paused_streams']} streams were paused and resumed; "
+        f"{fc['cancelled']} hung up by the bench, {fc['errors']} errors; "
+        f"{fc['paused_streams']} streams were paused and resumed; "
         f"server counted {server_flex}, {preemptions} preemptions"
     )
     print(
@@ -653,6 +704,8 @@ def report(
         "flex_sent": fc["sent"],
         "flex_completed": fc["completed"],
         "flex_shed": fc["shed"],
+        "flex_hung_up": fc["cancelled"],
+        "flex_queued_per_window": [list(w.queued_flex) for w in flood_windows],
         "recomputed_output_tokens": recomputed,
         "p99_ttft_ratio_spread": [_round(ttft["min"]), _round(ttft["max"])] if ttft else None,
         "p99_ttft_ratios": [_round(v) for v in ratios["ttft"]],
@@ -703,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
         t_flex = Target("127.0.0.1", server.port, model, FLEX_KEY)
         capacity, calib = calibrate(plan, t_default)
         rate = plan.load * capacity
-        bench = Bench(plan, server, t_default, t_flex)
+        bench = Bench(plan, server, t_default, t_flex, spare_rps=capacity - rate)
         bench.start()
         try:
             _, m_start = server.metrics()
@@ -732,7 +785,9 @@ def main(argv: list[str] | None = None) -> int:
                 out.write(json.dumps({**asdict(r), "ttft": r.ttft, "e2e": r.e2e}) + "\n")
             for w in bench.windows:
                 out.write(json.dumps({"window": asdict(w)}) + "\n")
-    summary["plan"] = {k: v for k, v in asdict(plan).items() if k in ("load", "flood_workers")}
+    summary["plan"] = {
+        k: v for k, v in asdict(plan).items() if k in ("load", "flood_workers", "deep")
+    }
     print(json.dumps(summary, separators=(",", ":")))
     return 0
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import click
-from pydantic import ValidationError
 
-from flexserve.config import Settings, load_settings
+from flexserve.config import InvalidSettings, Settings, load_settings
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+EXIT_BAD_SETTINGS = 2
+"""As for a bad flag: the command cannot run as configured (a supervisor should not retry)."""
 
 
 @click.group()
@@ -18,11 +20,16 @@ def main() -> None:
     """flexserve: an OpenAI-compatible LLM server with service tiers."""
 
 
+class BadSettings(click.ClickException):
+    exit_code = EXIT_BAD_SETTINGS
+
+
 def _settings(config: Path | None, **overrides: Any) -> Settings:
+    """Checked in full before anything starts: one line naming the setting, exit 2."""
     try:
         return load_settings(config, **overrides)
-    except (ValidationError, tomllib.TOMLDecodeError) as error:
-        raise click.ClickException(f"invalid settings: {error}") from None
+    except InvalidSettings as error:
+        raise BadSettings(f"invalid settings: {error}") from None
 
 
 @main.command()
@@ -35,7 +42,12 @@ def _settings(config: Path | None, **overrides: Any) -> Settings:
 @click.option("--sim-tpot-ms", type=float, default=None, help="Simulated time per token.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None)
 @click.option("--config", type=click.Path(exists=True, path_type=Path), default=None)
-@click.option("--log-level", default="info", show_default=True)
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="info",
+    show_default=True,
+)
 def serve(
     host: str | None,
     port: int | None,
@@ -48,10 +60,10 @@ def serve(
     config: Path | None,
     log_level: str,
 ) -> None:
-    """Start the server."""
-    import uvicorn
-
+    """Start the server (SIGTERM drains it, then exits 0; a runtime failure exits 1)."""
     from flexserve.api import create_app, open_store
+    from flexserve.api.server import run_server
+    from flexserve.backends.model_files import ModelNotFoundError
     from flexserve.keys import create_key, ensure_config_keys
 
     simulated = {"ttft_ms": sim_ttft_ms, "tpot_ms": sim_tpot_ms}
@@ -65,9 +77,14 @@ def serve(
         data_dir=data_dir,
         simulated={k: v for k, v in simulated.items() if v is not None} or None,
     )
+    log_level = log_level.lower()
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    try:
+        app = create_app(settings)
+    except ModelNotFoundError as error:  # the embedded default model is not installed
+        raise BadSettings(f"invalid settings: embedded.model_path: {error}") from None
     store = open_store(settings)
     store.migrate()
     ensure_config_keys(store, settings.api_keys, settings.admin_keys)
@@ -80,19 +97,14 @@ def serve(
             f"export OPENAI_BASE_URL=http://{settings.host}:{settings.port}/v1\n"
         )
     store.close()
-    app = create_app(settings)
     state = app.state.flexserve
     click.echo(
         f"flexserve: model '{state.backend.model}' on the {state.backend.name} backend, "
         f"{state.backend.slots} slots, http://{settings.host}:{settings.port}/v1"
     )
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=log_level,
-        timeout_graceful_shutdown=int(settings.shutdown_grace),
-    )
+    status = run_server(app, settings, log_level)
+    if status != 0:
+        raise SystemExit(status)
 
 
 @main.group()

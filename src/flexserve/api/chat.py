@@ -56,6 +56,7 @@ async def chat_completions(request: Request) -> Response:
             prompt_tokens=valid.prompt_tokens,
             sampling=valid.sampling,
             max_wait=valid.max_wait,
+            stream=valid.stream,
         )
     )
     answer = _Answer(state, handle, valid)

@@ -93,14 +93,18 @@ async def flex_quote(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
+    """200 only when the server takes work; 503 says why not (`status`, `reason`)."""
     state = app_state(request)
-    healthy = state.backend.health()
-    body = {
-        "status": "ok" if healthy else "unhealthy",
-        "backend": state.backend.name,
-        "model": state.backend.model,
-    }
-    return JSONResponse(body, status_code=200 if healthy else 503)
+    body: dict[str, str] = {"backend": state.backend.name, "model": state.backend.model}
+    if state.runtime.failure is not None:
+        body |= {"status": "failed", "reason": state.runtime.failure}
+    elif state.runtime.draining:
+        body |= {"status": "draining", "reason": "the server is shutting down"}
+    elif not state.backend.health():
+        body |= {"status": "unhealthy", "reason": "the backend reports unhealthy"}
+    else:
+        return JSONResponse({"status": "ok", **body})
+    return JSONResponse(body, status_code=503)
 
 
 async def metrics(request: Request) -> Response:

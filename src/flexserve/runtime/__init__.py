@@ -10,7 +10,7 @@ from flexserve.runtime.events import (
     Submission,
     Token,
 )
-from flexserve.runtime.runtime import Outcome, Runtime
+from flexserve.runtime.runtime import Outcome, Runtime, shutting_down
 
 __all__ = [
     "Done",
@@ -23,4 +23,5 @@ __all__ = [
     "Started",
     "Submission",
     "Token",
+    "shutting_down",
 ]

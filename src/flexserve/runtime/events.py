@@ -55,6 +55,8 @@ class Submission:
     sampling: SamplingParams
     max_wait: float
     """Seconds the job may wait to start (flex: deadline; interactive: 503 bound)."""
+    stream: bool = False
+    """The client receives tokens as they come (SSE), so a cut job has delivered them."""
 
 
 @dataclass

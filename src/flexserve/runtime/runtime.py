@@ -4,6 +4,11 @@ Handlers never touch scheduler state: they `submit` and `cancel`, which post com
 the loop applies commands in order, asks the scheduler for a plan, and carries it out
 (start or cancel backend streams, answer waiters). Stream tasks report tokens back as
 commands too, so every scheduler call happens on this one task.
+
+Nobody waits forever: if the loop task dies, every waiter gets a 500 at once, later
+submissions too, and `failure` says why (the server exits so that a supervisor restarts
+it). On SIGTERM, `shutdown` drains: new work is refused with 503, flex and batch end at
+once, interactive work may finish within the grace period.
 """
 
 from __future__ import annotations
@@ -33,11 +38,16 @@ from flexserve.scheduling import (
 
 log = logging.getLogger("flexserve.runtime")
 
+_OVERLOADED = "The server is overloaded with interactive traffic; retry shortly."
+
 Outcome = Literal["completed", "cancelled", "failed", "shed", "overloaded"]
 Settle = Callable[[JobHandle, Outcome], Coroutine[Any, Any, None]]
 
 MAX_FLEX_ENGINE_RETRIES = 3
 """Resumes of a flex/batch job whose engine failed before it produced anything."""
+
+SHUTDOWN_RETRY_AFTER = 5.0
+"""Retry-After on the 503s of a draining server (another replica, or this one restarted)."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +72,14 @@ class _Cancel:
     request_id: str
 
 
-_Command = _Arrive | _Produced | _Ended | _Cancel
+@dataclass(frozen=True)
+class _Drain:
+    """Shutting down: refuse new work and end jobs (interactive running ones only if cut)."""
+
+    cut_interactive: bool
+
+
+_Command = _Arrive | _Produced | _Ended | _Cancel | _Drain
 
 
 async def _no_settle(handle: JobHandle, outcome: Outcome) -> None:
@@ -90,12 +107,23 @@ class Runtime:
         self._streams: dict[str, asyncio.Task[None]] = {}
         self._settling: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._drained = asyncio.Event()
+        self.draining = False
+        """Shutting down: new work is refused with 503."""
+        self.failure: str | None = None
+        """Why the loop task died (None while it runs): every job fails with 500."""
 
     # ---- the handlers' side ---------------------------------------------------------
 
     def submit(self, submission: Submission) -> JobHandle:
         handle = JobHandle(submission=submission, arrival=self.clock())
-        self._commands.put_nowait(_Arrive(handle))
+        if self.failure is not None:  # no loop would ever answer
+            handle.events.put_nowait(Failed(_runtime_failed(self.failure)))
+        elif self._closing:
+            handle.events.put_nowait(Failed(shutting_down()))
+        else:
+            self._commands.put_nowait(_Arrive(handle))
         return handle
 
     def cancel(self, request_id: str) -> None:
@@ -115,27 +143,64 @@ class Runtime:
     async def start(self) -> None:
         self._loop_task = asyncio.create_task(self._loop(), name="flexserve-runtime")
 
+    async def shutdown(self, grace: float) -> None:
+        """Drain: refuse new work (503); end flex/batch jobs now; give running interactive
+        jobs `grace` seconds to finish, then end them too. Returns when no job is left
+        and every ended job is settled (billed for what its client received)."""
+        if self._loop_task is None or self._loop_task.done():
+            await self.close()  # no loop to drain through: end what is left now
+            return
+        self._commands.put_nowait(_Drain(cut_interactive=False))
+        try:
+            async with asyncio.timeout(grace):
+                await self._drained.wait()
+        except TimeoutError:
+            log.warning("shutdown grace of %.1f s over; ending interactive jobs", grace)
+            self._commands.put_nowait(_Drain(cut_interactive=True))
+            await self._drained.wait()
+        await asyncio.gather(*self._settling, return_exceptions=True)
+
     async def close(self) -> None:
-        """Stop: running and queued jobs fail with 503 (clients may retry elsewhere)."""
+        """Stop now: jobs still here end as in a drain cut short (503, streams billed for
+        what they received)."""
+        self._closing = True
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-        while not self._commands.empty():  # arrivals the loop never saw get an answer too
+        now = self.clock()
+        streams = list(self._streams.values())
+        self._adopt_unseen_arrivals()
+        for handle in list(self._handles.values()):
+            self._end_for_shutdown(handle, now)
+        for task in streams:
+            task.cancel()
+        await asyncio.gather(*streams, return_exceptions=True)  # engines see their close
+        await asyncio.gather(*self._settling, return_exceptions=True)
+
+    def _adopt_unseen_arrivals(self) -> None:
+        """Arrivals the loop never saw are jobs like any other: they get an answer too."""
+        while not self._commands.empty():
             command = self._commands.get_nowait()
             if isinstance(command, _Arrive):
                 self._handles[command.handle.request_id] = command.handle
-        for task in list(self._streams.values()):
-            task.cancel()
-        await asyncio.gather(*self._streams.values(), return_exceptions=True)
-        for handle in list(self._handles.values()):
-            handle.events.put_nowait(Failed(Overloaded("server is shutting down")))
-        self._handles.clear()
-        await asyncio.gather(*self._settling, return_exceptions=True)
 
     # ---- the loop -------------------------------------------------------------------
 
     async def _loop(self) -> None:
+        """Run the loop; if it dies, answer every waiter (supervision, not recovery: the
+        scheduler's state can no longer be trusted, so the process should restart)."""
+        try:
+            await self._run_loop()
+        except asyncio.CancelledError:
+            if not self._closing:
+                self._die("the runtime task was cancelled")
+            raise
+        except Exception as error:
+            log.exception("runtime task died")
+            self._die(f"the runtime task died: {type(error).__name__}")
+
+    async def _run_loop(self) -> None:
         while True:
             timeout = max(0.0, self.scheduler.next_wakeup() - self.clock())
             command: _Command | None = None
@@ -146,6 +211,20 @@ class Runtime:
                 self._apply(command, now)
                 command = self._commands.get_nowait() if not self._commands.empty() else None
             self._carry_out(self.scheduler.step(now), now)
+            if self.draining and not self._handles:
+                self._drained.set()
+
+    def _die(self, reason: str) -> None:
+        self.failure = reason
+        error = _runtime_failed(reason)
+        self._adopt_unseen_arrivals()
+        for task in self._streams.values():
+            task.cancel()
+        for handle in self._handles.values():
+            handle.events.put_nowait(Failed(error))
+            self._spawn_settle(handle, "failed")
+        self._handles.clear()
+        self._drained.set()
 
     def _apply(self, command: _Command, now: float) -> None:
         match command:
@@ -157,9 +236,14 @@ class Runtime:
                 self._ended(request_id, finish, error, now)
             case _Cancel(request_id):
                 self._cancelled(request_id, now)
+            case _Drain(cut_interactive):
+                self._drain(cut_interactive, now)
 
     def _arrive(self, handle: JobHandle, now: float) -> None:
         sub = handle.submission
+        if self.draining:
+            self._refuse(handle, shutting_down(), "overloaded")
+            return
         spec = JobSpec(
             job_id=sub.request_id,
             tenant=sub.tenant,
@@ -169,14 +253,18 @@ class Runtime:
             arrival=now,
             deadline=now + sub.max_wait,
         )
+        self._handles[sub.request_id] = handle  # first: if the scheduler fails, it is answered
         admission = self.scheduler.arrive(spec, now)
         if isinstance(admission, Rejected):
+            del self._handles[sub.request_id]
+            if spec.interactive:  # its queue is full
+                full = Overloaded(_OVERLOADED, retry_after=admission.retry_after)
+                self._refuse(handle, full, "overloaded")
+                return
             error = ResourceUnavailable(
                 _busy_message(admission.reason), retry_after=admission.retry_after
             )
             self._refuse(handle, error, "shed")
-            return
-        self._handles[sub.request_id] = handle
 
     def _carry_out(self, plan: Plan, now: float) -> None:
         for job_id in plan.preempt:
@@ -189,10 +277,7 @@ class Runtime:
             )
             self._refuse(self._handles.pop(refusal.job_id), error, "shed")
         for refusal in plan.overloaded:
-            overloaded = Overloaded(
-                "The server is overloaded with interactive traffic; retry shortly.",
-                retry_after=refusal.retry_after,
-            )
+            overloaded = Overloaded(_OVERLOADED, retry_after=refusal.retry_after)
             self._refuse(self._handles.pop(refusal.job_id), overloaded, "overloaded")
 
     def _run(self, handle: JobHandle) -> None:
@@ -240,14 +325,17 @@ class Runtime:
         """Before any token reached the client: flex/batch resume, interactive retry once."""
         if handle.produced:
             return False
-        if handle.submission.tier in ("flex", "batch"):
+        if not is_interactive(handle.submission.tier):
             return handle.engine_failures < MAX_FLEX_ENGINE_RETRIES
         return handle.engine_failures < 1
 
     def _finish(
         self, handle: JobHandle, event: Done | Failed, outcome: Outcome, now: float
     ) -> None:
-        self.scheduler.finish(handle.request_id, now)
+        if outcome == "completed":  # only whole answers teach the scheduler their length
+            self.scheduler.finish(handle.request_id, now)
+        else:
+            self.scheduler.cancel(handle.request_id, now)
         self._handles.pop(handle.request_id, None)
         handle.events.put_nowait(event)
         self._spawn_settle(handle, outcome)
@@ -262,6 +350,32 @@ class Runtime:
         self.scheduler.cancel(request_id, now)
         if handle.started:
             self._spawn_settle(handle, "cancelled")
+
+    def _drain(self, cut_interactive: bool, now: float) -> None:
+        """Refuse what has not started; end what may not finish (see `shutdown`)."""
+        if not self.draining:
+            log.info("draining: %d jobs", len(self._handles))
+        self.draining = True
+        for handle in list(self._handles.values()):
+            running = handle.request_id in self._streams
+            if cut_interactive or not running or not is_interactive(handle.submission.tier):
+                self._end_for_shutdown(handle, now)
+
+    def _end_for_shutdown(self, handle: JobHandle, now: float) -> None:
+        """503 (a stream gets it as its last SSE event). Billed for what the client got:
+        a stream that received tokens pays for its input and those tokens; a job that
+        never started, or whose client gets only this error, pays nothing."""
+        task = self._streams.pop(handle.request_id, None)
+        if task is not None:
+            task.cancel()
+        self.scheduler.cancel(handle.request_id, now)  # a cut answer teaches no length
+        self._handles.pop(handle.request_id, None)
+        handle.events.put_nowait(Failed(shutting_down()))
+        outcome: Outcome = "overloaded"
+        if handle.started:
+            received = handle.submission.stream and bool(handle.produced)
+            outcome = "cancelled" if received else "failed"
+        self._spawn_settle(handle, outcome)
 
     def _spawn_settle(self, handle: JobHandle, outcome: Outcome) -> None:
         task = asyncio.create_task(self._settle(handle, outcome))
@@ -278,8 +392,11 @@ class Runtime:
         request = GenerationRequest(
             sub.request_id, sub.prompt_tokens, sub.sampling, priority, background
         )
-        chunks = self.backend.generate(request, tuple(handle.produced))
+        chunks: AsyncIterator[Chunk] | None = None
         try:
+            # Inside the try: a `generate` that raises before returning an iterator is an
+            # engine failure of this job like any other (it must not leave the slot held).
+            chunks = self.backend.generate(request, tuple(handle.produced))
             ended = await self._pump(handle, chunks)
         except BackendError as error:
             ended = _Ended(sub.request_id, None, error)
@@ -309,11 +426,23 @@ class Runtime:
             self._commands.put_nowait(_Produced(handle.request_id))
 
 
-async def _close(chunks: AsyncIterator[Chunk]) -> None:
+async def _close(chunks: AsyncIterator[Chunk] | None) -> None:
     aclose = getattr(chunks, "aclose", None)
     if aclose is not None:
         with contextlib.suppress(Exception):
             await aclose()
+
+
+def _runtime_failed(reason: str) -> FlexserveError:
+    """A 500 (`server_error`): the server is about to exit; retrying elsewhere may work."""
+    return FlexserveError(f"The server's scheduler stopped ({reason}); retry shortly.")
+
+
+def shutting_down() -> Overloaded:
+    """The 503 of a draining server: a job refused or ended by the shutdown."""
+    return Overloaded(
+        "The server is shutting down; retry shortly.", retry_after=SHUTDOWN_RETRY_AFTER
+    )
 
 
 def _busy_message(reason: str) -> str:

@@ -3,10 +3,22 @@
 from flexserve.scheduling.jobs import JobSpec, JobState, Phase
 from flexserve.scheduling.plan import Admission, Admitted, Plan, Refusal, Rejected
 from flexserve.scheduling.scheduler import Scheduler, Snapshot
-from flexserve.scheduling.tiers import INTERACTIVE, RANK, TIERS, Tier, is_interactive
+from flexserve.scheduling.tiers import (
+    ALIASES,
+    INTERACTIVE,
+    PREEMPTIBLE,
+    QUOTED,
+    RANK,
+    TIERS,
+    Tier,
+    is_interactive,
+)
 
 __all__ = [
+    "ALIASES",
     "INTERACTIVE",
+    "PREEMPTIBLE",
+    "QUOTED",
     "RANK",
     "TIERS",
     "Admission",

@@ -41,11 +41,9 @@ class JobState:
     preemptions: int = 0
     input_charged: bool = False
     """Its prompt counted once toward its tenant's virtual token counter."""
+    queued_work: float = 0.0
+    """Predicted token-equivalents still to compute, fixed when it was (re)queued: what
+    it counts for in the queue's aggregates until it leaves the queue."""
 
     def remaining_output(self) -> int:
         return max(0, self.spec.max_tokens - self.produced)
-
-    def remaining_work(self, prefill_weight: float) -> float:
-        """Token-equivalents still to compute: re-prefill (if not running) plus output."""
-        prefill = 0 if self.phase is Phase.RUNNING else self.spec.prompt_tokens + self.produced
-        return prefill * prefill_weight + self.remaining_output()

@@ -12,7 +12,8 @@ class Admitted:
 
 @dataclass(frozen=True)
 class Rejected:
-    """Flex/batch refused at arrival: `429 resource_unavailable`, not billed."""
+    """Refused at arrival, not billed: flex/batch `429 resource_unavailable`,
+    interactive (its queue full) `503 overloaded`."""
 
     retry_after: float
     reason: str
@@ -37,6 +38,3 @@ class Plan:
     """Queued flex/batch jobs past their deadline: 429, not billed."""
     overloaded: tuple[Refusal, ...] = ()
     """Queued interactive jobs past their wait bound: 503."""
-
-    def __bool__(self) -> bool:
-        return bool(self.start or self.preempt or self.shed or self.overloaded)

@@ -32,8 +32,12 @@ class ServiceRate:
         self._tokens += count
 
     def roll(self, now: float) -> None:
-        """Close the window when it is over; idle windows carry no information."""
-        if now - self._window_start < self.window:
+        """Close the window when it is over; idle windows carry no information.
+
+        Compared exactly as `next_roll()` computes it: `now - start < window` can differ
+        from `now < start + window` in floating point, and then a step at `next_roll()`
+        would never close the window and time would stop at that wakeup."""
+        if now < self.next_roll():
             return
         if self._busy > 0.05 * self.window and self._tokens > 0:
             sample = self._tokens / self._busy

@@ -10,6 +10,10 @@ Policy (DESIGN.md, "Scheduling policy"):
 4. strict between tiers, token-fair between tenants within one (VTC), then deadline;
 5. preempted jobs keep their tokens and are requeued, never shed;
 6. (billing lives elsewhere; the scheduler counts tokens once.)
+
+Cost: no event walks the queue. Queued work is kept in per-tier, per-tenant aggregates
+(`FairQueue`), counts per tier are counters, so an arrival, a token, a finish or a step
+costs O(log n) in the queue's length (plus O(slots) where running jobs are compared).
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import heapq
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from flexserve.scheduling.bounds import FairBound
 from flexserve.scheduling.jobs import JobSpec, JobState, Phase
+from flexserve.scheduling.lengths import OutputLengths
 from flexserve.scheduling.plan import Admission, Admitted, Plan, Refusal, Rejected
-from flexserve.scheduling.queues import FairQueue, InteractiveQueue
+from flexserve.scheduling.queues import FairQueue
 from flexserve.scheduling.rate import ServiceRate
-from flexserve.scheduling.tiers import PREEMPTIBLE, RANK, TIERS, Tier
+from flexserve.scheduling.tiers import INTERACTIVE_ORDER, PREEMPTIBLE, RANK, TIERS, Tier
 
 if TYPE_CHECKING:  # config imports scheduling.tiers; only the type is needed here
     from flexserve.config import SchedulerSettings
@@ -47,14 +53,14 @@ class Scheduler:
         self.slots = slots
         self._jobs: dict[str, JobState] = {}
         self._running: dict[str, JobState] = {}
+        self._running_count: dict[Tier, int] = dict.fromkeys(TIERS, 0)
         self._seq = 0
         self._last = now
-        self._interactive = InteractiveQueue(self._is_queued)
-        self._fair: dict[Tier, FairQueue] = {t: FairQueue(self._is_queued) for t in PREEMPTIBLE}
+        self._queues: dict[Tier, FairQueue] = {tier: FairQueue() for tier in TIERS}
         self._deadlines: list[tuple[float, int, str]] = []
-        self._queued_preemptible = 0
-        self._queued_preemptible_tokens = 0
-        self._queued_flex = 0
+        self._flex_bound = FairBound(settings.flex_queue_max_jobs, settings.flex_queue_max_tokens)
+        self._interactive_bound = FairBound(settings.interactive_queue_max_jobs)
+        self.lengths = OutputLengths(settings.output_length_smoothing)
         self.rate = ServiceRate(
             per_slot=settings.cold_start_tokens_per_slot_second,
             window=settings.rate_window,
@@ -65,23 +71,20 @@ class Scheduler:
     # ---- events ---------------------------------------------------------------------
 
     def arrive(self, spec: JobSpec, now: float) -> Admission:
-        """A new job. Interactive jobs are always queued; flex/batch only if honest."""
+        """A new job: queued if its queue has room (fairly shared) and, for flex/batch,
+        if it is predicted to start by its deadline; else refused."""
         self._advance(now)
         if spec.job_id in self._jobs:
             raise ValueError(f"duplicate job id {spec.job_id}")
-        wait = 0.0
-        if not spec.interactive:
-            wait = self.predicted_wait(spec, now)
-            refusal = self._refuse_preemptible(spec, now, wait)
-            if refusal is not None:
-                return refusal
+        admission = self.would_admit(spec, now)
+        if isinstance(admission, Rejected):
+            return admission
         job = JobState(spec=spec, seq=self._next_seq())
         self._jobs[spec.job_id] = job
-        if not spec.interactive:
-            self._fair[spec.tier].vtc.join(spec.tenant)
+        self._queues[spec.tier].vtc.join(spec.tenant)
         self._enqueue(job)
         heapq.heappush(self._deadlines, (spec.deadline, job.seq, spec.job_id))
-        return Admitted(predicted_wait=wait)
+        return admission
 
     def token(self, job_id: str, now: float, count: int = 1) -> None:
         """A running job produced `count` output tokens."""
@@ -91,22 +94,17 @@ class Scheduler:
             return
         job.produced += count
         self.rate.observe_tokens(count)
-        if not job.spec.interactive:
-            self._fair[job.spec.tier].vtc.charge(job.spec.tenant, output_tokens=count)
+        self._queues[job.spec.tier].charge(job.spec.tenant, output_tokens=count)
 
     def finish(self, job_id: str, now: float) -> None:
-        """A job ended (done, failed or cancelled): forget it, free its slot if any."""
-        self._advance(now)
-        job = self._jobs.pop(job_id, None)
-        if job is None:
-            return
-        self._running.pop(job_id, None)
-        if job.phase is Phase.QUEUED:
-            self._unqueue_counts(job)
-        if not job.spec.interactive:
-            self._fair[job.spec.tier].vtc.leave(job.spec.tenant)
+        """A job completed its answer: forget it, free its slot, learn its length."""
+        job = self._forget(job_id, now)
+        if job is not None:
+            self.lengths.observe(job.spec.tenant, job.produced)
 
-    cancel = finish
+    def cancel(self, job_id: str, now: float) -> None:
+        """A job ended without a whole answer (client gone, engine failed): forget it."""
+        self._forget(job_id, now)
 
     def requeue(self, job_id: str, now: float) -> None:
         """A running job lost its stream (e.g. a backend error): queue it to resume.
@@ -146,13 +144,13 @@ class Scheduler:
         return wakeup
 
     def _admit_interactive(self, start: list[str], preempt: list[str]) -> None:
-        while self._interactive.peek() is not None:
+        while (queue := self._interactive_queue()) is not None:
             if self._free_slots() == 0:
                 victim = self._victim()
                 if victim is None:
                     return
                 self._preempt(victim, preempt)
-            self._start(self._interactive.pop(), start)
+            self._start(queue.pop(), start)
 
     def _narrow_flex_beside_interactive(self, preempt: list[str]) -> None:
         while self._running_preemptible() > self._flex_limit():
@@ -162,19 +160,19 @@ class Scheduler:
 
     def _fill_with_flex(self, start: list[str]) -> None:
         while self._flex_may_start():
-            job_id = self._next_preemptible()
-            if job_id is None:
+            queue = self._preemptible_queue()
+            if queue is None:
                 return
-            self._start(job_id, start)
+            self._start(queue.pop(), start)
 
     def _flex_displaces_batch(self, start: list[str], preempt: list[str]) -> None:
         """Strict tiers: a queued flex job takes its slot back from a running batch job."""
-        while self._fair["flex"].peek() is not None:
+        while self._queues["flex"]:
             victim = self._victim(among=("batch",))
             if victim is None:
                 return
             self._preempt(victim, preempt)
-            self._start(self._fair["flex"].pop(), start)
+            self._start(self._queues["flex"].pop(), start)
 
     def _expire(self, now: float) -> tuple[list[Refusal], list[Refusal]]:
         shed: list[Refusal] = []
@@ -184,53 +182,52 @@ class Scheduler:
             if not self._awaits_first_start(job_id):
                 continue
             spec = self._jobs[job_id].spec
-            self.finish(job_id, now)  # first, so that its own work is not ahead of it
+            self._forget(job_id, now)  # first, so that its own work is not ahead of it
             retry = self._retry_after(spec, now)
             (overloaded if spec.interactive else shed).append(Refusal(job_id, retry))
         return shed, overloaded
 
     # ---- predictions ----------------------------------------------------------------
 
+    def would_admit(self, spec: JobSpec, now: float) -> Admission:
+        """What `arrive(spec)` would answer now, without changing any state: the one
+        function behind admission, `Retry-After` and the quote endpoint."""
+        wait = self.predicted_wait(spec, now)
+        refusal = self._refusal(spec, now, wait)
+        return refusal if refusal is not None else Admitted(predicted_wait=wait)
+
     def predicted_wait(self, spec: JobSpec, now: float) -> float:
         """Seconds until `spec` would start if queued now (0 if it can start at once)."""
         if spec.interactive:
             return self._interactive_wait()
-        if self._flex_may_start() and self._next_preemptible_of_rank(RANK[spec.tier]) is None:
+        if self._flex_may_start() and self._preemptible_queue(RANK[spec.tier]) is None:
             return 0.0
-        if spec.tier == "flex" and self._running_of_tier("batch") > self._queued_flex:
+        if spec.tier == "flex" and self._running_count["batch"] > len(self._queues["flex"]):
             return 0.0  # it would take a batch job's slot at once
         return self._work_ahead(spec) / self._flex_capacity() + self._time_to_flex_slot()
 
-    def quote(self, spec: JobSpec, now: float) -> float:
-        """The wait a request like `spec` would be told now (reads state, changes none)."""
-        return self.predicted_wait(spec, now)
-
-    def would_admit(self, spec: JobSpec, now: float) -> Admission:
-        """What `arrive(spec)` would answer now, without changing any state."""
-        wait = self.predicted_wait(spec, now)
-        if not spec.interactive:
-            refusal = self._refuse_preemptible(spec, now, wait)
-            if refusal is not None:
-                return refusal
-        return Admitted(predicted_wait=wait)
-
     def _work_ahead(self, spec: JobSpec) -> float:
-        weight = self.settings.prefill_token_weight
-        own = 0.0
-        others: dict[str, float] = {}
-        for job in self._jobs.values():
-            if job.phase is not Phase.QUEUED or RANK[job.spec.tier] > RANK[spec.tier]:
-                continue
-            work = job.remaining_work(weight)
-            if job.spec.tier != spec.tier:
-                own += work
-            elif job.spec.tenant == spec.tenant:
-                own += work if job.spec.deadline <= spec.deadline else 0.0
-            else:
-                others[job.spec.tenant] = others.get(job.spec.tenant, 0.0) + work
-        mine = own + _spec_work(spec, weight)
-        # Fair sharing: another tenant gets about as much service as ours needs.
-        return own + sum(min(work, mine) for work in others.values())
+        """Token-equivalents that start before `spec` would: every queued job of a higher
+        tier, its own tenant's jobs with no later deadline, and from each other tenant
+        of its tier about as much as its own tenant gets meanwhile (fair sharing)."""
+        higher = sum(self._queues[t].total_work for t in TIERS if RANK[t] < RANK[spec.tier])
+        own_work = self._spec_work(spec)
+        tier = self._queues[spec.tier].ahead(spec.tenant, spec.deadline, own_work)
+        return higher + tier.own + tier.others
+
+    def _spec_work(self, spec: JobSpec) -> float:
+        output = self.lengths.expected_total(spec.tenant, spec.max_tokens)
+        return spec.prompt_tokens * self.settings.prefill_token_weight + output
+
+    def _queued_work(self, job: JobState) -> float:
+        """A (re)queued job's remaining work: re-prefill of prompt + output so far, then
+        the output it is expected to still produce."""
+        prefill = (job.spec.prompt_tokens + job.produced) * self.settings.prefill_token_weight
+        return prefill + self._expected_remaining(job)
+
+    def _expected_remaining(self, job: JobState) -> float:
+        spec = job.spec
+        return self.lengths.expected_remaining(spec.tenant, spec.max_tokens, job.produced)
 
     def _flex_capacity(self) -> float:
         flex_slots = max(1, self.slots - self.settings.interactive_reserve)
@@ -260,7 +257,7 @@ class Scheduler:
         """A running job that has reached its cap still owes its finish: count one token."""
         if not jobs:
             return 0.0
-        fewest = min(max(1, job.remaining_output()) for job in jobs)
+        fewest = min(max(1.0, self._expected_remaining(job)) for job in jobs)
         return fewest / max(self.rate.per_slot, 1e-6)
 
     def _interactive_wait(self) -> float:
@@ -273,16 +270,18 @@ class Scheduler:
         allowed = max(0.0, spec.deadline - spec.arrival)
         return max(MIN_RETRY_AFTER, wait - allowed)
 
-    def _refuse_preemptible(self, spec: JobSpec, now: float, wait: float) -> Rejected | None:
-        settings = self.settings
-        tokens = spec.prompt_tokens + spec.max_tokens
+    def _refusal(self, spec: JobSpec, now: float, wait: float) -> Rejected | None:
         late = max(MIN_RETRY_AFTER, wait - max(0.0, spec.deadline - now))
-        if self.slots <= settings.interactive_reserve:
+        if spec.interactive:
+            full = self._interactive_bound.refusal(spec.tenant, 0)
+            if full is not None:
+                return Rejected(max(late, self._time_to_free_slot()), f"interactive {full}")
+            return None
+        if self.slots <= self.settings.interactive_reserve:
             return Rejected(late, "no slot on this backend is open to flex")
-        if self._queued_preemptible >= settings.flex_queue_max_jobs:
-            return Rejected(self._queue_full_retry(late), "flex queue is full")
-        if self._queued_preemptible_tokens + tokens > settings.flex_queue_max_tokens:
-            return Rejected(self._queue_full_retry(late), "flex queue token bound reached")
+        full = self._flex_bound.refusal(spec.tenant, spec.prompt_tokens + spec.max_tokens)
+        if full is not None:
+            return Rejected(self._queue_full_retry(late), f"flex {full}")
         if now + wait > spec.deadline:
             return Rejected(late, "cannot start by its deadline")
         return None
@@ -294,12 +293,13 @@ class Scheduler:
     # ---- state ----------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        queued = dict.fromkeys(TIERS, 0)
-        running = dict.fromkeys(TIERS, 0)
-        for job in self._jobs.values():
-            (running if job.phase is Phase.RUNNING else queued)[job.spec.tier] += 1
+        queued = {tier: len(self._queues[tier]) for tier in TIERS}
         return Snapshot(
-            queued, running, self.slots, self.rate.per_slot, self.rate.interactive_share
+            queued,
+            dict(self._running_count),
+            self.slots,
+            self.rate.per_slot,
+            self.rate.interactive_share,
         )
 
     def job(self, job_id: str) -> JobState | None:
@@ -309,6 +309,7 @@ class Scheduler:
         return list(self._running)
 
     def queued_ids(self) -> list[str]:
+        """Every queued job, O(n): for tests and diagnostics, never on an event's path."""
         return [j.spec.job_id for j in self._jobs.values() if j.phase is Phase.QUEUED]
 
     def _advance(self, now: float) -> None:
@@ -324,40 +325,51 @@ class Scheduler:
         self._seq += 1
         return self._seq
 
-    def _is_queued(self, job_id: str) -> bool:
-        job = self._jobs.get(job_id)
-        return job is not None and job.phase is Phase.QUEUED
-
     def _awaits_first_start(self, job_id: str) -> bool:
         """Queued and never started: the only jobs a deadline can refuse."""
         job = self._jobs.get(job_id)
         return job is not None and job.phase is Phase.QUEUED and not job.started
 
+    def _forget(self, job_id: str, now: float) -> JobState | None:
+        self._advance(now)
+        job = self._jobs.pop(job_id, None)
+        if job is None:
+            return None
+        if job.phase is Phase.QUEUED:
+            self._queues[job.spec.tier].remove(job)
+            self._unqueue_counts(job)
+        else:
+            self._stop_running(job)
+        self._queues[job.spec.tier].vtc.leave(job.spec.tenant)
+        return job
+
+    def _bound(self, job: JobState) -> FairBound:
+        return self._interactive_bound if job.spec.interactive else self._flex_bound
+
     def _enqueue(self, job: JobState) -> None:
+        if job.phase is Phase.RUNNING:
+            self._stop_running(job)
         job.phase = Phase.QUEUED
-        self._running.pop(job.spec.job_id, None)
-        if job.spec.interactive:
-            self._interactive.push(job)
-            return
-        self._fair[job.spec.tier].push(job)
-        self._queued_preemptible += 1
-        self._queued_preemptible_tokens += job.spec.prompt_tokens + job.spec.max_tokens
-        self._queued_flex += job.spec.tier == "flex"
+        job.queued_work = self._queued_work(job)
+        self._queues[job.spec.tier].push(job)
+        self._bound(job).add(job.spec.tenant, _bound_tokens(job))
 
     def _unqueue_counts(self, job: JobState) -> None:
-        if not job.spec.interactive:
-            self._queued_preemptible -= 1
-            self._queued_preemptible_tokens -= job.spec.prompt_tokens + job.spec.max_tokens
-            self._queued_flex -= job.spec.tier == "flex"
+        self._bound(job).discard(job.spec.tenant, _bound_tokens(job))
+
+    def _stop_running(self, job: JobState) -> None:
+        del self._running[job.spec.job_id]
+        self._running_count[job.spec.tier] -= 1
 
     def _start(self, job_id: str, start: list[str]) -> None:
+        """`job_id` was just popped from its queue."""
         job = self._jobs[job_id]
         self._unqueue_counts(job)
         job.phase = Phase.RUNNING
         self._running[job_id] = job
-        if not job.input_charged and not job.spec.interactive:
-            vtc = self._fair[job.spec.tier].vtc
-            vtc.charge(job.spec.tenant, input_tokens=job.spec.prompt_tokens)
+        self._running_count[job.spec.tier] += 1
+        if not job.input_charged:
+            self._queues[job.spec.tier].charge(job.spec.tenant, input_tokens=job.spec.prompt_tokens)
             job.input_charged = True
         job.started = True
         start.append(job_id)
@@ -370,32 +382,32 @@ class Scheduler:
 
     def _victim(self, among: tuple[Tier, ...] = PREEMPTIBLE) -> str | None:
         """The running flex/batch job that loses least: lowest tier, latest deadline,
-        fewest tokens produced."""
+        fewest tokens produced. (A scan of the running jobs: at most `slots`.)"""
         candidates = [j for j in self._running.values() if j.spec.tier in among]
         if not candidates:
             return None
         loser = max(candidates, key=lambda j: (RANK[j.spec.tier], j.spec.deadline, -j.produced))
         return loser.spec.job_id
 
-    def _next_preemptible(self) -> str | None:
-        for tier in PREEMPTIBLE:
-            job_id = self._fair[tier].peek()
-            if job_id is not None:
-                return self._fair[tier].pop()
+    def _interactive_queue(self) -> FairQueue | None:
+        """The queue of the next interactive job to start: priority before default."""
+        for tier in INTERACTIVE_ORDER:
+            if self._queues[tier]:
+                return self._queues[tier]
         return None
 
-    def _next_preemptible_of_rank(self, rank: int) -> str | None:
-        """A queued flex/batch job that would start before one of tier rank `rank`."""
+    def _preemptible_queue(self, rank: int = len(TIERS)) -> FairQueue | None:
+        """The queue of the next flex/batch job to start, among tiers of rank <= `rank`."""
         for tier in PREEMPTIBLE:
-            if RANK[tier] <= rank and self._fair[tier].peek() is not None:
-                return self._fair[tier].peek()
+            if RANK[tier] <= rank and self._queues[tier]:
+                return self._queues[tier]
         return None
 
     def _free_slots(self) -> int:
-        return self.slots - self._running_interactive() - self._running_preemptible()
+        return self.slots - len(self._running)
 
     def _flex_may_start(self) -> bool:
-        if self._interactive.peek() is not None or self._free_slots() == 0:
+        if self._interactive_queue() is not None or self._free_slots() == 0:
             return False
         return self._running_preemptible() < self._flex_limit()
 
@@ -409,14 +421,11 @@ class Scheduler:
         return limit
 
     def _running_interactive(self) -> int:
-        return sum(1 for j in self._running.values() if j.spec.interactive)
-
-    def _running_of_tier(self, tier: Tier) -> int:
-        return sum(1 for j in self._running.values() if j.spec.tier == tier)
+        return self._running_count["priority"] + self._running_count["default"]
 
     def _running_preemptible(self) -> int:
-        return sum(1 for j in self._running.values() if not j.spec.interactive)
+        return self._running_count["flex"] + self._running_count["batch"]
 
 
-def _spec_work(spec: JobSpec, prefill_weight: float) -> float:
-    return spec.prompt_tokens * prefill_weight + spec.max_tokens
+def _bound_tokens(job: JobState) -> int:
+    return job.spec.prompt_tokens + job.spec.max_tokens

@@ -1,4 +1,4 @@
-"""Service tiers and their strict order."""
+"""Service tiers and their strict order: the one place that names tier sets."""
 
 from __future__ import annotations
 
@@ -11,7 +11,12 @@ TIERS: Final[tuple[Tier, ...]] = get_args(Tier)
 REQUESTABLE: Final[tuple[str, ...]] = get_args(RequestedTier)
 RANK: Final[dict[Tier, int]] = {tier: index for index, tier in enumerate(TIERS)}
 INTERACTIVE: Final[frozenset[Tier]] = frozenset({"priority", "default"})
+INTERACTIVE_ORDER: Final[tuple[Tier, ...]] = ("priority", "default")
 PREEMPTIBLE: Final[tuple[Tier, ...]] = ("flex", "batch")
+QUOTED: Final[tuple[Tier, ...]] = ("priority", "default", "flex")
+"""Tiers a single request can be served in (batch comes only through the Batch API)."""
+ALIASES: Final[dict[str, Tier]] = {"fast": "priority"}
+"""Other names clients may send for a tier (OpenAI's newer `fast` is `priority`)."""
 
 
 def is_interactive(tier: Tier) -> bool:

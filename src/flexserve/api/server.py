@@ -1,0 +1,90 @@
+"""The server process: uvicorn, plus what a supervised service needs from it.
+
+- SIGTERM (or Ctrl-C) drains instead of stopping at once. uvicorn's own handler closes
+  the listening socket straight away (new clients get connection errors) and, after
+  shutting down, re-raises the signal, so the process ends "killed by SIGTERM" (143).
+  Here the first signal starts `Runtime.shutdown` while the server keeps accepting
+  (new requests get 503 from `DrainGate`); when the runtime has drained, uvicorn is
+  told to exit, and the exit status is 0. A second signal stops waiting.
+- If the runtime task dies, the server exits with status 1, so that a supervisor
+  restarts it (every waiter has already had its 500).
+- Request read deadlines (`read_deadlines`) close stalled half-requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from flexserve.api.read_deadlines import read_deadline_protocol
+from flexserve.api.state import AppState
+from flexserve.config import Settings
+from flexserve.runtime import Runtime
+
+log = logging.getLogger("flexserve")
+
+FLUSH_SECONDS = 5
+"""After the drain: how long uvicorn waits for responses still being written (the last
+SSE events) before it cancels them."""
+
+EXIT_RUNTIME_FAILED = 1
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, runtime: Runtime, grace: float) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+        self.grace = grace
+        self._drain_asked = False
+        self._drain: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # A signal handler: only set flags; `on_tick` (on the event loop) acts on them.
+        # The signal is not recorded for re-raising (see the module docstring).
+        if self._drain_asked:
+            log.warning("second signal: stopping without waiting for the drain")
+            self.should_exit = True
+            self.force_exit = sig == signal.SIGINT
+        self._drain_asked = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_asked and self._drain is None:
+            self._drain = asyncio.create_task(self._drain_then_exit(), name="flexserve-drain")
+        if self.runtime.failure is not None:
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+    async def _drain_then_exit(self) -> None:
+        log.info("draining (grace %.1f s): new requests get 503", self.grace)
+        await self.runtime.shutdown(self.grace)
+        log.info("drained")
+        self.should_exit = True
+
+
+def build_server(app: FastAPI, settings: Settings, log_level: str) -> DrainingServer:
+    state: AppState = app.state.flexserve
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        lifespan="on",
+        http=read_deadline_protocol(settings.header_read_timeout, settings.body_read_timeout),
+        timeout_graceful_shutdown=FLUSH_SECONDS,
+    )
+    return DrainingServer(config, state.runtime, settings.shutdown_grace)
+
+
+def run_server(app: FastAPI, settings: Settings, log_level: str) -> int:
+    """Serve until drained or failed; the process's exit status."""
+    server = build_server(app, settings, log_level)
+    server.run()
+    if server.runtime.failure is not None:
+        log.error("exiting: %s", server.runtime.failure)
+        return EXIT_RUNTIME_FAILED
+    return 0
