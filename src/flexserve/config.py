@@ -87,9 +87,11 @@ class SchedulerSettings(BaseModel):
     interactive_max_wait: float = Field(default=30.0, ge=0)
     """Seconds a priority/default job may queue before `503 overloaded`."""
     flex_queue_max_jobs: int = Field(default=1000, ge=1)
-    """Most flex + batch jobs queued at once; more are shed with 429."""
+    """Most flex + batch jobs queued at once, shared fairly: when full, a tenant still
+    under its share (this bound / tenants with queued work) is admitted, others get 429."""
     flex_queue_max_tokens: int = Field(default=2_000_000, ge=1)
-    """Most tokens (prompt + max output) queued for flex + batch at once."""
+    """Most tokens (prompt + max output) queued for flex + batch at once, shared fairly
+    between tenants in the same way."""
     interactive_reserve: int = Field(default=0, ge=0)
     """Slots never given to flex/batch, for engines that cannot preempt cheaply
     (fewer than `slots`: flex must have at least one)."""

@@ -16,7 +16,7 @@ from flexserve.api.state import app_state
 from flexserve.billing import request_cost, usage_report, usd
 from flexserve.errors import InvalidRequest, ModelNotFound
 from flexserve.scheduling import Admitted, JobSpec
-from flexserve.scheduling.tiers import TIERS
+from flexserve.scheduling.tiers import QUOTED, TIERS
 
 STARTED = int(time.time())
 
@@ -69,7 +69,7 @@ async def flex_quote(request: Request) -> Response:
     max_tokens = _count_param(request, "max_tokens", state.settings.scheduler.default_max_tokens)
     now = state.runtime.clock()
     tiers: dict[str, dict[str, Any]] = {}
-    for tier in ("priority", "default", "flex"):
+    for tier in QUOTED:
         wait = state.settings.scheduler.flex_max_wait if tier == "flex" else 0.0
         spec = JobSpec("quote", key.tenant, tier, prompt, max_tokens, now, now + wait)
         admission = state.runtime.quote(spec)
