@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
 import openai
@@ -19,8 +19,22 @@ FAULTS = {"ttft_ms": 5, "tpot_ms": 2, "natural_output_tokens": 12, "fault_marker
 """The test settings' simulated engine, with in-prompt fault markers on."""
 
 
+_CLIENTS: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Closed at the end of each test: a client left to the garbage collector leaves an
+    unclosed socket, a ResourceWarning (an error here) in whichever test is running."""
+    yield
+    while _CLIENTS:
+        _CLIENTS.pop().close()
+
+
 def client(server: RunningServer, key: str = KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url, api_key=key, max_retries=0, timeout=30)
+    c = openai.OpenAI(base_url=server.url, api_key=key, max_retries=0, timeout=30)
+    _CLIENTS.append(c)
+    return c
 
 
 def ask(c: openai.OpenAI, content: str = "hello there", **kwargs: object) -> object:
