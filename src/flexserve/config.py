@@ -128,6 +128,9 @@ class SimulatedSettings(BaseModel):
     """Relative slowdown per extra active sequence (tpot = c * (1 + g * (active - 1)))."""
     natural_output_tokens: int = Field(default=24, ge=1)
     """Length of an answer that max_tokens does not cut (finish_reason stop)."""
+    fault_markers: bool = False
+    """Honour `[sim:error@N]` / `[sim:hang@N]` in prompts (fault injection for tests); off,
+    so that users' own load tests cannot trip faults by what they send."""
 
 
 class EmbeddedSettings(BaseModel):
@@ -221,6 +224,9 @@ class Settings(BaseSettings):
     """Seconds without a token before a running stream counts as a failed engine."""
     retry_after_max: float = Field(default=60.0, gt=0)
     """Retry-After above this also sends `x-should-retry: false`."""
+    retry_grace: float = Field(default=30.0, gt=0, le=3600)
+    """Seconds a non-streaming answer whose client left after its job started is kept
+    (its job running) for the client's retry to adopt instead of paying twice."""
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     """The scheduling policy's knobs."""
     simulated: SimulatedSettings = Field(default_factory=SimulatedSettings)

@@ -17,7 +17,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "flexserve_requests",
-            "Requests by tier and outcome (completed, cancelled, failed, shed, overloaded).",
+            "Requests by tier and outcome (completed, cancelled, failed, shed, overloaded, "
+            "abandoned: the client left while the job was queued; never billed).",
             ["tier", "outcome"],
             registry=self.registry,
         )

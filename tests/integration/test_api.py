@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
 import openai
@@ -15,10 +15,26 @@ from tests.conftest import KEY, OTHER_KEY, RunningServer
 
 MODEL = "smollm2-135m"
 Serve = Callable[..., RunningServer]
+FAULTS = {"ttft_ms": 5, "tpot_ms": 2, "natural_output_tokens": 12, "fault_markers": True}
+"""The test settings' simulated engine, with in-prompt fault markers on."""
+
+
+_CLIENTS: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Closed at the end of each test: a client left to the garbage collector leaves an
+    unclosed socket, a ResourceWarning (an error here) in whichever test is running."""
+    yield
+    while _CLIENTS:
+        _CLIENTS.pop().close()
 
 
 def client(server: RunningServer, key: str = KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url, api_key=key, max_retries=0, timeout=30)
+    c = openai.OpenAI(base_url=server.url, api_key=key, max_retries=0, timeout=30)
+    _CLIENTS.append(c)
+    return c
 
 
 def ask(c: openai.OpenAI, content: str = "hello there", **kwargs: object) -> object:
@@ -269,7 +285,7 @@ def test_client_disconnect_frees_the_slot_and_bills_what_was_produced(serve: Ser
 
 
 def test_engine_failure_mid_stream_ends_that_stream_with_an_error_only(serve: Serve) -> None:
-    server = serve()
+    server = serve(simulated=FAULTS)
     c = client(server)
     stream = c.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "break [sim:error@3]"}], stream=True
@@ -285,7 +301,7 @@ def test_engine_failure_mid_stream_ends_that_stream_with_an_error_only(serve: Se
 
 
 def test_engine_failure_before_any_token_fails_cleanly_and_is_not_billed(serve: Serve) -> None:
-    server = serve()
+    server = serve(simulated=FAULTS)
     c = client(server)
     with pytest.raises(openai.InternalServerError) as caught:
         ask(c, content="fails at once [sim:error@0]", service_tier="flex")
@@ -331,7 +347,7 @@ def test_paused_stream_gets_sse_comments_then_continues_without_duplicates(serve
 
 
 def test_a_hung_engine_ends_the_stream_with_an_error_not_a_hang(serve: Serve) -> None:
-    server = serve(stall_timeout=0.3)
+    server = serve(stall_timeout=0.3, simulated=FAULTS)
     stream = client(server).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "stall [sim:hang@2]"}], stream=True
     )

@@ -119,7 +119,7 @@ def test_tpot_grows_with_active_sequences() -> None:
 
 
 def test_injected_error_fails_after_n_tokens() -> None:
-    sim = backend()
+    sim = backend(fault_markers=True)
     req = request(sim, "please [sim:error@3]")
     produced: list[TokenChunk] = []
 
@@ -149,3 +149,57 @@ def test_busy_slot_seconds_integrates_active_sequences() -> None:
     now[0] = 5.0
     assert sim.stats().busy_slot_seconds == pytest.approx(2.0)
     assert sim.stats().active_sequences == 0
+
+
+def sampled(sim: SimulatedBackend, text: str, **params: object) -> GenerationRequest:
+    prompt = sim.encode_chat([ChatMessage("user", text)])
+    return GenerationRequest("r", prompt, SamplingParams(**params))  # type: ignore[arg-type]
+
+
+def test_fault_markers_are_plain_text_unless_turned_on() -> None:
+    sim = backend(natural_output_tokens=5)
+    tokens, finish = asyncio.run(collect(sim, request(sim, "please [sim:error@0]")))
+    assert len(tokens) == 5 and finish == Finish("stop")
+    hang = backend(natural_output_tokens=5)
+    tokens, finish = asyncio.run(collect(hang, request(hang, "[sim:hang@1]")))
+    assert len(tokens) == 5 and finish == Finish("stop")
+
+
+def test_min_tokens_holds_the_natural_end_back() -> None:
+    sim = backend(natural_output_tokens=4)
+    plain, _ = asyncio.run(collect(sim, sampled(sim, "hi", max_tokens=50)))
+    tokens, finish = asyncio.run(collect(sim, sampled(sim, "hi", max_tokens=50, min_tokens=9)))
+    assert len(tokens) == 9 and finish == Finish("stop")
+    assert [t.token_id for t in tokens[:4]] == [t.token_id for t in plain]
+    tokens, finish = asyncio.run(collect(sim, sampled(sim, "hi", max_tokens=6, min_tokens=6)))
+    assert len(tokens) == 6 and finish == Finish("stop")
+
+
+def test_min_tokens_holds_stop_strings_back() -> None:
+    sim = backend(natural_output_tokens=30)
+    whole, _ = asyncio.run(collect(sim, sampled(sim, "story", max_tokens=50)))
+    words = [t.text.strip() for t in whole]
+    stop = words[2]
+    first = words.index(stop)
+    tokens, finish = asyncio.run(collect(sim, sampled(sim, "story", max_tokens=50, stop=(stop,))))
+    assert len(tokens) == first and finish == Finish("stop")
+    later = [i for i, w in enumerate(words) if w == stop and i >= first + 1]
+    held = sampled(sim, "story", max_tokens=50, stop=(stop,), min_tokens=first + 1)
+    tokens, finish = asyncio.run(collect(sim, held))
+    assert finish == Finish("stop")
+    assert len(tokens) == (later[0] if later else 30)
+    assert stop in [t.text.strip() for t in tokens]
+
+
+def test_ignore_eos_generates_up_to_max_tokens() -> None:
+    sim = backend(natural_output_tokens=4)
+    tokens, finish = asyncio.run(collect(sim, sampled(sim, "hi", max_tokens=10, ignore_eos=True)))
+    assert len(tokens) == 10 and finish == Finish("length")
+
+
+def test_top_k_and_repetition_penalty_leave_the_text_alone() -> None:
+    sim = backend(natural_output_tokens=8)
+    plain, _ = asyncio.run(collect(sim, sampled(sim, "hi", max_tokens=50)))
+    other = sampled(sim, "hi", max_tokens=50, top_k=5, repetition_penalty=1.3)
+    tokens, _ = asyncio.run(collect(sim, other))
+    assert [t.text for t in tokens] == [t.text for t in plain]

@@ -10,7 +10,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from flexserve import __version__
 from flexserve.api import admin, chat, errors, routes
+from flexserve.api import openapi as docs
 from flexserve.api.body import RequestIdMiddleware
 from flexserve.api.draining import DrainGate
 from flexserve.api.limits import RateLimitMiddleware
@@ -54,7 +56,14 @@ def create_app(
             await backend.close()
             store.close()
 
-    app = FastAPI(title="flexserve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="flexserve",
+        version=__version__,
+        description="OpenAI-compatible LLM server with service tiers.",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.flexserve = state
     app.add_middleware(RateLimitMiddleware)
     # The middleware added last runs first: a draining server answers 503 before any
@@ -97,13 +106,16 @@ def _state(
 
 
 def _routes(app: FastAPI) -> None:
-    app.add_api_route("/v1/chat/completions", chat.chat_completions, methods=["POST"])
-    app.add_api_route("/v1/models", routes.list_models, methods=["GET"])
-    app.add_api_route("/v1/models/{model:path}", routes.get_model, methods=["GET"])
-    app.add_api_route("/v1/usage", routes.usage, methods=["GET"])
-    app.add_api_route("/v1/flex/quote", routes.flex_quote, methods=["GET"])
-    app.add_api_route("/v1/admin/keys", admin.create_key, methods=["POST"])
-    app.add_api_route("/v1/admin/keys", admin.list_keys, methods=["GET"])
-    app.add_api_route("/v1/admin/keys/{key_id}", admin.revoke_key, methods=["DELETE"])
-    app.add_api_route("/healthz", routes.healthz, methods=["GET"])
-    app.add_api_route("/metrics", routes.metrics, methods=["GET"])
+    # Each route's OpenAPI description (body, parameters, errors) is in api/openapi.py.
+    route = app.add_api_route
+    route("/v1/chat/completions", chat.chat_completions, methods=["POST"], **docs.CHAT)
+    route("/v1/models", routes.list_models, methods=["GET"], **docs.MODELS)
+    route("/v1/models/{model:path}", routes.get_model, methods=["GET"], **docs.MODEL)
+    route("/v1/usage", routes.usage, methods=["GET"], **docs.USAGE)
+    route("/v1/flex/quote", routes.flex_quote, methods=["GET"], **docs.QUOTE)
+    route("/v1/admin/keys", admin.create_key, methods=["POST"], **docs.CREATE_KEY)
+    route("/v1/admin/keys", admin.list_keys, methods=["GET"], **docs.LIST_KEYS)
+    route("/v1/admin/keys/{key_id}", admin.revoke_key, methods=["DELETE"], **docs.REVOKE_KEY)
+    route("/healthz", routes.healthz, methods=["GET"], **docs.HEALTHZ)
+    route("/health", routes.healthz, methods=["GET"], **docs.HEALTH)  # vLLM's path
+    route("/metrics", routes.metrics, methods=["GET"], **docs.METRICS)

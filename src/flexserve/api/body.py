@@ -36,11 +36,14 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = "req_" + secrets.token_hex(12)
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = "req_" + secrets.token_hex(12)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
+                # Read at send time: a retry that adopts an earlier attempt's answer
+                # answers under that attempt's id (the ledger key).
+                request_id: str = state["request_id"]
                 headers = [(k, v) for k, v in message.get("headers", []) if k != b"x-request-id"]
                 headers.append((b"x-request-id", request_id.encode()))
                 message["headers"] = headers

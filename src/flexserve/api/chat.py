@@ -9,22 +9,25 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from flexserve.api.auth import authenticate
 from flexserve.api.body import read_body
+from flexserve.api.errors import CLIENT_GONE
+from flexserve.api.keepalive import deliver
+from flexserve.api.retries import Orphan, attempt_key, is_retry, may_be_retried
 from flexserve.api.state import AppState, app_state
 from flexserve.api.validation import ValidChat, parse_body, validate_chat
 from flexserve.api.wire import ChatCompletionRequest
 from flexserve.errors import FlexserveError
 from flexserve.runtime import Done, Failed, JobEvent, JobHandle, Paused, Started, Submission, Token
 
-CLIENT_GONE = 499
-T = TypeVar("T")
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+"""No cache or proxy (nginx) may hold SSE chunks back."""
 
 
 async def chat_completions(request: Request) -> Response:
@@ -37,11 +40,16 @@ async def chat_completions(request: Request) -> Response:
     valid = await asyncio.to_thread(
         validate_chat, wire, key, state.backend, state.settings, headers
     )
+    attempt = _Attempt(state, key.tenant, attempt_key(headers, body), may_be_retried(headers))
+    if not valid.stream and is_retry(headers):
+        orphan = state.orphans.adopt(key.tenant, attempt.key)
+        if orphan is not None:  # this retry takes over the answer its first attempt left
+            request.state.request_id = orphan.request_id  # the answer's ledger key
+            return await deliver(request, orphan.answer, attempt.heartbeat, attempt.leave(orphan))
     state.limits.admit(request, key, valid)  # 429 rate_limit_exceeded over the key's limits
-    request_id: str = request.state.request_id
     handle = state.runtime.submit(
         Submission(
-            request_id=request_id,
+            request_id=request.state.request_id,
             tenant=key.tenant,
             tier=valid.tier,
             model=state.backend.model,
@@ -53,13 +61,46 @@ async def chat_completions(request: Request) -> Response:
     )
     answer = _Answer(state, handle, valid)
     first = await answer.next_event_or_disconnect(request)
-    if first is None:
-        return Response(status_code=CLIENT_GONE)
     if isinstance(first, Failed):
         raise first.error
+    if first is None and (valid.stream or not handle.started):
+        answer.cancel()
+        return Response(status_code=CLIENT_GONE)
     if valid.stream:
-        return StreamingResponse(answer.sse(), media_type="text/event-stream")
-    return await answer.json(request)
+        return StreamingResponse(answer.sse(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return await _json(request, answer, attempt, client_left=first is None)
+
+
+async def _json(
+    request: Request, answer: _Answer, attempt: _Attempt, client_left: bool
+) -> Response:
+    """The job has started: from here a client that may retry and leaves orphans the
+    answer (its job goes on) for its retry to adopt, instead of paying for a second job."""
+    collecting = asyncio.ensure_future(answer.collect())
+    orphan = Orphan(answer.handle.request_id, collecting, lambda: answer.give_up(collecting))
+    if client_left:
+        attempt.leave(orphan)()
+        return Response(status_code=CLIENT_GONE)
+    return await deliver(request, collecting, attempt.heartbeat, attempt.leave(orphan))
+
+
+class _Attempt:
+    """One client attempt at a non-streaming request, as the retry registry sees it."""
+
+    def __init__(self, state: AppState, tenant: str, key: str, retried: bool) -> None:
+        self.state = state
+        self.tenant = tenant
+        self.key = key
+        self.retried = retried
+        """The client may send this request again (else leaving cancels its job)."""
+        self.heartbeat = state.settings.paused_heartbeat
+
+    def leave(self, orphan: Orphan) -> Callable[[], None]:
+        """What to do when the client leaves: keep the answer for a retry, or give up."""
+        if not self.retried:
+            return orphan.on_unclaimed
+        grace = self.state.settings.retry_grace
+        return lambda: self.state.orphans.leave(self.tenant, self.key, orphan, grace)
 
 
 class _Answer:
@@ -71,41 +112,52 @@ class _Answer:
         self.valid = valid
         self.created = int(time.time())
         self.completion_id = "chatcmpl-" + handle.request_id.removeprefix("req_")
-        self._first_token_seen = False
+        self._tokens_seen = 0
 
     async def next_event_or_disconnect(self, request: Request) -> JobEvent | None:
-        """The next event; None (and the job cancelled) if the client went away first."""
-        return await self._unless_client_leaves(request, self.handle.events.get())
-
-    async def json(self, request: Request) -> Response:
-        response = await self._unless_client_leaves(request, self._collect())
-        return response if response is not None else Response(status_code=CLIENT_GONE)
-
-    async def _unless_client_leaves(self, request: Request, work: Awaitable[T]) -> T | None:
-        """`work`'s result, or None if the client disconnects first (its job is cancelled)."""
-        task = asyncio.ensure_future(work)
+        """The next event; None if the client went away first (the job goes on)."""
+        task = asyncio.ensure_future(self.handle.events.get())
         gone = asyncio.ensure_future(_disconnected(request))
         done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
         gone.cancel()
         if gone not in done:  # both at once: the client is gone, so is the answer's use
             return task.result()
         task.cancel()
-        self.state.runtime.cancel(self.handle.request_id)
         return None
 
-    async def _collect(self) -> Response:
+    def cancel(self) -> None:
+        """The client left: free the slot, bill what was produced.
+
+        A job that had not started is never billed, but is counted: the runtime applies
+        the cancel before its next plan, so a job not started now never starts (one
+        refused meanwhile was already counted by its settle).
+        """
+        self.state.runtime.cancel(self.handle.request_id)
+        if not self.handle.started and self.handle.settled is None:
+            self.state.metrics.requests.labels(self.valid.tier, "abandoned").inc()
+
+    def give_up(self, collecting: asyncio.Task[dict[str, Any]]) -> None:
+        """No retry came for the orphaned answer: stop its job (billed for what it made)."""
+        self.cancel()
+        if not collecting.done():
+            collecting.cancel()
+        elif not collecting.cancelled():
+            collecting.exception()  # a failure nobody will read: retrieved, not logged
+
+    async def collect(self) -> dict[str, Any]:
+        """The whole answer as a `chat.completion` body, once the job is done and billed."""
         text: list[str] = []
         while True:
             event = await self.handle.events.get()
             if isinstance(event, Token):
-                self._observe_first_token()
+                self._observe_token()
                 text.append(event.chunk.text)
             elif isinstance(event, Failed):
                 raise event.error
             elif isinstance(event, Done):
                 text.append(event.text)
                 await self._settled()
-                return JSONResponse(self._completion("".join(text), event.finish_reason))
+                return self._completion("".join(text), event.finish_reason)
 
     async def sse(self) -> AsyncIterator[str]:
         finished = False
@@ -114,9 +166,10 @@ class _Answer:
             async for event in self._events_with_heartbeat():
                 if event is None:
                     yield ": paused\n\n"
-                elif isinstance(event, Token) and event.chunk.text:
-                    self._observe_first_token()
-                    yield self._chunk({"content": event.chunk.text})
+                elif isinstance(event, Token):
+                    self._observe_token()
+                    if event.chunk.text:
+                        yield self._chunk({"content": event.chunk.text})
                 elif isinstance(event, Done):
                     finished = True
                     async for line in self._sse_end(event):
@@ -162,15 +215,16 @@ class _Answer:
         if self.handle.settled is not None:
             await asyncio.shield(self.handle.settled)
 
-    def _observe_first_token(self) -> None:
-        if not self._first_token_seen:
-            self._first_token_seen = True
+    def _observe_token(self) -> None:
+        self._tokens_seen += 1
+        if self._tokens_seen == 1:
             elapsed = self.state.runtime.clock() - self.handle.arrival
             self.state.metrics.ttft.labels(self.valid.tier).observe(elapsed)
 
-    def _usage(self) -> dict[str, int]:
+    def _usage(self, completion: int | None = None) -> dict[str, int]:
+        """Usage of the whole answer, or (streaming) of the `completion` tokens sent so far."""
         prompt = len(self.valid.prompt_tokens)
-        completion = len(self.handle.produced)
+        completion = len(self.handle.produced) if completion is None else completion
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -183,7 +237,7 @@ class _Answer:
             "object": kind,
             "created": self.created,
             "model": self.state.backend.model,
-            "service_tier": self.valid.tier,
+            "service_tier": self.valid.reported_tier,
             "system_fingerprint": f"flexserve-{self.state.backend.name}",
             "choices": choices,
             **extra,
@@ -191,7 +245,8 @@ class _Answer:
 
     def _chunk(self, delta: dict[str, str], finish_reason: str | None = None) -> str:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return _sse(self._envelope("chat.completion.chunk", [choice]))
+        extra = {"usage": self._usage(self._tokens_seen)} if self.valid.continuous_usage else {}
+        return _sse(self._envelope("chat.completion.chunk", [choice], **extra))
 
     def _completion(self, text: str, finish_reason: str) -> dict[str, Any]:
         choice = {

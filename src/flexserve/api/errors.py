@@ -7,12 +7,15 @@ import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from flexserve.errors import FlexserveError, InvalidRequest, MethodNotAllowed, NotFound
 
 log = logging.getLogger("flexserve.api")
+CLIENT_GONE = 499
+"""nginx's status for a client that closed the connection; never reaches the client."""
 
 
 def retry_headers(error: FlexserveError, retry_after_max: float) -> dict[str, str]:
@@ -52,6 +55,12 @@ def install(app: FastAPI, retry_after_max: float) -> None:
     async def validation_error(request: Request, error: Exception) -> JSONResponse:
         return error_response(InvalidRequest(str(error)), request_id(request), retry_after_max)
 
+    async def client_gone(request: Request, error: Exception) -> Response:
+        # A client that hangs up mid-body is routine (and cheap to repeat): one quiet
+        # line, not a traceback, so that it cannot flood the log.
+        log.info("client disconnected mid-request request_id=%s", request_id(request))
+        return Response(status_code=CLIENT_GONE)
+
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
         log.exception("unhandled error request_id=%s", request_id(request))
         mapped = FlexserveError("The server had an error while processing your request.")
@@ -60,4 +69,5 @@ def install(app: FastAPI, retry_after_max: float) -> None:
     app.add_exception_handler(FlexserveError, flexserve_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(Exception, unexpected)

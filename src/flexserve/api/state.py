@@ -8,6 +8,7 @@ from starlette.requests import Request
 
 from flexserve.api.key_cache import KeyCache
 from flexserve.api.limits import RateLimiter
+from flexserve.api.retries import Orphans
 from flexserve.backends.base import Backend
 from flexserve.billing import Ledger
 from flexserve.config import Settings
@@ -26,6 +27,8 @@ class AppState:
     metrics: Metrics
     keys: KeyCache = field(init=False)
     limits: RateLimiter = field(init=False)
+    orphans: Orphans = field(default_factory=Orphans)
+    """Answers whose client left, kept for its retry (api/retries.py)."""
 
     def __post_init__(self) -> None:
         self.keys = KeyCache(self.store, self.settings)

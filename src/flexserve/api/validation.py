@@ -2,26 +2,38 @@
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Final, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from flexserve.api.wire import ChatCompletionRequest
+from flexserve.api.strictness import reject_unsupported
+from flexserve.api.wire import (
+    SERVICE_TIERS,
+    TIER_ALIASES,
+    ChatCompletionRequest,
+    Message,
+    StreamOptions,
+    TextPart,
+)
 from flexserve.backends.base import Backend, ChatMessage, SamplingParams
 from flexserve.config import Settings
-from flexserve.errors import (
-    ContextLengthExceeded,
-    InvalidRequest,
-    ModelNotFound,
-    TierNotAllowed,
-    UnsupportedValue,
-)
-from flexserve.scheduling.tiers import REQUESTABLE, Tier
+from flexserve.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, TierNotAllowed
+from flexserve.scheduling.tiers import PREEMPTIBLE, Tier
 from flexserve.store import KeyRecord
 
 Model = TypeVar("Model", bound=BaseModel)
 FLEX_MAX_WAIT_HEADER = "x-flex-max-wait"
+READ_TIMEOUT_HEADER = "x-stainless-read-timeout"
+"""The official client's read timeout, sent on every request."""
+_MAX_DIGITS: Final = 40
+"""Longer numbers are out of range for every field (the largest bound has 19 digits)."""
+_UNION_TAGS: Final = frozenset(
+    {"str", "int", "float", "bool", "none"}
+    | {model.__name__ for model in (Message, StreamOptions, TextPart)}
+)
 
 
 def parse_body(model: type[Model], body: bytes) -> Model:
@@ -30,11 +42,40 @@ def parse_body(model: type[Model], body: bytes) -> Model:
     try:
         return model.model_validate_json(body)
     except ValidationError as error:
-        raise _invalid(error) from None
+        raise _named_huge_number(model, body, error) or _invalid(error) from None
+
+
+def _named_huge_number(
+    model: type[Model], body: bytes, error: ValidationError
+) -> InvalidRequest | None:
+    """A number too long for the JSON parser (thousands of digits) is a bad value of
+    its field, not bad JSON: find the field by parsing again with such numbers capped."""
+    first = error.errors(include_url=False)[0]
+    if first["type"] != "json_invalid" or "number out of range" not in first["msg"]:
+        return None
+    try:
+        capped = json.loads(body, parse_int=_capped_int, parse_float=_capped_float)
+        model.model_validate(capped)
+    except ValidationError as named:
+        return _invalid(named)
+    except ValueError:  # really not JSON
+        return None
+    return None  # the number sits where any value is accepted: still not parseable
+
+
+def _capped_int(digits: str) -> int:
+    return int(digits) if len(digits) <= _MAX_DIGITS else 10**_MAX_DIGITS
+
+
+def _capped_float(text: str) -> float:
+    return float(text[:_MAX_DIGITS] + ("e999" if len(text) > _MAX_DIGITS else ""))
 
 
 def _invalid(error: ValidationError) -> InvalidRequest:
-    first = error.errors(include_url=False)[0]
+    errors = error.errors(include_url=False)
+    # A union reports one error per member it tried; the deepest names the bad part.
+    field = errors[0]["loc"][:1]
+    first = max((e for e in errors if e["loc"][:1] == field), key=lambda e: len(e["loc"]))
     if first["type"] == "json_invalid":
         return InvalidRequest(f"We could not parse the JSON body of your request: {first['msg']}")
     param = _param(first["loc"])
@@ -42,26 +83,37 @@ def _invalid(error: ValidationError) -> InvalidRequest:
         return InvalidRequest(f"Unrecognized request argument supplied: {param}", param=param)
     if first["type"] == "missing":
         return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
-    return InvalidRequest(f"Invalid value for '{param}': {first['msg']}.", param=param)
+    where = f"'{param}'" if param else "the request body"
+    return InvalidRequest(f"Invalid value for {where}: {first['msg']}.", param=param)
 
 
-def _param(loc: tuple[int | str, ...]) -> str:
+def _param(loc: tuple[int | str, ...]) -> str | None:
+    """The full path of the bad field (`messages[0].content`), None for the whole body."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not part.startswith(("function-", "list[", "str", "int", "float", "bool")):
+        elif not _is_union_tag(part):
             out += ("." if out else "") + part
-    return out or "body"
+    return out or None
+
+
+def _is_union_tag(part: str) -> bool:
+    """pydantic puts the union member it tried (`str`, `list[TextPart]`, ...) in `loc`."""
+    return part in _UNION_TAGS or "[" in part or part.startswith(("function-", "constrained-"))
 
 
 @dataclass(frozen=True)
 class ValidChat:
     tier: Tier
+    reported_tier: str
+    """What responses say in `service_tier`: the tier used, by the name the client sent."""
     prompt_tokens: tuple[int, ...]
     sampling: SamplingParams
     stream: bool
     include_usage: bool
+    continuous_usage: bool
+    """vLLM's `continuous_usage_stats`: usage in every chunk."""
     max_wait: float
 
 
@@ -77,96 +129,139 @@ def validate_chat(
             f"The model '{wire.model}' does not exist; this server serves '{backend.model}'.",
             param="model",
         )
-    _reject_unsupported(wire)
-    tier = resolve_tier(wire.service_tier, key)
-    messages = tuple(ChatMessage(m.role, m.text()) for m in wire.messages)
-    try:
-        prompt = backend.encode_chat(messages)
-    except ValueError as error:  # the model's chat template refused these messages
+    reject_unsupported(wire)
+    if wire.stream_options is not None and not wire.stream:
         raise InvalidRequest(
-            f"The messages do not fit this model's chat template: {error}", param="messages"
-        ) from None
-    sampling = _sampling(wire, len(prompt), backend.context_length, settings)
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            param="stream_options",
+        )
+    tier = resolve_tier(wire.service_tier, key)
+    prompt = _truncated(_encode(wire, backend), wire.truncate_prompt_tokens, backend)
+    options = wire.stream_options or StreamOptions()
     return ValidChat(
         tier=tier,
+        reported_tier=wire.service_tier if wire.service_tier in TIER_ALIASES else tier,
         prompt_tokens=prompt,
-        sampling=sampling,
+        sampling=_sampling(wire, len(prompt), backend.context_length, settings),
         stream=bool(wire.stream),
-        include_usage=bool(wire.stream_options and wire.stream_options.include_usage),
-        max_wait=_max_wait(tier, headers, settings),
+        include_usage=options.include_usage,
+        # as vLLM: usage in every chunk only together with include_usage
+        continuous_usage=options.include_usage and options.continuous_usage_stats,
+        max_wait=min(
+            _max_wait(tier, headers, settings), _client_patience(headers, settings, wire.stream)
+        ),
     )
 
 
 def resolve_tier(requested: str | None, key: KeyRecord) -> Tier:
-    if requested is not None and requested not in REQUESTABLE:
+    if requested is not None and requested not in SERVICE_TIERS:
         raise InvalidRequest(
             f"Invalid value for 'service_tier': '{requested}'. "
-            f"Supported values are: {', '.join(REQUESTABLE)}.",
+            f"Supported values are: {', '.join(SERVICE_TIERS)}.",
             param="service_tier",
         )
-    tier: Tier = key.default_tier if requested in (None, "auto") else requested  # type: ignore[assignment]
+    tier: Tier
+    if requested is None or requested == "auto":
+        tier = key.default_tier
+    else:
+        tier = TIER_ALIASES.get(requested, requested)  # type: ignore[arg-type]
     if tier not in key.allowed_tiers:
         raise TierNotAllowed(
-            f"This API key may not use service_tier '{tier}'.", param="service_tier"
+            f"This API key may not use service_tier '{requested or tier}'.", param="service_tier"
         )
     return tier
 
 
-def _reject_unsupported(wire: ChatCompletionRequest) -> None:
-    checks: list[tuple[str, bool, str]] = [
-        ("n", wire.n not in (None, 1), "Only n=1 is supported."),
-        ("logprobs", bool(wire.logprobs), "logprobs are not supported."),
-        ("top_logprobs", bool(wire.top_logprobs), "top_logprobs are not supported."),
-        ("logit_bias", bool(wire.logit_bias), "logit_bias is not supported."),
-        ("tools", bool(wire.tools), "This model does not support tools."),
-        ("tool_choice", _asks_for_tool(wire.tool_choice), "This model does not support tools."),
-        ("response_format", _asks_for_format(wire.response_format), "Only text output."),
-        ("modalities", _asks_for_modalities(wire.modalities), "Only text output."),
-        ("reasoning_effort", wire.reasoning_effort is not None, "Not a reasoning model."),
-    ]
-    for param, failed, message in checks:
-        if failed:
-            raise UnsupportedValue(message, param=param)
+def _encode(wire: ChatCompletionRequest, backend: Backend) -> tuple[int, ...]:
+    messages = tuple(ChatMessage(m.role, m.text()) for m in wire.messages)
+    try:
+        return backend.encode_chat(messages)
+    except ValueError as error:  # the model's chat template refused these messages
+        raise InvalidRequest(
+            f"The messages do not fit this model's chat template: {error}", param="messages"
+        ) from None
 
 
-def _asks_for_tool(choice: Any) -> bool:
-    return choice not in (None, "none", "auto")
-
-
-def _asks_for_format(response_format: dict[str, Any] | None) -> bool:
-    return response_format is not None and response_format.get("type") != "text"
-
-
-def _asks_for_modalities(modalities: list[str] | None) -> bool:
-    return modalities is not None and modalities != ["text"]
+def _truncated(prompt: tuple[int, ...], keep: int | None, backend: Backend) -> tuple[int, ...]:
+    """vLLM's `truncate_prompt_tokens`: keep the last `keep` tokens (-1 = the context)."""
+    if keep is None:
+        return prompt
+    keep = backend.context_length if keep == -1 else keep
+    return prompt[-keep:] if len(prompt) > keep else prompt
 
 
 def _sampling(
     wire: ChatCompletionRequest, prompt_len: int, context: int, settings: Settings
 ) -> SamplingParams:
-    if prompt_len >= context:
-        raise ContextLengthExceeded(
-            f"This model's maximum context length is {context} tokens; your messages "
-            f"resulted in {prompt_len} tokens.",
-            param="messages",
+    max_tokens = _max_tokens(wire, prompt_len, context, settings)
+    min_tokens = wire.min_tokens or 0
+    if min_tokens > max_tokens:
+        raise InvalidRequest(
+            f"min_tokens ({min_tokens}) must be at most max_tokens ({max_tokens}).",
+            param="min_tokens",
         )
-    asked = wire.max_completion_tokens or wire.max_tokens
-    room = context - prompt_len
     stop = (wire.stop,) if isinstance(wire.stop, str) else tuple(wire.stop or ())
     return SamplingParams(
-        max_tokens=min(asked or settings.scheduler.default_max_tokens, room),
+        max_tokens=max_tokens,
         temperature=1.0 if wire.temperature is None else wire.temperature,
         top_p=1.0 if wire.top_p is None else wire.top_p,
         stop=tuple(s for s in stop if s),
         seed=wire.seed,
         frequency_penalty=wire.frequency_penalty or 0.0,
         presence_penalty=wire.presence_penalty or 0.0,
+        top_k=max(0, wire.top_k or 0),  # vLLM's -1 and 0 both mean off
+        repetition_penalty=1.0 if wire.repetition_penalty is None else wire.repetition_penalty,
+        min_tokens=min_tokens,
+        ignore_eos=bool(wire.ignore_eos),
     )
+
+
+def _max_tokens(
+    wire: ChatCompletionRequest, prompt_len: int, context: int, settings: Settings
+) -> int:
+    """The output cap; asking for more than the context leaves is a 400, as OpenAI and vLLM."""
+    if prompt_len >= context:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context} tokens; your messages "
+            f"resulted in {prompt_len} tokens.",
+            param="messages",
+        )
+    room = context - prompt_len
+    param = "max_completion_tokens" if wire.max_completion_tokens else "max_tokens"
+    asked = wire.max_completion_tokens or wire.max_tokens
+    if asked is None:  # the default cap, raised to min_tokens if the client asked for more
+        return min(max(settings.scheduler.default_max_tokens, wire.min_tokens or 0), room)
+    if asked > room:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {context} tokens. However, you "
+            f"requested {prompt_len + asked} tokens ({prompt_len} in the messages, {asked} "
+            "in the completion). Please reduce the length of the messages or completion.",
+            param=param,
+        )
+    return asked
+
+
+def _client_patience(headers: dict[str, str], settings: Settings, stream: bool | None) -> float:
+    """How long a job may queue before the client would time out waiting for a first byte.
+
+    The official client says its read timeout; a stream's first byte goes out when the
+    job starts, a JSON answer's up to `paused_heartbeat` later (api/keepalive.py). A job
+    that could not start in time is better refused now (429/503 with Retry-After) than
+    timed out and retried by the client.
+    """
+    try:
+        timeout = float(headers.get(READ_TIMEOUT_HEADER, "inf"))
+    except ValueError:
+        return math.inf
+    if math.isnan(timeout):
+        return math.inf
+    first_byte = 0.0 if stream else settings.paused_heartbeat
+    return max(0.0, timeout - first_byte - 1.0)
 
 
 def _max_wait(tier: Tier, headers: dict[str, str], settings: Settings) -> float:
     sched = settings.scheduler
-    if tier not in ("flex", "batch"):
+    if tier not in PREEMPTIBLE:
         return sched.interactive_max_wait
     raw = headers.get(FLEX_MAX_WAIT_HEADER)
     if raw is None:

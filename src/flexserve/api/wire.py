@@ -1,12 +1,32 @@
-"""OpenAI wire models for requests. Validated requests are a separate type (ValidChat)."""
+"""OpenAI wire models for requests. Validated requests are a separate type (ValidChat).
+
+Every integer has a bound (an unbounded one lets a 4,000-digit number through to the
+engine), and vLLM's request extensions are declared so that clients written for vLLM
+work unchanged: `validation.py` honours them or rejects the ones we cannot do.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from flexserve.scheduling.tiers import REQUESTABLE, Tier
+
+INT32_MAX: Final = 2**31 - 1
+"""Bound of every token count: far above any context, far below what breaks an engine."""
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
+
+TIER_ALIASES: Final[dict[str, Tier]] = {"fast": "priority"}
+"""OpenAI's newer names: run as the tier they alias, reported as the client sent them."""
+SERVICE_TIERS: Final = (*REQUESTABLE, *TIER_ALIASES)
+"""What a client may ask for (checked in validation.py, with a message naming them)."""
+
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+TokenCount = Annotated[int, Field(ge=1, le=INT32_MAX)]
+Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 
 
 class TextPart(BaseModel):
@@ -34,9 +54,48 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
     include_obfuscation: bool | None = None
+    continuous_usage_stats: bool = False
+    """vLLM: with include_usage, every chunk carries the usage so far."""
 
 
-class ChatCompletionRequest(BaseModel):
+class VllmExtensions(BaseModel):
+    """vLLM's sampling and template extensions, each with vLLM's default.
+
+    The default asks for nothing; `validation.py` rejects (400 naming the field) any
+    other value that we cannot honour.
+    """
+
+    top_k: Annotated[int, Field(ge=-1, le=INT32_MAX)] | None = None
+    """-1 or 0 = off (vLLM's two spellings)."""
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0)] | None = None
+    min_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
+    ignore_eos: bool | None = None
+    use_beam_search: bool | None = None
+    best_of: Annotated[int, Field(ge=1, le=128)] | None = None
+    length_penalty: float | None = None
+    """Used by beam search only, which is off: any value asks for nothing."""
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1, le=INT32_MAX)] | None = None
+    """Keep only the last k prompt tokens; -1 = the model's context."""
+    prompt_logprobs: Annotated[int, Field(ge=-1, le=20)] | None = None
+    echo: bool | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    add_special_tokens: bool | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+    structured_outputs: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(VllmExtensions):
     """Every parameter the official client can send; `ValidChat` decides what we honour."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -45,22 +104,24 @@ class ChatCompletionRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    service_tier: str | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    service_tier: Annotated[str, Field(json_schema_extra={"enum": list(SERVICE_TIERS)})] | None = (
+        None
+    )
+    max_tokens: TokenCount | None = None
+    max_completion_tokens: TokenCount | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     frequency_penalty: Penalty | None = None
     presence_penalty: Penalty | None = None
-    n: int | None = None
+    n: Annotated[int, Field(ge=1, le=128)] | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
-    logit_bias: dict[str, float] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None

@@ -5,8 +5,15 @@ benchmarks isolate scheduling); time per output token is `c * (1 + g * (active -
 The text is deterministic: token i of an answer depends only on the prompt and i, so a
 job preempted any number of times produces exactly the text of one never preempted.
 
-Faults for tests are asked for in the prompt: `[sim:error@N]` fails the stream after N
-tokens, `[sim:hang@N]` stops producing after N tokens until cancelled.
+An answer ends naturally (finish_reason stop, as at an end-of-sequence token) after
+`natural_output_tokens`, or at a stop string; vLLM's `min_tokens` holds both ends back
+until that many tokens, and `ignore_eos` removes the natural end (max_tokens cuts it).
+`top_k` and `repetition_penalty` are accepted and change nothing: the text does not
+come from sampling.
+
+Faults for tests are asked for in the prompt when `fault_markers` is on (off by
+default): `[sim:error@N]` fails the stream after N tokens, `[sim:hang@N]` stops
+producing after N tokens until cancelled.
 """
 
 from __future__ import annotations
@@ -107,7 +114,8 @@ class SimulatedBackend:
         for message in messages:
             tokens.extend(_word_id(f"<{message.role}>", k) for k in range(_TOKENS_PER_MESSAGE))
             tokens.extend(_word_id(word, 0) for word in message.content.split())
-            tokens.extend(_fault_tokens(message.content))
+            if self.settings.fault_markers:
+                tokens.extend(_fault_tokens(message.content))
         return tuple(tokens)
 
     async def generate(
@@ -125,7 +133,7 @@ class SimulatedBackend:
                 await plan.fault_before(index, self._sleep)
                 self._stats.sampled_tokens += 1
                 word = plan.word(index)
-                if word in request.sampling.stop:
+                if word in request.sampling.stop and index >= request.sampling.min_tokens:
                     yield Finish("stop")
                     return
                 yield TokenChunk(token_id=_word_id(word, index), text=_spaced(word, index))
@@ -172,11 +180,13 @@ class _Answer:
 
     def __init__(self, request: GenerationRequest, natural_length: int) -> None:
         prompt = request.prompt_tokens
-        self._key = zlib.crc32(repr((prompt, request.sampling.seed)).encode())
-        self.length = min(natural_length, request.sampling.max_tokens)
-        self.finish_reason: FinishReason = (
-            "length" if request.sampling.max_tokens < natural_length else "stop"
-        )
+        sampling = request.sampling
+        self._key = zlib.crc32(repr((prompt, sampling.seed)).encode())
+        natural_end = max(natural_length, sampling.min_tokens)
+        if sampling.ignore_eos:
+            natural_end = sampling.max_tokens + 1
+        self.length = min(natural_end, sampling.max_tokens)
+        self.finish_reason: FinishReason = "length" if sampling.max_tokens < natural_end else "stop"
         self._error_at = _fault_position(prompt, _ERROR_BASE)
         self._hang_at = _fault_position(prompt, _HANG_BASE)
 

@@ -1,0 +1,94 @@
+"""A non-streaming answer that cannot time out in the client while its job runs.
+
+The official client reads with a 600 s timeout between bytes. A queued job gets no
+bytes (so that a shed is a real 429), but its wait is bounded below that; once the job
+has run for `heartbeat` seconds without finishing, the status (200) is committed and a
+space is sent every `heartbeat` seconds until the JSON body. Whitespace before a JSON
+value is valid JSON, and the client parses it as usual. Answers that finish within
+`heartbeat` are plain JSON responses, with their real status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from flexserve.api.errors import CLIENT_GONE
+
+Answer = asyncio.Future[dict[str, Any]]
+KEEPALIVE = b" "
+
+
+async def deliver(
+    request: Request, answer: Answer, heartbeat: float, on_leave: Callable[[], None]
+) -> Response:
+    """`answer` as JSON; `on_leave` runs if the client goes away before it is sent."""
+    gone = asyncio.ensure_future(_disconnected(request.receive))
+    watched: list[asyncio.Future[Any]] = [answer, gone]
+    try:
+        done, _ = await asyncio.wait(
+            watched, timeout=heartbeat, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        gone.cancel()
+    if gone in done and answer not in done:
+        on_leave()
+        return Response(status_code=CLIENT_GONE)
+    if answer in done:
+        return JSONResponse(answer.result())  # a failure raises its own status here
+    return _KeepAliveJSON(answer, heartbeat, on_leave)
+
+
+class _KeepAliveJSON(Response):
+    """200 now, a space every `heartbeat` seconds, then the body.
+
+    If the job fails after the status went out, the body is left incomplete: the
+    client sees a broken response and retries (a failed job is never billed), which is
+    better than a 200 whose body the client cannot parse as a completion.
+    """
+
+    def __init__(self, answer: Answer, heartbeat: float, on_leave: Callable[[], None]) -> None:
+        # Not Response.__init__: it would declare `content-length: 0`.
+        self.status_code = 200
+        self.background: BackgroundTask | None = None
+        self.raw_headers = [(b"content-type", b"application/json")]
+        self._answer = answer
+        self._heartbeat = heartbeat
+        self._on_leave = on_leave
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        gone = asyncio.ensure_future(_disconnected(receive))
+        watched: list[asyncio.Future[Any]] = [self._answer, gone]
+        try:
+            while not self._answer.done():
+                await asyncio.wait(
+                    watched,
+                    timeout=self._heartbeat,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if gone.done() and not self._answer.done():
+                    self._on_leave()
+                    return
+                if not self._answer.done():
+                    await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+        finally:
+            gone.cancel()
+        if self._answer.exception() is not None:
+            return
+        body = json.dumps(self._answer.result(), separators=(",", ":")).encode()
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _disconnected(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
