@@ -140,3 +140,12 @@ def test_the_config_limit_of_concurrent_requests_frees_when_a_stream_ends(
     stream.close()  # the client leaves: its place is free again
     server.wait_until(lambda: server.state.limits.windows.in_flight() == 0)
     assert chat(c, max_tokens=1).parse().choices[0].finish_reason == "length"
+
+
+def test_a_limit_the_database_cannot_hold_is_a_400_naming_it(serve: Serve) -> None:
+    """Found by the schemathesis test: a 30-digit limit was a 500 (SQLite overflow)."""
+    server = serve()
+    body = {"tenant": "newco", "limits": {"tokens_per_minute": 10**30}}
+    answer = httpx.post(server.url + "/admin/keys", json=body, headers=bearer(ADMIN_KEY))
+    assert answer.status_code == 400
+    assert answer.json()["error"]["param"] == "limits.tokens_per_minute"

@@ -13,6 +13,7 @@ from flexserve.api.auth import authenticate_admin
 from flexserve.api.body import read_body
 from flexserve.api.state import app_state
 from flexserve.api.validation import parse_body
+from flexserve.api.wire import INT32_MAX
 from flexserve.errors import InvalidRequest, NotFound
 from flexserve.keys import DefaultTierNotAllowed, KeyLimits, make_key
 from flexserve.scheduling.tiers import Tier
@@ -23,9 +24,9 @@ ADMIN_BODY_LIMIT = 10_000
 
 class LimitsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    requests_per_minute: int | None = Field(default=None, ge=1)
-    tokens_per_minute: int | None = Field(default=None, ge=1)
-    concurrent_requests: int | None = Field(default=None, ge=1)
+    requests_per_minute: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    tokens_per_minute: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    concurrent_requests: int | None = Field(default=None, ge=1, le=INT32_MAX)
 
 
 class NewKeyRequest(BaseModel):
