@@ -57,9 +57,11 @@ def check_operation(
 
     @given(case=cases)
     # Generating from the chat body's schema is slow on a loaded machine: that is not
-    # what this test is about.
+    # what this test is about. Derandomized: CI runs the same examples every time (a
+    # failure is reproducible); wider random runs are for finding new cases by hand.
     @settings(
         max_examples=MAX_EXAMPLES,
+        derandomize=True,
         deadline=None,
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
