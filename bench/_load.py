@@ -413,15 +413,7 @@ async def _flood(cfg: LoadConfig, cmd_q: Any, state: Any, inflight: Any) -> list
             headers = {}
             if rng.random() < cfg.impatient_fraction:
                 headers["X-Flex-Max-Wait"] = f"{rng.uniform(*cfg.impatient_wait):.2f}"
-            payload: dict[str, Any] = {
-                "model": cfg.target.model,
-                "messages": _prompt(f"background {index}", counter),
-                "service_tier": "flex",
-                "stream": stream,
-                "max_tokens": cfg.max_tokens,
-            }
-            if stream:
-                payload["stream_options"] = {"include_usage": True}
+            payload = _flex_payload(cfg, _prompt(f"background {index}", counter), stream)
             res = Result("flex", label, stream=stream)
             inflight.value += 1
             try:
@@ -473,15 +465,7 @@ async def _deep_flood(cfg: LoadConfig, cmd_q: Any, state: Any, inflight: Any) ->
 
     async def one(index: int) -> None:
         stream = index % cfg.stream_every == 0
-        payload: dict[str, Any] = {
-            "model": cfg.target.model,
-            "messages": _prompt("background", index),
-            "service_tier": "flex",
-            "stream": stream,
-            "max_tokens": cfg.max_tokens,
-        }
-        if stream:
-            payload["stream_options"] = {"include_usage": True}
+        payload = _flex_payload(cfg, _prompt("background", index), stream)
         res = Result("flex", label, stream=stream)
         inflight.value += 1
         try:
@@ -528,3 +512,17 @@ async def _deep_flood(cfg: LoadConfig, cmd_q: Any, state: Any, inflight: Any) ->
             state.value = OFF
             if msg[0] == "stop":
                 return results
+
+
+def _flex_payload(cfg: Any, messages: list[dict[str, str]], stream: bool) -> dict[str, Any]:
+    """A flex chat request as the flood sends it (usage in the last chunk when streaming)."""
+    payload: dict[str, Any] = {
+        "model": cfg.target.model,
+        "messages": messages,
+        "service_tier": "flex",
+        "stream": stream,
+        "max_tokens": cfg.max_tokens,
+    }
+    if stream:
+        payload["stream_options"] = {"include_usage": True}
+    return payload
