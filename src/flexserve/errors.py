@@ -115,6 +115,14 @@ class Overloaded(FlexserveError):
     code = "overloaded"
 
 
+class StoreUnavailable(FlexserveError):
+    """The database cannot be reached to look up a key not seen recently: retry soon."""
+
+    status = 503
+    type = "server_error"
+    code = "store_unavailable"
+
+
 class EngineFailure(FlexserveError):
     status = 500
     type = "server_error"

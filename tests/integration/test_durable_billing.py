@@ -60,3 +60,19 @@ def test_requests_during_a_database_outage_are_billed_exactly_once_after(serve: 
         proxy.restore()
         server.wait_until(lambda: len(server.state.ledger.outbox) == 0)
         assert billed_counts(direct) == {request_id: 1 for request_id in [before, *during]}
+
+
+@pytest.mark.postgres
+def test_a_key_not_cached_while_the_database_is_away_gets_503_then_works(serve: Serve) -> None:
+    with fresh_schema() as schema, TcpProxy(("127.0.0.1", 5432)) as proxy:
+        through_proxy = f"postgresql+psycopg://postgres@127.0.0.1:{proxy.port}/test"
+        server = serve(database_url=in_schema(through_proxy, schema))
+        client = openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0)
+        proxy.cut()
+        with pytest.raises(openai.InternalServerError) as away:
+            ask(client)  # the key was never looked up: the store must be asked
+        assert away.value.status_code == 503
+        assert away.value.response.headers["retry-after"]
+        assert away.value.body["code"] == "store_unavailable"  # type: ignore[index]
+        proxy.restore()
+        assert ask(client)

@@ -17,7 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from cachetools import TTLCache
 
 from flexserve.config import Settings
-from flexserve.store import KeyRecord, Store
+from flexserve.errors import StoreUnavailable
+from flexserve.store import STORE_AWAY, KeyRecord, Store
+
+STORE_RETRY_AFTER = 2.0
+"""Seconds a client is asked to wait when the key store cannot be reached."""
 
 
 class KeyCache:
@@ -62,7 +66,13 @@ class KeyCache:
     async def _lookup(self, key_hash: str) -> KeyRecord | None:
         generation = self._generation
         loop = asyncio.get_running_loop()
-        key = await loop.run_in_executor(self._lookups, self.store.find_key, key_hash)
+        try:
+            key = await loop.run_in_executor(self._lookups, self.store.find_key, key_hash)
+        except STORE_AWAY:
+            raise StoreUnavailable(
+                "The key store cannot be reached right now; retry shortly.",
+                retry_after=STORE_RETRY_AFTER,
+            ) from None
         active = key if key is not None and not key.revoked else None
         if generation != self._generation:  # a revoke happened meanwhile: cache nothing
             return active

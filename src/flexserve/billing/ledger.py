@@ -16,14 +16,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, TypeVar
 
-from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
-
 from flexserve.billing.outbox import FILE_NAME, Outbox
 from flexserve.billing.prices import request_cost
 from flexserve.config import Settings
 from flexserve.runtime import JobHandle, Outcome
-from flexserve.store import LedgerRow, Store
+from flexserve.store import STORE_AWAY, LedgerRow, Store
 
 log = logging.getLogger("flexserve.billing")
 
@@ -32,9 +29,6 @@ BILLED: frozenset[Outcome] = frozenset({"completed", "cancelled"})
 WRITER_THREADS = 2
 """Ledger writes have their own threads: auth lookups or tokenizing cannot starve them."""
 Delivery = Literal["billed", "already_billed", "refused", "store_away", "not_removed"]
-STORE_AWAY = (OperationalError, InterfaceError, DisconnectionError, PoolTimeout, OSError)
-"""Errors that say the database cannot be reached now (retry every row later), as opposed
-to a row the database refuses (a data or constraint error: that row alone is retried)."""
 SET_ASIDE_AFTER = 5
 """Refusals of one row before it moves to the outbox's `refused` table for an operator."""
 R = TypeVar("R")
@@ -107,7 +101,7 @@ class Ledger:
         a row the database refuses is retried a few times, then set aside."""
         try:
             inserted = self.store.record(row)
-        except STORE_AWAY as error:
+        except STORE_AWAY as error:  # retry every row later; a refused row alone is retried
             self._store_up = False
             log.warning("store away request_id=%s (%s), kept in outbox", row.request_id, error)
             return "store_away"
