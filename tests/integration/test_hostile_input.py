@@ -7,6 +7,8 @@ import logging
 import socket
 from collections.abc import Callable, Iterator
 
+import httpx
+
 from tests.conftest import KEY, RunningServer
 
 Serve = Callable[..., RunningServer]
@@ -60,3 +62,15 @@ def test_half_a_body_then_hang_up_logs_one_quiet_line_not_tracebacks(serve: Serv
     assert [r for r in records if r.exc_info] == []
     assert all(r.levelno < logging.WARNING for r in records)
     assert sum(len(r.getMessage()) for r in records) < 200
+
+
+def test_a_huge_number_before_deeply_nested_json_is_a_400_not_a_500(serve: Serve) -> None:
+    server = serve()
+    nested = "[" * 3000 + "]" * 3000
+    body = '{"model":"smollm2-135m","seed":' + "9" * 5000 + ',"messages":' + nested + "}"
+    answer = httpx.post(
+        server.url + "/chat/completions",
+        content=body,
+        headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"},
+    )
+    assert answer.status_code == 400

@@ -193,3 +193,52 @@ def test_a_failure_after_the_status_went_out_breaks_the_body_so_the_client_retri
     failed = {"tier": "default", "outcome": "failed"}
     server.wait_until(lambda: registry.get_sample_value("flexserve_requests_total", failed) == 1)
     assert server.state.store.ledger("tenant-a") == []  # a failed job is never billed
+
+
+def test_another_key_of_the_same_tenant_never_takes_over_an_answer(serve: Serve) -> None:
+    second = "fs-second-key-of-tenant-a"
+    server = serve(
+        paused_heartbeat=5.0,
+        retry_grace=0.2,
+        simulated=SLOW,
+        api_keys={KEY: "tenant-a", second: "tenant-a"},
+    )
+    first_attempt_times_out(server, **{"Idempotency-Key": "shared"})
+    other = httpx.post(
+        server.url + "/chat/completions",
+        json=BODY,
+        headers={
+            "authorization": f"Bearer {second}",
+            "x-stainless-retry-count": "1",
+            "Idempotency-Key": "shared",
+        },
+        timeout=10.0,
+    )
+    assert other.status_code == 200
+    rows = server.state.store.ledger
+    server.wait_until(lambda: len(rows("tenant-a")) == 2)  # its own job, not the first one
+    assert sorted(r.outcome for r in rows("tenant-a")) == ["cancelled", "completed"]
+
+
+def test_a_client_with_a_short_timeout_may_still_queue(serve: Serve) -> None:
+    server = serve(slots=1, simulated={"ttft_ms": 5, "tpot_ms": 20, "natural_output_tokens": 40})
+    holder = client(server, timeout=30)
+    busy = threading.Thread(
+        target=lambda: holder.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hold"}],
+            service_tier="flex",  # ahead of the next flex job for ~1 s
+            max_tokens=40,  # so that the predicted wait (~2 s at the cold rate) fits
+        )
+    )
+    busy.start()
+    server.wait_until(lambda: bool(server.state.runtime.scheduler.running_ids()))
+    impatient = client(server, timeout=10.0)  # says x-stainless-read-timeout: 10
+    reply = impatient.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "flex, but my timeout is 10 s"}],
+        service_tier="flex",
+        max_tokens=40,
+    )
+    busy.join(timeout=30)
+    assert reply.service_tier == "flex" and reply.usage is not None

@@ -21,7 +21,7 @@ from flexserve.api.errors import CLIENT_GONE
 from flexserve.api.keepalive import deliver
 from flexserve.api.retries import Orphan, attempt_key, is_retry, may_be_retried
 from flexserve.api.state import AppState, app_state
-from flexserve.api.validation import ValidChat, parse_body, validate_chat
+from flexserve.api.validation import ValidChat, json_heartbeat, parse_body, validate_chat
 from flexserve.api.wire import ChatCompletionRequest
 from flexserve.errors import FlexserveError
 from flexserve.runtime import Done, Failed, JobEvent, JobHandle, Paused, Started, Submission, Token
@@ -40,9 +40,15 @@ async def chat_completions(request: Request) -> Response:
     valid = await asyncio.to_thread(
         validate_chat, wire, key, state.backend, state.settings, headers
     )
-    attempt = _Attempt(state, key.tenant, attempt_key(headers, body), may_be_retried(headers))
+    attempt = _Attempt(
+        state,
+        key.key_id,  # retries match per API key: another key of the tenant is another client
+        attempt_key(headers, body),
+        may_be_retried(headers),
+        json_heartbeat(headers, state.settings),
+    )
     if not valid.stream and is_retry(headers):
-        orphan = state.orphans.adopt(key.tenant, attempt.key)
+        orphan = state.orphans.adopt(attempt.owner, attempt.key)
         if orphan is not None:  # this retry takes over the answer its first attempt left
             request.state.request_id = orphan.request_id  # the answer's ledger key
             return await deliver(request, orphan.answer, attempt.heartbeat, attempt.leave(orphan))
@@ -87,20 +93,23 @@ async def _json(
 class _Attempt:
     """One client attempt at a non-streaming request, as the retry registry sees it."""
 
-    def __init__(self, state: AppState, tenant: str, key: str, retried: bool) -> None:
+    def __init__(
+        self, state: AppState, owner: str, key: str, retried: bool, heartbeat: float
+    ) -> None:
         self.state = state
-        self.tenant = tenant
+        self.owner = owner
+        """The API key's id: only the same key may adopt an answer it left."""
         self.key = key
         self.retried = retried
         """The client may send this request again (else leaving cancels its job)."""
-        self.heartbeat = state.settings.paused_heartbeat
+        self.heartbeat = heartbeat
 
     def leave(self, orphan: Orphan) -> Callable[[], None]:
         """What to do when the client leaves: keep the answer for a retry, or give up."""
         if not self.retried:
             return orphan.on_unclaimed
         grace = self.state.settings.retry_grace
-        return lambda: self.state.orphans.leave(self.tenant, self.key, orphan, grace)
+        return lambda: self.state.orphans.leave(self.owner, self.key, orphan, grace)
 
 
 class _Answer:

@@ -58,7 +58,7 @@ def _named_huge_number(
         model.model_validate(capped)
     except ValidationError as named:
         return _invalid(named)
-    except ValueError:  # really not JSON
+    except (ValueError, RecursionError):  # really not JSON, or nested past Python's stack
         return None
     return None  # the number sits where any value is accepted: still not parseable
 
@@ -249,14 +249,25 @@ def _client_patience(headers: dict[str, str], settings: Settings, stream: bool |
     that could not start in time is better refused now (429/503 with Retry-After) than
     timed out and retried by the client.
     """
+    timeout = _read_timeout(headers)
+    first_byte = 0.0 if stream else json_heartbeat(headers, settings)
+    return max(0.0, timeout - first_byte - 1.0)
+
+
+def json_heartbeat(headers: dict[str, str], settings: Settings) -> float:
+    """Seconds between keep-alive spaces of a JSON answer: `paused_heartbeat`, or half the
+    client's read timeout if that is shorter, so a client with `timeout=10` may still
+    queue (a wait of 10 - 15 - 1 would refuse it at once)."""
+    return min(settings.paused_heartbeat, _read_timeout(headers) / 2)
+
+
+def _read_timeout(headers: dict[str, str]) -> float:
+    """The read timeout the official client says it uses (inf when it says none)."""
     try:
         timeout = float(headers.get(READ_TIMEOUT_HEADER, "inf"))
     except ValueError:
         return math.inf
-    if math.isnan(timeout):
-        return math.inf
-    first_byte = 0.0 if stream else settings.paused_heartbeat
-    return max(0.0, timeout - first_byte - 1.0)
+    return math.inf if math.isnan(timeout) or timeout <= 0 else timeout
 
 
 def _max_wait(tier: Tier, headers: dict[str, str], settings: Settings) -> float:
