@@ -115,31 +115,25 @@ def _json_body(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "schema": schema,
-        "description": description,
-    }
+    return _parameter(name, "query", schema, description)
 
 
 def _header(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "header",
-        "required": False,
-        "schema": schema,
-        "description": description,
-    }
+    return _parameter(name, "header", schema, description)
 
 
 def _path(name: str, description: str) -> dict[str, Any]:
+    return _parameter(name, "path", {"type": "string"}, description, required=True)
+
+
+def _parameter(
+    name: str, where: str, schema: dict[str, Any], description: str, required: bool = False
+) -> dict[str, Any]:
     return {
         "name": name,
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string"},
+        "in": where,
+        "required": required,
+        "schema": schema,
         "description": description,
     }
 
