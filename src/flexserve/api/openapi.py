@@ -16,7 +16,7 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel
 
 from flexserve.api.admin import NewKeyRequest
-from flexserve.api.wire import ChatCompletionRequest
+from flexserve.api.wire import ChatCompletionRequest, CreateBatchRequest
 
 RouteDoc = dict[str, Any]
 
@@ -252,3 +252,74 @@ METRICS: Final[RouteDoc] = {
         }
     },
 }
+
+_FILE_ID: Final = _path("file_id", "File id")
+_BATCH_ID: Final = _path("batch_id", "Batch id")
+_PAGING: Final = [
+    _query("after", {"type": "string"}, "Cursor: the id of the last object of the previous page"),
+    _query("limit", {"type": "integer", "minimum": 1, "maximum": 10_000}, "Page size"),
+]
+CREATE_FILE: Final[RouteDoc] = _authenticated(
+    400,
+    404,
+    413,
+    summary="Upload a file (multipart: `file`, `purpose`); batch inputs are checked here",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file", "purpose"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary"},
+                            "purpose": {"type": "string"},
+                        },
+                    }
+                }
+            },
+        }
+    },
+)
+LIST_FILES: Final[RouteDoc] = _authenticated(
+    400,
+    404,
+    summary="This tenant's files, newest first",
+    openapi_extra={
+        "parameters": [
+            *_PAGING,
+            _query("purpose", {"type": "string"}, "Only files of this purpose"),
+            _query("order", {"type": "string", "enum": ["asc", "desc"]}, "By creation time"),
+        ]
+    },
+)
+FILE: Final[RouteDoc] = _authenticated(
+    404, summary="One file", openapi_extra={"parameters": [_FILE_ID]}
+)
+DELETE_FILE: Final[RouteDoc] = _authenticated(
+    404, summary="Delete a file", openapi_extra={"parameters": [_FILE_ID]}
+)
+FILE_CONTENT: Final[RouteDoc] = _authenticated(
+    404, summary="A file's content", openapi_extra={"parameters": [_FILE_ID]}
+)
+CREATE_BATCH: Final[RouteDoc] = _authenticated(
+    400,
+    404,
+    413,
+    summary="Create a batch; whatever the input file shows is checked now (400)",
+    openapi_extra={"requestBody": _json_body(CreateBatchRequest)},
+)
+LIST_BATCHES: Final[RouteDoc] = _authenticated(
+    400, 404, summary="This tenant's batches, newest first", openapi_extra={"parameters": _PAGING}
+)
+BATCH: Final[RouteDoc] = _authenticated(
+    404,
+    summary="One batch, with progress, estimated completion and cost so far",
+    openapi_extra={"parameters": [_BATCH_ID]},
+)
+CANCEL_BATCH: Final[RouteDoc] = _authenticated(
+    404,
+    summary="Cancel a batch (finished lines are kept and billed)",
+    openapi_extra={"parameters": [_BATCH_ID]},
+)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
@@ -14,6 +15,10 @@ from flexserve.config import Settings
 from flexserve.metrics import Metrics
 from flexserve.runtime import Fleet, JobHandle, Outcome
 from flexserve.store import Store
+
+if TYPE_CHECKING:
+    from flexserve.batch.runner import BatchRunner
+    from flexserve.batch.service import BatchService
 
 
 @dataclass
@@ -28,6 +33,10 @@ class AppState:
     limits: RateLimiter = field(init=False)
     orphans: Orphans = field(default_factory=Orphans)
     """Answers whose client left, kept for its retry (api/retries.py)."""
+    batches: BatchService | None = None
+    """Files and batches (None when the store is not SQL)."""
+    runner: BatchRunner | None = None
+    """This replica's batch runner."""
 
     def __post_init__(self) -> None:
         self.keys = KeyCache(self.store, self.settings)
@@ -35,6 +44,13 @@ class AppState:
 
     async def start(self) -> None:
         await self.ledger.start()
+        if self.runner is not None:
+            await self.runner.start()
+
+    async def stop_runner(self) -> None:
+        """Before the runtimes close: no batch line is claimed or settled after this."""
+        if self.runner is not None:
+            await self.runner.close()
 
     async def close(self) -> None:
         """After the runtime closed: its last settles are in the ledger's outbox."""
@@ -48,7 +64,8 @@ class AppState:
         if handle.preemptions:
             self.metrics.preemptions.labels(tier).inc(handle.preemptions)
         self.limits.settled(handle.request_id, len(handle.produced))
-        await self.ledger.settle(handle, outcome)
+        if not handle.submission.billed_by_caller:
+            await self.ledger.settle(handle, outcome)
         if outcome in ("completed", "cancelled"):
             self.metrics.tokens.labels(tier, "input").inc(handle.prompt_token_count)
             self.metrics.tokens.labels(tier, "output").inc(len(handle.produced))

@@ -130,3 +130,23 @@ class ChatCompletionRequest(VllmExtensions):
     safety_identifier: str | None = None
     modalities: list[str] | None = None
     reasoning_effort: str | None = None
+
+
+MAX_METADATA_PAIRS = 16
+
+
+class CreateBatchRequest(BaseModel):
+    """POST /v1/batches (OpenAI's fields)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    input_file_id: Annotated[str, Field(min_length=1, max_length=100)]
+    endpoint: Annotated[str, Field(min_length=1, max_length=100)]
+    completion_window: Annotated[str, Field(min_length=1, max_length=16)]
+    metadata: (
+        Annotated[
+            dict[str, Annotated[str, Field(max_length=512)]],
+            Field(max_length=MAX_METADATA_PAIRS),
+        ]
+        | None
+    ) = None
