@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from flexserve import __version__
-from flexserve.api import admin, batches, chat, errors, files, routes
+from flexserve.api import admin, batches, chat, completions, errors, files, routes
 from flexserve.api import openapi as docs
 from flexserve.api.body import RequestIdMiddleware
 from flexserve.api.draining import DrainGate
@@ -136,6 +136,7 @@ def _routes(app: FastAPI) -> None:
     # Each route's OpenAPI description (body, parameters, errors) is in api/openapi.py.
     route = app.add_api_route
     route("/v1/chat/completions", chat.chat_completions, methods=["POST"], **docs.CHAT)
+    route("/v1/completions", completions.completions, methods=["POST"], **docs.COMPLETIONS)
     route("/v1/files", files.create_file, methods=["POST"], **docs.CREATE_FILE)
     route("/v1/files", files.list_files, methods=["GET"], **docs.LIST_FILES)
     route("/v1/files/{file_id}", files.get_file, methods=["GET"], **docs.FILE)

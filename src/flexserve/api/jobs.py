@@ -75,10 +75,8 @@ async def serve_job(
     body: bytes,
     valid: ValidChat,
     shape: ShapeFactory,
-    prompt_text: str | None = None,
 ) -> Response:
-    """Admit, submit and answer one validated request (`prompt_text`: a raw prompt, for
-    APIs without messages)."""
+    """Admit, submit and answer one validated request."""
     headers = {k.lower(): v for k, v in request.headers.items()}
     attempt = Attempt(
         state,
@@ -93,9 +91,7 @@ async def serve_job(
             request.state.request_id = orphan.request_id  # the answer's ledger key
             return await deliver(request, orphan.answer, attempt.heartbeat, attempt.leave(orphan))
     state.limits.admit(request, key, valid)  # 429 rate_limit_exceeded over the key's limits
-    handle = served.runtime.submit(
-        submission(request.state.request_id, key, served, valid, prompt_text)
-    )
+    handle = served.runtime.submit(submission(request.state.request_id, key, served, valid))
     answer = Answer(state, served, handle, valid, shape(handle))
     first = await answer.next_event_or_disconnect(request)
     if valid.stream and isinstance(first, Started):
@@ -111,11 +107,7 @@ async def serve_job(
 
 
 def submission(
-    request_id: str,
-    key: KeyRecord,
-    served: ServedModel,
-    valid: ValidChat,
-    prompt_text: str | None = None,
+    request_id: str, key: KeyRecord, served: ServedModel, valid: ValidChat
 ) -> Submission:
     return Submission(
         request_id=request_id,
@@ -127,7 +119,7 @@ def submission(
         max_wait=valid.max_wait,
         stream=valid.stream,
         messages=valid.messages,
-        prompt_text=prompt_text,
+        prompt_text=valid.prompt_text,
     )
 
 

@@ -16,7 +16,7 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel
 
 from flexserve.api.admin import NewKeyRequest
-from flexserve.api.wire import ChatCompletionRequest, CreateBatchRequest
+from flexserve.api.wire import ChatCompletionRequest, CompletionRequest, CreateBatchRequest
 
 RouteDoc = dict[str, Any]
 
@@ -54,6 +54,24 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+
+class TextChoiceOut(BaseModel):
+    text: str
+    index: int
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+
+
+class TextCompletion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    service_tier: str
+    system_fingerprint: str
+    choices: list[TextChoiceOut]
+    usage: Usage
 
 
 class ChatCompletion(BaseModel):
@@ -322,4 +340,28 @@ CANCEL_BATCH: Final[RouteDoc] = _authenticated(
     404,
     summary="Cancel a batch (finished lines are kept and billed)",
     openapi_extra={"parameters": [_BATCH_ID]},
+)
+COMPLETIONS: Final[RouteDoc] = _authenticated(
+    400,
+    403,
+    404,
+    413,
+    429,
+    500,
+    503,
+    summary="Create a text completion from one raw prompt (JSON, or SSE with `stream: true`)",
+    openapi_extra={
+        "parameters": CHAT["openapi_extra"]["parameters"],
+        "requestBody": _json_body(CompletionRequest),
+        "responses": {
+            "200": {
+                "description": "A `text_completion`; with `stream: true`, server-sent events "
+                "of `text_completion` objects ending with `data: [DONE]`",
+                "content": {
+                    "application/json": {"schema": inline_schema(TextCompletion)},
+                    "text/event-stream": {"schema": _SSE_EVENT},
+                },
+            }
+        },
+    },
 )

@@ -57,6 +57,8 @@ class GenerationRequest:
     """The chat itself, for engines that take messages rather than token ids (upstreams)."""
     tier: str = "default"
     """The service tier, for upstreams that have tiers or priorities of their own."""
+    prompt_text: str | None = None
+    """A raw prompt (completions API), for engines that take text rather than ids."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,10 @@ class Backend(Protocol):
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> tuple[int, ...]:
         """Apply the model's chat template and tokenize."""
+        ...
+
+    def encode_text(self, text: str) -> tuple[int, ...]:
+        """Tokenize a raw prompt (completions API): no template, the model's BOS if any."""
         ...
 
     def generate(

@@ -49,6 +49,9 @@ class Pool:
     def encode_chat(self, messages: Sequence[ChatMessage]) -> tuple[int, ...]:
         return self.members[0].encode_chat(messages)
 
+    def encode_text(self, text: str) -> tuple[int, ...]:
+        return self.members[0].encode_text(text)
+
     async def generate(
         self, request: GenerationRequest, resume: Sequence[TokenChunk] = ()
     ) -> AsyncIterator[Chunk]:

@@ -421,6 +421,7 @@ class Runtime:
             background,
             messages=sub.messages,
             tier=sub.tier,
+            prompt_text=sub.prompt_text,
         )
         chunks: AsyncIterator[Chunk] | None = None
         try:

@@ -116,6 +116,9 @@ class OpenAIBackend:
     def encode_chat(self, messages: Sequence[ChatMessage]) -> tuple[int, ...]:
         return (UPSTREAM_TOKEN,) * estimate_prompt_tokens(messages)
 
+    def encode_text(self, text: str) -> tuple[int, ...]:
+        return (UPSTREAM_TOKEN,) * max(1, math.ceil(len(text) / CHARS_PER_TOKEN))
+
     async def generate(
         self, request: GenerationRequest, resume: Sequence[TokenChunk] = ()
     ) -> AsyncIterator[Chunk]:
@@ -130,6 +133,7 @@ class OpenAIBackend:
             produced=len(resume),
             extra=self._extra_fields(request.tier),
             render=self._render,
+            prompt_text=request.prompt_text,
         )
         self.in_flight += 1
         self._stats.active_sequences = self.in_flight
