@@ -50,8 +50,9 @@ class RecordingProxy:
     """The engine's root URL (without /v1)."""
     exchanges: list[Exchange] = field(default_factory=list)
 
-    def calls(self, path_suffix: str = "") -> list[Exchange]:
-        return [e for e in self.exchanges if e.path.endswith(path_suffix)]
+    def calls(self, path: str) -> list[Exchange]:
+        """The calls to `path` (e.g. /v1/completions), in order."""
+        return [e for e in self.exchanges if e.path == path]
 
     def app(self) -> Starlette:
         route = Route("/{path:path}", self._forward, methods=["GET", "POST"])
