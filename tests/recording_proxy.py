@@ -35,6 +35,9 @@ class Exchange:
 
     path: str
     body: dict[str, Any]
+    status: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+    """The engine's answer's status and headers (lower-case names)."""
     deltas: list[str] = field(default_factory=list)
     """Text of each streamed chunk the engine sent (chat `delta.content` or `text`)."""
     finish_reason: str | None = None
@@ -70,7 +73,9 @@ class RecordingProxy:
         )
         exchange = None
         if request.method == "POST" and content:
-            exchange = Exchange(request.url.path, json.loads(content))
+            exchange = Exchange(
+                request.url.path, json.loads(content), upstream.status_code, dict(upstream.headers)
+            )
             self.exchanges.append(exchange)
         relayed = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
         return StreamingResponse(
