@@ -12,6 +12,7 @@ from flexserve.backends.pool import Pool
 from flexserve.backends.simulated import SimulatedBackend
 from flexserve.backends.upstream.backend import Capabilities, Endpoint, OpenAIBackend
 from flexserve.backends.upstream.continuation import RenderPrompt
+from flexserve.backends.upstream.prompt_count import prompt_counter
 from flexserve.config import PoolBackendSettings, Settings
 
 
@@ -81,6 +82,7 @@ def _openai(
         upstream_model=entry.upstream_model or model,
         metrics_url=entry.resolved_metrics_url(),
     )
+    render = _renderer(entry.chat_template) if entry.chat_template else None
     return OpenAIBackend(
         entry.name or urlsplit(entry.base_url).netloc,
         model,
@@ -88,9 +90,12 @@ def _openai(
         slots,
         Capabilities(priority, continuation, passthrough),
         context_length=entry.context_length or 131_072,
-        render=_renderer(entry.chat_template) if entry.chat_template else None,
+        render=render,
         stall_timeout=settings.stall_timeout,
         clock=clock,
+        count_prompt=prompt_counter(
+            entry.engine, entry.base_url, endpoint.api_key, endpoint.upstream_model, render
+        ),
     )
 
 

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -39,6 +39,7 @@ from flexserve.backends.upstream.breaker import CircuitBreaker
 from flexserve.backends.upstream.continuation import ContinuationStyle, RenderPrompt, build_call
 from flexserve.backends.upstream.engine_load import EngineLoad, parse_engine_load
 from flexserve.backends.upstream.priority import PriorityStyle, priority_fields
+from flexserve.backends.upstream.prompt_count import CountPrompt
 from flexserve.backends.upstream.stream import StreamEnd, TextDelta, stream_call
 from flexserve.scheduling.tiers import TIERS, Tier
 
@@ -94,6 +95,7 @@ class OpenAIBackend:
         metrics_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         breaker: CircuitBreaker | None = None,
+        count_prompt: CountPrompt | None = None,
     ) -> None:
         self.label = label
         self.model = model
@@ -106,6 +108,8 @@ class OpenAIBackend:
         self.in_flight = 0
         self.engine_load: EngineLoad | None = None
         self._render = render
+        self._count_prompt = count_prompt
+        """For an engine whose streams carry no usage: its own count of the prompt."""
         self._clock = clock
         self._metrics_interval = metrics_interval
         self._timeout = httpx.Timeout(connect_timeout, read=stall_timeout, pool=None)
@@ -138,13 +142,15 @@ class OpenAIBackend:
         self.in_flight += 1
         self._stats.active_sequences = self.in_flight
         try:
-            async for chunk in self._chunks(call, len(resume)):
+            async for chunk in self._chunks(call, request.messages, len(resume)):
                 yield chunk
         finally:
             self.in_flight -= 1
             self._stats.active_sequences = self.in_flight
 
-    async def _chunks(self, call: Any, resumed: int) -> AsyncIterator[Chunk]:
+    async def _chunks(
+        self, call: Any, messages: Sequence[ChatMessage], resumed: int
+    ) -> AsyncIterator[Chunk]:
         emitted = 0
         try:
             async for item in stream_call(self._client(), *self._where(), call):
@@ -152,7 +158,8 @@ class OpenAIBackend:
                     emitted += 1
                     yield TokenChunk(UPSTREAM_TOKEN, item.text)
                 else:
-                    for chunk in self._end(item, emitted, resumed):
+                    end = await self._counted(item, messages, resumed)
+                    for chunk in self._end(end, emitted, resumed):
                         yield chunk
         except BackendError:
             self.breaker.failed(self._clock())
@@ -160,6 +167,16 @@ class OpenAIBackend:
         except EngineRefused:
             self.breaker.succeeded()  # it answered: refusing is not failing
             raise
+
+    async def _counted(
+        self, end: StreamEnd, messages: Sequence[ChatMessage], resumed: int
+    ) -> StreamEnd:
+        """`end` with the engine's prompt count, asked for if the stream carried none
+        (as if reported by the call: a resume's prompt holds the partial answer too)."""
+        if end.prompt_tokens is not None or self._count_prompt is None:
+            return end
+        counted = await self._count_prompt(self._client(), messages)
+        return end if counted is None else replace(end, prompt_tokens=counted + resumed)
 
     def _end(self, end: StreamEnd, emitted: int, resumed: int) -> list[Chunk]:
         self.breaker.succeeded()

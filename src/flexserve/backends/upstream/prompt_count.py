@@ -1,0 +1,47 @@
+"""The engine's own count of a prompt, for engines that stream no usage.
+
+llama-cpp-python's server ignores `stream_options.include_usage`: its streams end with no
+usage, so without this the bill would hold flexserve's estimate of the prompt (characters
+/ 4), not the engine's count. Its `/extras/tokenize/count` counts the prompt as its chat
+handler renders it (the GGUF's template, which flexserve renders the same way for the
+`completions` continuation), so one small call after the stream gives the real count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import httpx
+
+from flexserve.backends.base import ChatMessage
+from flexserve.backends.upstream.continuation import RenderPrompt
+
+CountPrompt = Callable[[httpx.AsyncClient, Sequence[ChatMessage]], Coroutine[Any, Any, int | None]]
+"""The engine's token count of a chat's prompt; None when it cannot say."""
+
+PROMPT_COUNT_PATHS = {"llama-cpp-python": "/extras/tokenize/count"}
+"""Engines that stream no usage, and where (relative to their root) they count a text."""
+
+
+def prompt_counter(
+    engine: str, base_url: str, api_key: str | None, model: str, render: RenderPrompt | None
+) -> CountPrompt | None:
+    """A counter for `engine`, or None (the engine reports usage, or no template to render)."""
+    path = PROMPT_COUNT_PATHS.get(engine)
+    if path is None or render is None:
+        return None
+    url = base_url.rstrip("/").removesuffix("/v1") + path
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+    async def count(http: httpx.AsyncClient, messages: Sequence[ChatMessage]) -> int | None:
+        # A failed count must not fail an answer already given: the estimate is billed.
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
+            body = {"model": model, "input": render(messages)}
+            response = await http.post(url, json=body, headers=headers)
+            if response.status_code == 200:
+                return int(response.json()["count"])
+        return None
+
+    return count
