@@ -11,7 +11,16 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from flexserve import __version__
-from flexserve.api import admin, batches, chat, completions, errors, files, routes
+from flexserve.api import (
+    admin,
+    batches,
+    chat,
+    completions,
+    errors,
+    files,
+    responses,
+    routes,
+)
 from flexserve.api import openapi as docs
 from flexserve.api.body import RequestIdMiddleware
 from flexserve.api.draining import DrainGate
@@ -129,6 +138,10 @@ def _add_batches(state: AppState, store: SqlStore) -> None:
         return served is not None and "batch" in served.tiers
 
     state.batches = BatchService(BatchStore(store.engine), state.settings, offers_batch)
+    from flexserve.store.responses_sql import ResponseStore
+
+    state.responses = ResponseStore(store.engine)
+    state.background.store = state.responses
     state.runner = BatchRunner(state.batches, state.fleet, state.ledger)
 
 
@@ -137,6 +150,20 @@ def _routes(app: FastAPI) -> None:
     route = app.add_api_route
     route("/v1/chat/completions", chat.chat_completions, methods=["POST"], **docs.CHAT)
     route("/v1/completions", completions.completions, methods=["POST"], **docs.COMPLETIONS)
+    route("/v1/responses", responses.create_response, methods=["POST"], **docs.CREATE_RESPONSE)
+    route("/v1/responses/{response_id}", responses.get_response, methods=["GET"], **docs.RESPONSE)
+    route(
+        "/v1/responses/{response_id}",
+        responses.delete_response,
+        methods=["DELETE"],
+        **docs.DELETE_RESPONSE,
+    )
+    route(
+        "/v1/responses/{response_id}/cancel",
+        responses.cancel_response,
+        methods=["POST"],
+        **docs.CANCEL_RESPONSE,
+    )
     route("/v1/files", files.create_file, methods=["POST"], **docs.CREATE_FILE)
     route("/v1/files", files.list_files, methods=["GET"], **docs.LIST_FILES)
     route("/v1/files/{file_id}", files.get_file, methods=["GET"], **docs.FILE)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 from starlette.requests import Request
@@ -65,6 +65,9 @@ class Shape(Protocol):
 
 
 ShapeFactory = Callable[[JobHandle], Shape]
+Finished = Callable[[str, str, dict[str, int]], Awaitable[None]]
+"""Called with the whole text, finish reason and usage once a job is done and billed,
+before the answer's last byte (the Responses API stores the response there)."""
 
 
 async def serve_job(
@@ -75,6 +78,7 @@ async def serve_job(
     body: bytes,
     valid: ValidChat,
     shape: ShapeFactory,
+    finished: Finished | None = None,
 ) -> Response:
     """Admit, submit and answer one validated request."""
     headers = {k.lower(): v for k, v in request.headers.items()}
@@ -92,7 +96,7 @@ async def serve_job(
             return await deliver(request, orphan.answer, attempt.heartbeat, attempt.leave(orphan))
     state.limits.admit(request, key, valid)  # 429 rate_limit_exceeded over the key's limits
     handle = served.runtime.submit(submission(request.state.request_id, key, served, valid))
-    answer = Answer(state, served, handle, valid, shape(handle))
+    answer = Answer(state, served, handle, valid, shape(handle), finished)
     first = await answer.next_event_or_disconnect(request)
     if valid.stream and isinstance(first, Started):
         first = await answer.first_output_or_disconnect(request)
@@ -166,8 +170,11 @@ class Answer:
         handle: JobHandle,
         valid: ValidChat,
         shape: Shape,
+        finished: Finished | None = None,
     ) -> None:
         self.state = state
+        self._finished = finished
+        self._text: list[str] = []
         self.runtime = served.runtime
         self.handle = handle
         self.valid = valid
@@ -233,7 +240,10 @@ class Answer:
             elif isinstance(event, Done):
                 text.append(event.text)
                 await self._settled()
-                return self.shape.body("".join(text), event.finish_reason, self.usage())
+                whole = "".join(text)
+                if self._finished is not None:
+                    await self._finished(whole, event.finish_reason, self.usage())
+                return self.shape.body(whole, event.finish_reason, self.usage())
 
     async def sse(self) -> AsyncIterator[str]:
         finished = False
@@ -246,14 +256,18 @@ class Answer:
                 elif isinstance(event, Token):
                     self._observe_token()
                     if event.chunk.text:
+                        self._text.append(event.chunk.text)
                         for line in self.shape.delta(event.chunk.text, self._tokens_seen):
                             yield line
                 elif isinstance(event, Done):
                     finished = True
                     if event.text:
+                        self._text.append(event.text)
                         for line in self.shape.delta(event.text, self._tokens_seen):
                             yield line
                     await self._settled()
+                    if self._finished is not None:
+                        await self._finished("".join(self._text), event.finish_reason, self.usage())
                     for line in self.shape.closing(event.finish_reason, self.usage()):
                         yield line
                     return

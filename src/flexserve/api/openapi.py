@@ -16,7 +16,12 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel
 
 from flexserve.api.admin import NewKeyRequest
-from flexserve.api.wire import ChatCompletionRequest, CompletionRequest, CreateBatchRequest
+from flexserve.api.wire import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    CreateBatchRequest,
+    ResponsesRequest,
+)
 
 RouteDoc = dict[str, Any]
 
@@ -364,4 +369,42 @@ COMPLETIONS: Final[RouteDoc] = _authenticated(
             }
         },
     },
+)
+_RESPONSE_ID: Final = _path("response_id", "Response id")
+CREATE_RESPONSE: Final[RouteDoc] = _authenticated(
+    400,
+    403,
+    404,
+    413,
+    429,
+    500,
+    503,
+    summary="Create a response (text): JSON, the event stream with `stream: true`, or at "
+    "once as `queued` with `background: true`",
+    openapi_extra={
+        "parameters": CHAT["openapi_extra"]["parameters"],
+        "requestBody": _json_body(ResponsesRequest),
+        "responses": {
+            "200": {
+                "description": "A `response` object; with `stream: true`, its events "
+                "(`response.created` ... `response.completed`)",
+                "content": {
+                    "application/json": {"schema": {"type": "object"}},
+                    "text/event-stream": {"schema": _SSE_EVENT},
+                },
+            }
+        },
+    },
+)
+RESPONSE: Final[RouteDoc] = _authenticated(
+    404, summary="A stored response", openapi_extra={"parameters": [_RESPONSE_ID]}
+)
+DELETE_RESPONSE: Final[RouteDoc] = _authenticated(
+    404, summary="Delete a stored response", openapi_extra={"parameters": [_RESPONSE_ID]}
+)
+CANCEL_RESPONSE: Final[RouteDoc] = _authenticated(
+    400,
+    404,
+    summary="Cancel a background response",
+    openapi_extra={"parameters": [_RESPONSE_ID]},
 )

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
+from flexserve.api.background import BackgroundResponses
 from flexserve.api.key_cache import KeyCache
 from flexserve.api.limits import RateLimiter
 from flexserve.api.retries import Orphans
@@ -15,6 +16,7 @@ from flexserve.config import Settings
 from flexserve.metrics import Metrics
 from flexserve.runtime import Fleet, JobHandle, Outcome
 from flexserve.store import Store
+from flexserve.store.responses_sql import ResponseStore
 
 if TYPE_CHECKING:
     from flexserve.batch.runner import BatchRunner
@@ -37,18 +39,26 @@ class AppState:
     """Files and batches (None when the store is not SQL)."""
     runner: BatchRunner | None = None
     """This replica's batch runner."""
+    responses: ResponseStore | None = None
+    """Stored responses (None when the store is not SQL)."""
+    background: BackgroundResponses = field(init=False)
+    """Background responses running here."""
 
     def __post_init__(self) -> None:
         self.keys = KeyCache(self.store, self.settings)
         self.limits = RateLimiter(self.settings, self.fleet.clock)
+        self.background = BackgroundResponses(None, self.fleet, self.settings)
 
     async def start(self) -> None:
         await self.ledger.start()
         if self.runner is not None:
             await self.runner.start()
+        await self.background.resume_unfinished()
 
     async def stop_runner(self) -> None:
-        """Before the runtimes close: no batch line is claimed or settled after this."""
+        """Before the runtimes close: no batch line is claimed or settled after this, and
+        background responses stay unfinished in the store (the next start resumes them)."""
+        await self.background.close()
         if self.runner is not None:
             await self.runner.close()
 

@@ -163,6 +163,62 @@ class CompletionRequest(VllmExtensions):
     metadata: dict[str, str] | None = None
 
 
+class InputText(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+
+
+class InputMessage(BaseModel):
+    """A message item of a response's `input` (other item types are refused by name)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["message"] | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[InputText]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ResponsesRequest(BaseModel):
+    """POST /v1/responses (text): every field the official client sends for text."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    input: str | Annotated[list[InputMessage], Field(min_length=1)]
+    instructions: str | None = None
+    max_output_tokens: TokenCount | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    service_tier: Annotated[str, Field(json_schema_extra={"enum": list(SERVICE_TIERS)})] | None = (
+        None
+    )
+    metadata: (
+        Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None
+    ) = None
+    store: bool | None = None
+    previous_response_id: str | None = None
+    stream: bool | None = None
+    stream_options: dict[str, Any] | None = None
+    background: bool | None = None
+    text: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    user: str | None = None
+    reasoning: dict[str, Any] | None = None
+    include: list[str] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    max_tool_calls: Annotated[int, Field(ge=0)] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+
+
 MAX_METADATA_PAIRS = 16
 
 

@@ -137,3 +137,26 @@ batch_items = Table(
     Index("ix_batch_items_claim", "batch_id", "status", "line_no"),
     Index("ix_batch_items_finished", "batch_id", "finished_at"),
 )
+
+responses = Table(
+    "responses",
+    metadata,
+    Column("response_id", String(80), primary_key=True),
+    Column("tenant", String(200), nullable=False),
+    Column("request_id", String(80), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("background", Boolean, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("completed_at", Float, nullable=True),
+    Column("request", Text, nullable=False),
+    Column("conversation", Text, nullable=False),
+    Column("output_text", Text, nullable=True),
+    Column("finish_reason", String(16), nullable=True),
+    Column("input_tokens", Integer, nullable=True),
+    Column("output_tokens", Integer, nullable=True),
+    Column("service_tier", String(16), nullable=False),
+    Column("error", Text, nullable=True),
+    Index("ix_responses_tenant_created", "tenant", "created_at"),
+    Index("ix_responses_status", "status"),
+)
