@@ -7,6 +7,7 @@ remote) or any other that speaks OpenAI's Batch API.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -199,7 +200,10 @@ def _create(
             metadata=metadata or None,
         )
     except openai.APIStatusError:
-        client.files.delete(uploaded.id)  # refused: no batch will ever read it
+        # Refused: no batch will ever read it. The refusal is what the user must see,
+        # so a failure to clean up does not replace it.
+        with contextlib.suppress(openai.APIError):
+            client.files.delete(uploaded.id)
         raise
 
 
