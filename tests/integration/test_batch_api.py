@@ -296,3 +296,44 @@ def test_a_tenant_over_its_enqueued_token_limit_gets_a_400_at_create(
         c.batches.create(
             input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h"
         )
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body", "kind"),
+    [
+        ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 5}, "text_completion"),
+        ("/v1/responses", {"input": "Hello", "max_output_tokens": 5}, "response"),
+    ],
+)
+def test_batches_may_target_completions_and_responses(
+    serve: Serve,
+    clients: Callable[..., openai.OpenAI],
+    endpoint: str,
+    body: dict[str, Any],
+    kind: str,
+) -> None:
+    server = serve(simulated=FAST)
+    c = clients(server)
+    lines = [
+        {"custom_id": f"r{i}", "method": "POST", "url": endpoint, "body": {"model": MODEL, **body}}
+        for i in range(3)
+    ]
+    batch = c.batches.create(
+        input_file_id=upload(c, jsonl(lines)).id,
+        endpoint=endpoint,  # type: ignore[arg-type]
+        completion_window="24h",
+    )
+    done = wait_for(c, batch.id, ("completed",))
+    output = read_lines(c, done.output_file_id)
+    assert sorted(x["custom_id"] for x in output) == ["r0", "r1", "r2"]
+    answer = output[0]["response"]["body"]
+    assert answer["object"] == kind and answer["service_tier"] == "batch"
+    if kind == "response":
+        # strict parse (the client itself parses leniently); its Literal has no "batch"
+        parsed = openai.types.responses.Response.model_validate(
+            {**answer, "service_tier": "default"}
+        )
+        assert parsed.output_text and parsed.usage is not None
+    else:
+        assert answer["choices"][0]["text"]
+    assert {r.tier for r in server.state.store.ledger("tenant-a")} == {"batch"}

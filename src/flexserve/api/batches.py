@@ -117,7 +117,7 @@ def _stamp(value: float | None) -> int | None:
 def _usage(record: BatchRecord) -> dict[str, Any]:
     return {
         "input_tokens": record.input_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
         "output_tokens": record.output_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": record.input_tokens + record.output_tokens,

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-ENDPOINTS = ("/v1/chat/completions",)
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 """Generation endpoints a batch may target."""
 MAX_LINES = 50_000
 MAX_FILE_BYTES = 200 * 1024 * 1024
@@ -99,8 +99,11 @@ def _object(raw: bytes) -> dict[str, Any]:
 
 def _estimate(body: dict[str, Any]) -> int:
     """Prompt (about 4 characters a token) plus the output cap: for the tenant's limit."""
-    prompt = math.ceil(len(json.dumps(body.get("messages", ""))) / CHARS_PER_TOKEN)
-    cap = body.get("max_completion_tokens") or body.get("max_tokens")
+    text = body.get("messages") or body.get("prompt") or body.get("input") or ""
+    prompt = math.ceil(len(json.dumps(text)) / CHARS_PER_TOKEN)
+    cap = (
+        body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+    )
     output = cap if isinstance(cap, int) and cap > 0 else DEFAULT_OUTPUT_ESTIMATE
     return prompt + output
 

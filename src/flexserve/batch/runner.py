@@ -27,13 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flexserve.api.validation import parse_body, validate_chat
-from flexserve.api.wire import ChatCompletionRequest
+from flexserve.api.jobs import usage
+from flexserve.batch.endpoints import PreparedLine, prepare_line
 from flexserve.batch.service import BatchService
 from flexserve.billing import Ledger
 from flexserve.errors import FlexserveError, ResourceUnavailable
 from flexserve.runtime import Done, Failed, Fleet, JobHandle, Submission, Token
-from flexserve.store import KeyRecord
 from flexserve.store.batch_records import BatchRecord, ItemClaim, ItemResult
 
 log = logging.getLogger("flexserve.batch")
@@ -194,12 +193,19 @@ class BatchRunner:
         self, batch: BatchRecord, running: _Running, request_id: str
     ) -> tuple[ItemResult | None, Any]:
         claim = running.claim
+        settings = self.service.settings
         try:
-            submission = await self._submission(batch, claim, request_id)
+            line = await asyncio.to_thread(
+                prepare_line,
+                batch.endpoint,
+                claim.body.encode(),
+                batch.tenant,
+                self.fleet,
+                settings,
+            )
         except FlexserveError as error:  # this line's body is a bad request
             return self._error_line(claim, request_id, error), None
-        served = self.fleet.get(submission.model)
-        handle = served.runtime.submit(submission)
+        handle = line.served.runtime.submit(self._submission(batch, line, request_id))
         running.handle = handle
         text: list[str] = []
         while True:
@@ -212,30 +218,24 @@ class BatchRunner:
                 return self._error_line(claim, request_id, event.error), None
             elif isinstance(event, Done):
                 text.append(event.text)
-                body = _completion(submission, handle, "".join(text), event.finish_reason)
-                line = _output_line(claim, request_id, 200, body)
+                shape = line.shape(handle)
+                body = shape.body("".join(text), event.finish_reason, usage(handle))
+                output = _output_line(claim, request_id, 200, body)
                 bill = self.ledger.row(handle, "completed")
-                return ItemResult(batch.batch_id, claim.line_no, "done", line), bill
+                return ItemResult(batch.batch_id, claim.line_no, "done", output), bill
 
-    async def _submission(
-        self, batch: BatchRecord, claim: ItemClaim, request_id: str
-    ) -> Submission:
-        wire = parse_body(ChatCompletionRequest, claim.body.encode())
-        wire.service_tier = None  # the key below resolves it to batch
-        wire.stream = None
-        served = self.fleet.get(wire.model)
-        key = KeyRecord("batch", batch.tenant, "", "", "batch", ("batch",), False, 0.0)
-        settings = self.service.settings
-        valid = await asyncio.to_thread(validate_chat, wire, key, served, settings, {})
+    def _submission(self, batch: BatchRecord, line: PreparedLine, request_id: str) -> Submission:
+        valid = line.valid
         return Submission(
             request_id=request_id,
             tenant=batch.tenant,
             tier="batch",
-            model=served.name,
+            model=line.served.name,
             prompt_tokens=valid.prompt_tokens,
             sampling=valid.sampling,
             max_wait=max(0.0, batch.expires_at - self._wall()),
             messages=valid.messages,
+            prompt_text=valid.prompt_text,
             billed_by_caller=True,
         )
 
@@ -327,30 +327,3 @@ def _with_id(line_no: int, batch_id: str, result: str) -> str:
 def _output_line(claim: ItemClaim, request_id: str, status: int, body: Any) -> str:
     response = {"status_code": status, "request_id": request_id, "body": body}
     return json.dumps({"custom_id": claim.custom_id, "response": response, "error": None})
-
-
-def _completion(
-    sub: Submission, handle: JobHandle, text: str, finish_reason: str
-) -> dict[str, Any]:
-    prompt = handle.prompt_token_count
-    completion = len(handle.produced)
-    return {
-        "id": "chatcmpl-" + sub.request_id.removeprefix("batch_req_"),
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": sub.model,
-        "service_tier": "batch",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        ],
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        },
-    }
