@@ -16,6 +16,8 @@ from typing import Any
 from openai.types import CompletionUsage
 
 MILLION = 1_000_000
+NANOS_PER_MICRO = 1000
+NANOS_PER_USD = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,8 @@ PriceTable = Mapping[str, ModelPrices]
 def cost_usd(
     usage: CompletionUsage | None, prices: ModelPrices | None, tier: str | None
 ) -> float | None:
-    """What a response cost, or None when the usage, the tier or its price is unknown."""
+    """What a response cost in USD (prices are per 1M tokens, so per token they are
+    micro-dollars), or None when the usage, the tier or its price is unknown."""
     if usage is None or prices is None or tier is None or tier not in prices:
         return None
     price = prices[tier]
@@ -46,7 +49,8 @@ def cost_usd(
     cached_price = price.input if price.cached_input is None else price.cached_input
     micros = (usage.prompt_tokens - cached) * price.input + cached * cached_price
     micros += usage.completion_tokens * price.output
-    return micros / MILLION
+    # Whole nano-dollars, as flexserve's ledger bills: the same tokens give the same float.
+    return round(micros * NANOS_PER_MICRO) / NANOS_PER_USD
 
 
 INPUT_QUOTE = {"prompt_tokens": MILLION, "max_tokens": 0}
