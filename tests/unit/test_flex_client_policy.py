@@ -65,7 +65,7 @@ class Script:
         chats: list[httpx2.Response],
         quotes: Callable[[httpx2.Request], httpx2.Response] | None = None,
     ) -> None:
-        self.chats = chats
+        self.answers = chats
         self.quotes = quotes or (lambda _: httpx2.Response(404, json={"error": {"message": "?"}}))
         self.sent: list[httpx2.Request] = []
 
@@ -73,11 +73,16 @@ class Script:
         self.sent.append(request)
         if request.url.path.endswith("/flex/quote"):
             return self.quotes(request)
-        return self.chats.pop(0)
+        return self.answers.pop(0)
+
+    def chats(self) -> list[httpx2.Request]:
+        return [r for r in self.sent if r.url.path.endswith("/chat/completions")]
+
+    def quotes_asked(self) -> int:
+        return len([r for r in self.sent if r.url.path.endswith("/flex/quote")])
 
     def bodies(self) -> list[dict[str, Any]]:
-        chat = [r for r in self.sent if r.url.path.endswith("/chat/completions")]
-        return [json.loads(r.content) for r in chat]
+        return [json.loads(r.content) for r in self.chats()]
 
     def sdk(self) -> openai.OpenAI:
         http = httpx2.Client(transport=httpx2.MockTransport(self))
@@ -114,7 +119,7 @@ def test_refusals_are_waited_out_by_their_retry_after_then_flex_serves() -> None
         5.5,
         False,
     )
-    chats = [r for r in script.sent if r.url.path.endswith("/chat/completions")]
+    chats = script.chats()
     assert len(chats) == 3  # the SDK's own retries are off: every attempt is the policy's
     assert [b["service_tier"] for b in script.bodies()] == ["flex"] * 3
     assert {r.headers["x-flex-max-wait"] for r in chats} == {"30"}
@@ -131,7 +136,7 @@ def test_a_wait_that_would_end_past_the_budget_falls_back_at_once_to_default() -
     assert time.slept == [4.0]  # 4 + 7 > 10: no sleeping into the budget's end
     assert (result.tier, result.attempts, result.fell_back) == ("default", 3, True)
     assert [b["service_tier"] for b in script.bodies()] == ["flex", "flex", "default"]
-    assert "x-flex-max-wait" not in script.sent[-2].headers  # [-1] is the price quote
+    assert "x-flex-max-wait" not in script.chats()[-1].headers
 
 
 def test_fallback_raise_carries_the_retry_after_and_chains_the_refusal() -> None:
@@ -172,7 +177,7 @@ def test_other_errors_are_raised_as_the_sdk_raised_them_without_retry() -> None:
         time = FakeTime()
         with pytest.raises(kind):
             time.client(script.sdk(), FlexPolicy()).chat(model="m", messages=MESSAGES)
-        assert len(script.sent) == 1 and time.slept == []
+        assert len(script.chats()) == 1 and time.slept == []
 
 
 def test_the_tier_is_chosen_by_the_client_not_the_caller() -> None:
@@ -195,7 +200,7 @@ def test_cost_from_flexserve_quotes_asked_once_per_model() -> None:
     full = client.chat(model="m", messages=MESSAGES)
     assert flex.cost_usd == pytest.approx((1000 * 0.05 + 500 * 0.20) / 1e6)
     assert full.cost_usd == pytest.approx(2 * flex.cost_usd)  # type: ignore[operator]
-    assert len([r for r in script.sent if r.url.path.endswith("/flex/quote")]) == 2
+    assert script.quotes_asked() == 2
 
 
 def test_without_a_quote_endpoint_the_cost_is_unknown_and_not_asked_again() -> None:
@@ -203,7 +208,7 @@ def test_without_a_quote_endpoint_the_cost_is_unknown_and_not_asked_again() -> N
     client = FakeTime().client(script.sdk(), FlexPolicy())
     assert client.chat(model="m", messages=MESSAGES).cost_usd is None
     assert client.chat(model="m", messages=MESSAGES).cost_usd is None
-    assert len([r for r in script.sent if r.url.path.endswith("/flex/quote")]) == 1
+    assert script.quotes_asked() == 1
 
 
 def test_a_given_price_table_prices_cached_tokens_and_no_quote_is_asked() -> None:
@@ -215,7 +220,7 @@ def test_a_given_price_table_prices_cached_tokens_and_no_quote_is_asked() -> Non
     assert result.cost_usd == pytest.approx((600 * 1.0 + 400 * 0.5 + 500 * 4.0) / 1e6)
     unreported = client.chat(model="m", messages=MESSAGES)  # a server that ignores tiers
     assert unreported.tier is None and unreported.cost_usd is None
-    assert not [r for r in script.sent if r.url.path.endswith("/flex/quote")]
+    assert script.quotes_asked() == 0
 
 
 def test_async_twin_follows_the_same_policy() -> None:

@@ -52,16 +52,18 @@ class AsyncFlexClient:
     async def chat(self, **create: Any) -> FlexResult:
         """`chat.completions.create(**create)` at flex, then by the policy; not a stream."""
         rules.check_request(create)
+        prices = await self._prices_of(create)
         completion, trail = await self._send(create)
-        return result(cast(ChatCompletion, completion), trail, await self._prices_of(create))
+        return result(cast(ChatCompletion, completion), trail, prices)
 
     async def stream(self, **create: Any) -> AsyncFlexStream:
         """The same as a stream. A stream refused before its first byte is a 429 too, and
         follows the same policy; once started, it is the SDK's stream."""
         rules.check_request(create)
+        prices = await self._prices_of(create)  # first, so no started stream waits on it
         stream, trail = await self._send(rules.stream_kwargs(create))
         chunks = cast(openai.AsyncStream[ChatCompletionChunk], stream)
-        return AsyncFlexStream(chunks, trail, await self._prices_of(create))
+        return AsyncFlexStream(chunks, trail, prices)
 
     async def _send(self, create: dict[str, Any]) -> tuple[object, Trail]:
         trail = Trail(self.policy, started=self._clock())

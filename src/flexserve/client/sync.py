@@ -51,16 +51,18 @@ class FlexClient:
     def chat(self, **create: Any) -> FlexResult:
         """`chat.completions.create(**create)` at flex, then by the policy; not a stream."""
         rules.check_request(create)
+        prices = self._prices_of(create)
         completion, trail = self._send(create)
-        return result(cast(ChatCompletion, completion), trail, self._prices_of(create))
+        return result(cast(ChatCompletion, completion), trail, prices)
 
     def stream(self, **create: Any) -> FlexStream:
         """The same as a stream. A stream refused before its first byte is a 429 too, and
         follows the same policy; once started, it is the SDK's stream."""
         rules.check_request(create)
+        prices = self._prices_of(create)  # first, so no started stream waits on it
         stream, trail = self._send(rules.stream_kwargs(create))
         chunks = cast(openai.Stream[ChatCompletionChunk], stream)
-        return FlexStream(chunks, trail, self._prices_of(create))
+        return FlexStream(chunks, trail, prices)
 
     def _send(self, create: dict[str, Any]) -> tuple[object, Trail]:
         trail = Trail(self.policy, started=self._clock())
