@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -18,20 +18,6 @@ from tests.conftest import KEY, OTHER_KEY, RunningServer
 Serve = Callable[..., RunningServer]
 MODEL = "smollm2-135m"
 FAST = {"ttft_ms": 1, "tpot_ms": 1, "natural_output_tokens": 6}
-
-
-@pytest.fixture
-def clients() -> Iterator[Callable[..., openai.OpenAI]]:
-    made: list[openai.OpenAI] = []
-
-    def make(server: RunningServer, key: str = KEY) -> openai.OpenAI:
-        c = openai.OpenAI(base_url=server.url, api_key=key, max_retries=0, timeout=30)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
 
 
 def line(custom_id: str, content: str = "hello", **body: Any) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -17,25 +17,11 @@ Serve = Callable[..., RunningServer]
 MODEL = "smollm2-135m"
 
 
-@pytest.fixture
-def client() -> Iterator[Callable[[RunningServer], openai.OpenAI]]:
-    made: list[openai.OpenAI] = []
-
-    def make(server: RunningServer) -> openai.OpenAI:
-        c = openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=30)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
-
-
 def test_a_prompt_is_completed_with_usage_tier_and_billing(
-    serve: Serve, client: Callable[[RunningServer], openai.OpenAI]
+    serve: Serve, clients: Callable[..., openai.OpenAI]
 ) -> None:
     server = serve()
-    c = client(server)
+    c = clients(server)
     answer = c.completions.create(
         model=MODEL, prompt="Once upon a time", max_tokens=5, extra_body={"service_tier": "flex"}
     )
@@ -49,9 +35,9 @@ def test_a_prompt_is_completed_with_usage_tier_and_billing(
 
 
 def test_streaming_echo_stop_and_a_one_element_list(
-    serve: Serve, client: Callable[[RunningServer], openai.OpenAI]
+    serve: Serve, clients: Callable[..., openai.OpenAI]
 ) -> None:
-    c = client(serve())
+    c = clients(serve())
     whole = c.completions.create(model=MODEL, prompt=["The sky is"], max_tokens=6, echo=True)
     text = whole.choices[0].text
     assert text.startswith("The sky is")
@@ -121,10 +107,10 @@ def test_guidellm_and_lm_eval_style_requests(serve: Serve) -> None:
 
 
 def test_a_flex_completion_is_paused_for_chat_and_resumes_without_duplicates(
-    serve: Serve, client: Callable[[RunningServer], openai.OpenAI]
+    serve: Serve, clients: Callable[..., openai.OpenAI]
 ) -> None:
     server = serve(slots=1, simulated={"ttft_ms": 5, "tpot_ms": 20, "natural_output_tokens": 30})
-    c = client(server)
+    c = clients(server)
     reference = (
         c.completions.create(
             model=MODEL, prompt="tell a story", max_tokens=30, extra_body={"service_tier": "flex"}
@@ -157,7 +143,7 @@ def test_a_flex_completion_is_paused_for_chat_and_resumes_without_duplicates(
 
 
 def test_completions_on_an_upstream_use_its_raw_completions_and_resume_there(
-    serve: Serve, client: Callable[[RunningServer], openai.OpenAI]
+    serve: Serve, clients: Callable[..., openai.OpenAI]
 ) -> None:
     fake = FakeUpstream(answer="alpha beta gamma delta")
     with serve_fake(fake) as url:
@@ -166,7 +152,7 @@ def test_completions_on_an_upstream_use_its_raw_completions_and_resume_there(
         # The fake continues after its `<|assistant|>` marker (where a resume's partial
         # answer would be): a prompt ending there asks for the answer from the start.
         prompt = "Say:<|assistant|>"
-        answer = client(server).completions.create(model="up", prompt=prompt, max_tokens=4)
+        answer = clients(server).completions.create(model="up", prompt=prompt, max_tokens=4)
     assert answer.choices[0].text == "alpha beta gamma delta"
     path, body = fake.received[0]
     assert path == "/v1/completions" and body["prompt"] == prompt

@@ -4,33 +4,18 @@ get_final_response, conversation state, background mode, cancel, tenants, restar
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
-from tests.conftest import KEY, OTHER_KEY, RunningServer
+from tests.conftest import OTHER_KEY, RunningServer
 from tests.server_process import start_server
 
 Serve = Callable[..., RunningServer]
 MODEL = "smollm2-135m"
-
-
-@pytest.fixture
-def clients() -> Iterator[Callable[..., openai.OpenAI]]:
-    made: list[openai.OpenAI] = []
-
-    def make(server: Any, key: str = KEY) -> openai.OpenAI:
-        url = getattr(server, "url", None) or server.base_url + "/v1"
-        c = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=30)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
 
 
 def poll(c: openai.OpenAI, response_id: str, statuses: tuple[str, ...]) -> Any:

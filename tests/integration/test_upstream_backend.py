@@ -5,32 +5,18 @@ test_real_upstream.py; these cover what the fake shows best: the exact bodies se
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import KEY, RunningServer
+from tests.conftest import RunningServer
 from tests.fakes.upstream import FakeUpstream, serve_fake
 
 Serve = Callable[..., RunningServer]
 ANSWER = "one two three four five six seven eight nine ten eleven twelve"
-
-
-@pytest.fixture
-def clients() -> Iterator[Callable[[RunningServer], openai.OpenAI]]:
-    made: list[openai.OpenAI] = []
-
-    def make(server: RunningServer) -> openai.OpenAI:
-        c = openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=30)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
 
 
 def upstream(url: str, **fields: Any) -> dict[str, Any]:

@@ -27,7 +27,6 @@ from flexserve.runtime import (
     JobHandle,
     ServedModel,
     Started,
-    Submission,
     Token,
 )
 from flexserve.scheduling.tiers import TIERS
@@ -134,18 +133,7 @@ class BackgroundResponses:
         tier = chat.service_tier if chat.service_tier in TIERS else "default"
         key = KeyRecord("restart", record.tenant, "", "", tier, TIERS, False, 0.0)
         valid = await asyncio.to_thread(validate_chat, chat, key, served, self.settings, {})
-        handle = served.runtime.submit(
-            Submission(
-                request_id=record.request_id,
-                tenant=record.tenant,
-                tier=valid.tier,
-                model=served.name,
-                prompt_tokens=valid.prompt_tokens,
-                sampling=valid.sampling,
-                max_wait=valid.max_wait,
-                messages=valid.messages,
-            )
-        )
+        handle = served.runtime.submit(valid.submission(record.request_id, key.tenant, served))
         return served, handle
 
     async def close(self) -> None:

@@ -31,7 +31,6 @@ from flexserve.runtime import (
     Paused,
     ServedModel,
     Started,
-    Submission,
     Token,
 )
 from flexserve.store import KeyRecord
@@ -95,7 +94,7 @@ async def serve_job(
             request.state.request_id = orphan.request_id  # the answer's ledger key
             return await deliver(request, orphan.answer, attempt.heartbeat, attempt.leave(orphan))
     state.limits.admit(request, key, valid)  # 429 rate_limit_exceeded over the key's limits
-    handle = served.runtime.submit(submission(request.state.request_id, key, served, valid))
+    handle = served.runtime.submit(valid.submission(request.state.request_id, key.tenant, served))
     answer = Answer(state, served, handle, valid, shape(handle), finished)
     first = await answer.next_event_or_disconnect(request)
     if valid.stream and isinstance(first, Started):
@@ -108,23 +107,6 @@ async def serve_job(
     if valid.stream:
         return StreamingResponse(answer.sse(), media_type="text/event-stream", headers=SSE_HEADERS)
     return await _json(request, answer, attempt, client_left=first is None)
-
-
-def submission(
-    request_id: str, key: KeyRecord, served: ServedModel, valid: ValidChat
-) -> Submission:
-    return Submission(
-        request_id=request_id,
-        tenant=key.tenant,
-        tier=valid.tier,
-        model=served.name,
-        prompt_tokens=valid.prompt_tokens,
-        sampling=valid.sampling,
-        max_wait=valid.max_wait,
-        stream=valid.stream,
-        messages=valid.messages,
-        prompt_text=valid.prompt_text,
-    )
 
 
 async def _json(request: Request, answer: Answer, attempt: Attempt, client_left: bool) -> Response:

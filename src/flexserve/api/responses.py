@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 
 from flexserve.api.auth import authenticate
 from flexserve.api.body import read_body
-from flexserve.api.jobs import serve_job, submission
+from flexserve.api.jobs import serve_job
 from flexserve.api.response_objects import ResponseView, response_object
 from flexserve.api.state import AppState, app_state
 from flexserve.api.validation import ValidChat, parse_body, validate_chat
@@ -202,7 +202,7 @@ async def _start_background(
     """Stored as `queued`, answered at once; the job runs with no connection open."""
     record = _replace(record, status="queued")
     await asyncio.to_thread(store.put, record)
-    handle = served.runtime.submit(submission(record.request_id, key, served, valid))
+    handle = served.runtime.submit(valid.submission(record.request_id, key.tenant, served))
     state.background.follow(record, handle, served)
     return JSONResponse(response_object(record))
 

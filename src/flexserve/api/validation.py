@@ -15,6 +15,7 @@ from flexserve.api.wire import (
     TIER_ALIASES,
     ChatCompletionRequest,
     CompletionRequest,
+    GenerationFields,
     Message,
     StreamOptions,
     TextPart,
@@ -27,7 +28,7 @@ from flexserve.errors import (
     TierNotAllowed,
     UnsupportedValue,
 )
-from flexserve.runtime import ServedModel
+from flexserve.runtime import ServedModel, Submission
 from flexserve.scheduling.tiers import PREEMPTIBLE, Tier
 from flexserve.store import KeyRecord
 
@@ -126,6 +127,21 @@ class ValidChat:
     prompt_text: str | None = None
     """The raw prompt of a completions request (no chat template)."""
 
+    def submission(self, request_id: str, tenant: str, served: ServedModel) -> Submission:
+        """This request as a job for `served`'s runtime."""
+        return Submission(
+            request_id=request_id,
+            tenant=tenant,
+            tier=self.tier,
+            model=served.name,
+            prompt_tokens=self.prompt_tokens,
+            sampling=self.sampling,
+            max_wait=self.max_wait,
+            stream=self.stream,
+            messages=self.messages,
+            prompt_text=self.prompt_text,
+        )
+
 
 def validate_chat(
     wire: ChatCompletionRequest,
@@ -137,11 +153,7 @@ def validate_chat(
     """`served` is the model `wire.model` names (the handler looked it up: 404 if none)."""
     backend = served.backend
     reject_unsupported(wire)
-    if wire.stream_options is not None and not wire.stream:
-        raise InvalidRequest(
-            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-            param="stream_options",
-        )
+    _check_stream_options(wire)
     tier = resolve_tier(wire.service_tier, key)
     _check_offered(tier, served)
     messages = tuple(ChatMessage(m.role, m.text()) for m in wire.messages)
@@ -159,16 +171,20 @@ def validate_completion(
     """A completions request: one raw prompt, tokenized without a chat template."""
     backend = served.backend
     reject_unsupported_completion(wire)
-    if wire.stream_options is not None and not wire.stream:
-        raise InvalidRequest(
-            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-            param="stream_options",
-        )
+    _check_stream_options(wire)
     text = _one_prompt(wire.prompt)
     tier = resolve_tier(wire.service_tier, key)
     _check_offered(tier, served)
     prompt = _truncated(backend.encode_text(text), wire.truncate_prompt_tokens, backend)
     return _valid(wire, tier, prompt, backend, settings, headers, prompt_text=text, default_max=16)
+
+
+def _check_stream_options(wire: GenerationFields) -> None:
+    if wire.stream_options is not None and not wire.stream:
+        raise InvalidRequest(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            param="stream_options",
+        )
 
 
 def _one_prompt(prompt: str | list[str] | list[int]) -> str:
@@ -185,7 +201,7 @@ def _one_prompt(prompt: str | list[str] | list[int]) -> str:
 
 
 def _valid(
-    wire: ChatCompletionRequest | CompletionRequest,
+    wire: GenerationFields,
     tier: Tier,
     prompt: tuple[int, ...],
     backend: Backend,
@@ -262,7 +278,7 @@ def _truncated(prompt: tuple[int, ...], keep: int | None, backend: Backend) -> t
 
 
 def _sampling(
-    wire: ChatCompletionRequest | CompletionRequest,
+    wire: GenerationFields,
     prompt_len: int,
     context: int,
     settings: Settings,
@@ -292,7 +308,7 @@ def _sampling(
 
 
 def _max_tokens(
-    wire: ChatCompletionRequest | CompletionRequest,
+    wire: GenerationFields,
     prompt_len: int,
     context: int,
     settings: Settings,

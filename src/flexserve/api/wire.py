@@ -95,20 +95,16 @@ class VllmExtensions(BaseModel):
     structured_outputs: dict[str, Any] | None = None
 
 
-class ChatCompletionRequest(VllmExtensions):
-    """Every parameter the official client can send; `ValidChat` decides what we honour."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
+class GenerationFields(VllmExtensions):
+    """What chat and text completions share: the model, streaming, tier and sampling."""
 
     model: str
-    messages: list[Message] = Field(min_length=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     service_tier: Annotated[str, Field(json_schema_extra={"enum": list(SERVICE_TIERS)})] | None = (
         None
     )
     max_tokens: TokenCount | None = None
-    max_completion_tokens: TokenCount | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
@@ -116,12 +112,21 @@ class ChatCompletionRequest(VllmExtensions):
     frequency_penalty: Penalty | None = None
     presence_penalty: Penalty | None = None
     n: Annotated[int, Field(ge=1, le=128)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
+
+
+class ChatCompletionRequest(GenerationFields):
+    """Every parameter the official client can send; `ValidChat` decides what we honour."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: TokenCount | None = None
     store: bool | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -132,35 +137,18 @@ class ChatCompletionRequest(VllmExtensions):
     reasoning_effort: str | None = None
 
 
-class CompletionRequest(VllmExtensions):
+class CompletionRequest(GenerationFields):
     """POST /v1/completions (the legacy API that eval and load tools still call)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str
     prompt: (
         str
         | Annotated[list[str], Field(min_length=1)]
         | Annotated[list[TokenId], Field(min_length=1)]
     )
     suffix: str | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    service_tier: Annotated[str, Field(json_schema_extra={"enum": list(SERVICE_TIERS)})] | None = (
-        None
-    )
-    max_tokens: TokenCount | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: Seed | None = None
-    frequency_penalty: Penalty | None = None
-    presence_penalty: Penalty | None = None
-    n: Annotated[int, Field(ge=1, le=128)] | None = None
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
-    user: str | None = None
-    metadata: dict[str, str] | None = None
 
 
 class InputText(BaseModel):
