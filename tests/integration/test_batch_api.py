@@ -3,10 +3,12 @@ the runner on the real scheduler, output/error files, billing, tenant isolation.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -323,3 +325,42 @@ def test_batches_may_target_completions_and_responses(
     else:
         assert answer["choices"][0]["text"]
     assert {r.tier for r in server.state.store.ledger("tenant-a")} == {"batch"}
+
+
+def test_a_drain_puts_running_lines_back_instead_of_failing_them(tmp_path: Path) -> None:
+    """SIGTERM drains the runtimes (503 to every job) while the runner still runs: its
+    lines must go back to the queue for the next start, not become failed lines."""
+    from flexserve.api import create_app
+    from tests.conftest import make_settings
+
+    async def run() -> tuple[int, int, int]:
+        slow = {"ttft_ms": 5, "tpot_ms": 20, "natural_output_tokens": 40}
+        settings = make_settings(tmp_path, slots=2, simulated=slow)
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            state = app.state.flexserve
+            data = io.BytesIO(jsonl([line(f"r{i}", max_tokens=30) for i in range(20)]))
+            source = await asyncio.to_thread(state.batches.upload, "tenant-a", "batch", "x", data)
+            batch = await asyncio.to_thread(
+                state.batches.create,
+                "tenant-a",
+                source.file_id,
+                "/v1/chat/completions",
+                "24h",
+                None,
+            )
+            for _ in range(1000):  # until the runner's first lines run
+                if state.fleet.first.runtime.scheduler.running_ids():
+                    break
+                await asyncio.sleep(0.01)
+            await state.fleet.shutdown(1.0)  # what SIGTERM does first
+            await asyncio.sleep(0.5)  # the runner's next ticks run meanwhile
+            after = await asyncio.to_thread(state.batches.store.get_batch, batch.batch_id)
+            unfinished = await asyncio.to_thread(
+                state.batches.store.count_status, batch.batch_id, "queued"
+            )
+        assert after is not None
+        return after.failed, after.completed, unfinished
+
+    failed, completed, queued = asyncio.run(run())
+    assert failed == 0 and queued == 20 - completed

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -168,19 +169,29 @@ def test_what_a_text_model_cannot_do_is_a_400_naming_it(
         assert refused.value.body["param"] == param  # type: ignore[index]
 
 
-def test_background_responses_survive_a_restart(
+def test_background_responses_survive_a_restart_in_their_tier(
     tmp_path: Path, clients: Callable[..., openai.OpenAI]
 ) -> None:
     settings = {
         "slots": 1,
         "simulated": {"ttft_ms": 5, "tpot_ms": 100, "natural_output_tokens": 60},
+        "admin_keys": ["fs-admin"],
     }
     server = start_server(tmp_path, settings)
     try:
         c = clients(server)
+        flex_only = httpx.post(  # a key whose own default tier is flex, and only flex
+            server.base_url + "/v1/admin/keys",
+            headers={"authorization": "Bearer fs-admin"},
+            json={"tenant": "tenant-f", "default_tier": "flex", "allowed_tiers": ["flex"]},
+        ).json()["key"]
         finished = c.responses.create(model=MODEL, input="fast", max_output_tokens=16)
-        running = c.responses.create(model=MODEL, input="slow", background=True)
-        poll(c, running.id, ("in_progress",))
+        running = clients(server, flex_only).responses.create(
+            model=MODEL,
+            input="slow",
+            background=True,  # no service_tier: the key's flex
+        )
+        poll(clients(server, flex_only), running.id, ("in_progress",))
     finally:
         server.process.kill()  # no drain: the crash a restart must survive
         server.process.wait()
@@ -188,9 +199,13 @@ def test_background_responses_survive_a_restart(
     try:
         c = clients(again)
         assert c.responses.retrieve(finished.id).output_text == finished.output_text
-        done = poll(c, running.id, ("completed", "failed"))
+        done = poll(clients(again, flex_only), running.id, ("completed", "failed"))
         assert done.status == "completed" and done.usage is not None
-        assert done.usage.output_tokens == 60
+        assert done.usage.output_tokens == 60 and done.service_tier == "flex"
+        usage = httpx.get(
+            again.base_url + "/v1/usage", headers={"authorization": f"Bearer {flex_only}"}
+        ).json()
+        assert set(usage["tiers"]) == {"flex"}  # resumed in the tier it was admitted in
     finally:
         again.process.terminate()
         again.process.wait()

@@ -29,7 +29,6 @@ from flexserve.runtime import (
     Started,
     Token,
 )
-from flexserve.scheduling.tiers import TIERS
 from flexserve.store import KeyRecord
 from flexserve.store.responses_sql import UNFINISHED, ResponseRecord, ResponseStore
 
@@ -128,10 +127,13 @@ class BackgroundResponses:
             log.info("background response %s resumed after a restart", record.response_id)
 
     async def _resubmit(self, record: ResponseRecord) -> tuple[ServedModel, JobHandle]:
-        chat = ChatCompletionRequest.model_validate(json.loads(record.request)["chat"])
+        """Its job again, in the tier it was admitted in (resolved then from its key)."""
+        stored = json.loads(record.request)
+        chat = ChatCompletionRequest.model_validate(stored["chat"])
+        chat.service_tier = None  # the key below resolves it to the stored tier
         served = self.fleet.get(chat.model)
-        tier = chat.service_tier if chat.service_tier in TIERS else "default"
-        key = KeyRecord("restart", record.tenant, "", "", tier, TIERS, False, 0.0)
+        tier = stored["tier"]
+        key = KeyRecord("restart", record.tenant, "", "", tier, (tier,), False, 0.0)
         valid = await asyncio.to_thread(validate_chat, chat, key, served, self.settings, {})
         handle = served.runtime.submit(valid.submission(record.request_id, key.tenant, served))
         return served, handle

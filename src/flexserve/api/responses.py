@@ -167,7 +167,9 @@ def _record(
         status="in_progress",
         background=bool(wire.background),
         created_at=time.time(),
-        request=json.dumps({"chat": chat.model_dump(exclude_none=True), "echo": echoed}),
+        request=json.dumps(
+            {"chat": chat.model_dump(exclude_none=True), "echo": echoed, "tier": valid.tier}
+        ),
         conversation=json.dumps(turns),
         service_tier=valid.reported_tier,
     )

@@ -90,6 +90,16 @@ class BackendError(Exception):
     """The engine failed this one request (the server goes on)."""
 
 
+class NoBackendAvailable(BackendError):
+    """No engine can take the job now (every backend's circuit breaker is open): not a
+    failure of the job. Flex and batch wait `retry_in` seconds and try again (their
+    deadline still applies); interactive work gets a 503 with that Retry-After."""
+
+    def __init__(self, message: str, retry_in: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_in = retry_in
+
+
 class EngineRefused(Exception):
     """The engine said no to this request on purpose, not because it is failing: an
     upstream's own 429 `resource_unavailable` (OpenAI flex, another flexserve) or 4xx.

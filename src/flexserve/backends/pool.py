@@ -22,8 +22,10 @@ from flexserve.backends.base import (
     ChatMessage,
     Chunk,
     GenerationRequest,
+    NoBackendAvailable,
     TokenChunk,
 )
+from flexserve.backends.upstream.breaker import CircuitBreaker
 
 FAILED_MEMBER_MEMORY = 600.0
 """Seconds a job remembers which member failed it (its retry goes elsewhere)."""
@@ -71,11 +73,20 @@ class Pool:
         another is healthy. No healthy member: BackendError (the job is requeued)."""
         healthy = [i for i, member in enumerate(self.members) if member.health()]
         if not healthy:
-            raise BackendError(f"no healthy backend for model {self.model}")
+            raise NoBackendAvailable(
+                f"no healthy backend for model {self.model}", retry_in=self._next_probe()
+            )
         failed = self._failed.pop(request_id, None)
         if failed in healthy and len(healthy) > 1:
             healthy.remove(failed)
         return min(healthy, key=self._load)
+
+    def _next_probe(self) -> float:
+        """Seconds until some member may be probed again (its breaker's cooldown)."""
+        now = self._clock()
+        breakers = [getattr(member, "breaker", None) for member in self.members]
+        waits = [b.remaining(now) for b in breakers if isinstance(b, CircuitBreaker)]
+        return max(0.1, min(waits, default=1.0))
 
     def _load(self, index: int) -> float:
         member = self.members[index]

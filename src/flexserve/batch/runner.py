@@ -31,7 +31,7 @@ from flexserve.api.jobs import usage
 from flexserve.batch.endpoints import PreparedLine, prepare_line
 from flexserve.batch.service import BatchService
 from flexserve.billing import Ledger
-from flexserve.errors import FlexserveError, ResourceUnavailable
+from flexserve.errors import FlexserveError
 from flexserve.runtime import Done, Failed, Fleet, JobHandle, Submission, Token
 from flexserve.store.batch_records import BatchRecord, ItemClaim, ItemResult
 
@@ -140,6 +140,8 @@ class BatchRunner:
         return len(work.lines) if work else 0
 
     async def _claim(self, batch: BatchRecord, now: float) -> None:
+        if self.fleet.draining:  # shutting down: lines wait for the next start
+            return
         in_flight = sum(len(w.lines) for w in self._work.values())
         room = min(
             self.settings.in_flight_per_batch - self._running(batch),
@@ -213,8 +215,8 @@ class BatchRunner:
             if isinstance(event, Token):
                 text.append(event.chunk.text)
             elif isinstance(event, Failed):
-                if isinstance(event.error, ResourceUnavailable):
-                    return None, None
+                if not _the_requests_fault(event.error):  # no room, an outage, a drain
+                    return None, None  # the line waits its turn (or the next start)
                 return self._error_line(claim, request_id, event.error), None
             elif isinstance(event, Done):
                 text.append(event.text)
@@ -327,3 +329,9 @@ def _with_id(line_no: int, batch_id: str, result: str) -> str:
 def _output_line(claim: ItemClaim, request_id: str, status: int, body: Any) -> str:
     response = {"status_code": status, "request_id": request_id, "body": body}
     return json.dumps({"custom_id": claim.custom_id, "response": response, "error": None})
+
+
+def _the_requests_fault(error: FlexserveError) -> bool:
+    """A line whose request is bad (400, 404, 413) fails; anything else (429 no room, 503
+    a drain or an outage, 500 an engine) is the server's, and the line runs again."""
+    return error.status in (400, 404, 413)

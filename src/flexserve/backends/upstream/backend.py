@@ -33,6 +33,7 @@ from flexserve.backends.base import (
     EngineRefused,
     Finish,
     GenerationRequest,
+    NoBackendAvailable,
     TokenChunk,
 )
 from flexserve.backends.upstream.breaker import CircuitBreaker
@@ -126,8 +127,12 @@ class OpenAIBackend:
     async def generate(
         self, request: GenerationRequest, resume: Sequence[TokenChunk] = ()
     ) -> AsyncIterator[Chunk]:
-        if not self.breaker.allows(self._clock()):
-            raise BackendError(f"backend {self.label} is out (circuit open)")
+        now = self._clock()
+        if not self.breaker.allows(now):
+            raise NoBackendAvailable(
+                f"backend {self.label} is out (circuit open)",
+                retry_in=max(0.1, self.breaker.remaining(now)),
+            )
         call = build_call(
             self.capabilities.continuation,
             model=self.endpoint.upstream_model,
@@ -142,23 +147,27 @@ class OpenAIBackend:
         self.in_flight += 1
         self._stats.active_sequences = self.in_flight
         try:
-            async for chunk in self._chunks(call, request.messages, len(resume)):
+            async for chunk in self._chunks(call, request, len(resume)):
                 yield chunk
         finally:
             self.in_flight -= 1
             self._stats.active_sequences = self.in_flight
 
     async def _chunks(
-        self, call: Any, messages: Sequence[ChatMessage], resumed: int
+        self, call: Any, request: GenerationRequest, resumed: int
     ) -> AsyncIterator[Chunk]:
         emitted = 0
+        answered = False
         try:
             async for item in stream_call(self._client(), *self._where(), call):
+                if not answered:  # the engine took the request: it works
+                    answered = True
+                    self.breaker.succeeded()
                 if isinstance(item, TextDelta):
                     emitted += 1
                     yield TokenChunk(UPSTREAM_TOKEN, item.text)
                 else:
-                    end = await self._counted(item, messages, resumed)
+                    end = await self._counted(item, request, resumed)
                     for chunk in self._end(end, emitted, resumed):
                         yield chunk
         except BackendError:
@@ -167,15 +176,15 @@ class OpenAIBackend:
         except EngineRefused:
             self.breaker.succeeded()  # it answered: refusing is not failing
             raise
+        finally:  # paused or abandoned before any verdict: let another request probe
+            self.breaker.release_probe()
 
-    async def _counted(
-        self, end: StreamEnd, messages: Sequence[ChatMessage], resumed: int
-    ) -> StreamEnd:
+    async def _counted(self, end: StreamEnd, request: GenerationRequest, resumed: int) -> StreamEnd:
         """`end` with the engine's prompt count, asked for if the stream carried none
         (as if reported by the call: a resume's prompt holds the partial answer too)."""
         if end.prompt_tokens is not None or self._count_prompt is None:
             return end
-        counted = await self._count_prompt(self._client(), messages)
+        counted = await self._count_prompt(self._client(), request.messages, request.prompt_text)
         return end if counted is None else replace(end, prompt_tokens=counted + resumed)
 
     def _end(self, end: StreamEnd, emitted: int, resumed: int) -> list[Chunk]:

@@ -18,8 +18,11 @@ import httpx
 from flexserve.backends.base import ChatMessage
 from flexserve.backends.upstream.continuation import RenderPrompt
 
-CountPrompt = Callable[[httpx.AsyncClient, Sequence[ChatMessage]], Coroutine[Any, Any, int | None]]
-"""The engine's token count of a chat's prompt; None when it cannot say."""
+CountPrompt = Callable[
+    [httpx.AsyncClient, Sequence[ChatMessage], str | None], Coroutine[Any, Any, int | None]
+]
+"""The engine's token count of a chat's prompt, or of a raw prompt (completions); None
+when it cannot say."""
 
 PROMPT_COUNT_PATHS = {"llama-cpp-python": "/extras/tokenize/count"}
 """Engines that stream no usage, and where (relative to their root) they count a text."""
@@ -35,10 +38,14 @@ def prompt_counter(
     url = base_url.rstrip("/").removesuffix("/v1") + path
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
 
-    async def count(http: httpx.AsyncClient, messages: Sequence[ChatMessage]) -> int | None:
+    async def count(
+        http: httpx.AsyncClient, messages: Sequence[ChatMessage], prompt_text: str | None
+    ) -> int | None:
         # A failed count must not fail an answer already given: the estimate is billed.
+        # (ValueError covers a template that refuses the messages, too.)
         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
-            body = {"model": model, "input": render(messages)}
+            text = prompt_text if prompt_text is not None else render(messages)
+            body = {"model": model, "input": text}
             response = await http.post(url, json=body, headers=headers)
             if response.status_code == 200:
                 return int(response.json()["count"])
