@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from prometheus_client import CollectorRegistry, Histogram
 
 from flexserve.metrics_view import histogram_quantile, read_samples, tier_stats
