@@ -12,6 +12,7 @@ const COLORS = { priority: "#d9480f", default: "#1c7ed6", flex: "#2b8a3e", batch
 
 const history = []; // {t, tiers: {tier: {queued, running, requests}}, busy: {model: s}}
 let timer = null;
+let session = 0; // a new sign-in ends the previous polling loop
 
 const $ = (id) => document.getElementById(id);
 
@@ -59,12 +60,15 @@ function signIn(key) {
   $("login").hidden = true;
   $("board").hidden = false;
   $("logout").hidden = false;
-  poll();
+  clearTimeout(timer);
+  session += 1;
+  poll(session);
 }
 
 function signOut(message) {
   sessionStorage.removeItem(KEY_SLOT);
   clearTimeout(timer);
+  session += 1;
   history.length = 0;
   $("board").hidden = true;
   $("logout").hidden = true;
@@ -73,14 +77,15 @@ function signOut(message) {
   $("status").textContent = "signed out";
 }
 
-async function poll() {
+async function poll(mine) {
   const key = sessionStorage.getItem(KEY_SLOT);
-  if (!key) return;
+  if (!key || mine !== session) return;
   try {
     const answer = await fetch(STATS_URL, {
       headers: { authorization: `Bearer ${key}` },
       cache: "no-store",
     });
+    if (mine !== session) return;
     if (answer.status === 401 || answer.status === 403) {
       const body = await answer.json().catch(() => ({}));
       signOut((body.error && body.error.message) || `refused (${answer.status})`);
@@ -94,7 +99,7 @@ async function poll() {
     $("status").textContent = `cannot reach the server (${error.message}); retrying`;
     $("status").className = "status down";
   }
-  timer = setTimeout(poll, POLL_MS);
+  if (mine === session) timer = setTimeout(() => poll(mine), POLL_MS);
 }
 
 // ---- drawing ----------------------------------------------------------------------
