@@ -346,6 +346,9 @@ class Settings(BaseSettings):
     """Keys from config: key -> tenant. Stored hashed at start-up."""
     admin_keys: list[str] = Field(default_factory=list)
     """Keys from config that may use the admin routes. Stored hashed at start-up."""
+    dashboard_keys: list[str] = Field(default_factory=list)
+    """Keys from config that may only read the dashboard (`/dashboard`, its stats): they
+    call no model and see no tenant's data. Held hashed in memory, never stored."""
     key_cache_seconds: float = Field(default=30.0, ge=0)
     """How long a looked-up key is trusted before the store is asked again."""
     key_negative_cache_seconds: float = Field(default=5.0, ge=0, le=3600)
@@ -437,6 +440,8 @@ class Settings(BaseSettings):
                 raise ValueError("api_keys: every key and tenant must be non-empty")
         if any(not key for key in self.admin_keys):
             raise ValueError("admin_keys: every key must be non-empty")
+        if any(not key for key in self.dashboard_keys):
+            raise ValueError("dashboard_keys: every key must be non-empty")
         if self.database_url is not None:
             _check_database_url(self.database_url)
         elif self.data_dir.exists() and not self.data_dir.is_dir():

@@ -16,6 +16,7 @@ from flexserve.api import (
     batches,
     chat,
     completions,
+    dashboard,
     errors,
     files,
     responses,
@@ -185,3 +186,6 @@ def _routes(app: FastAPI) -> None:
     route("/healthz", routes.healthz, methods=["GET"], **docs.HEALTHZ)
     route("/health", routes.healthz, methods=["GET"], **docs.HEALTH)  # vLLM's path
     route("/metrics", routes.metrics, methods=["GET"], **docs.METRICS)
+    route("/v1/dashboard/stats", dashboard.dashboard_stats, methods=["GET"], **docs.DASHBOARD_STATS)
+    route("/dashboard", dashboard.dashboard_page, methods=["GET"], include_in_schema=False)
+    route("/dashboard/{asset}", dashboard.dashboard_asset, methods=["GET"], include_in_schema=False)

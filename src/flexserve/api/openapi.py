@@ -260,6 +260,11 @@ REVOKE_KEY: Final[RouteDoc] = _authenticated(
     summary="Revoke an API key (admin)",
     openapi_extra={"parameters": [_path("key_id", "Key id")]},
 )
+DASHBOARD_STATS: Final[RouteDoc] = _authenticated(
+    403,
+    summary="The dashboard's numbers (admin or dashboard key): per tier and per model, "
+    "as in /metrics now; every tenant's cost and savings; the latest batches",
+)
 _HEALTH_RESPONSES: Final = {503: {"description": "The backend is unhealthy"}}
 HEALTHZ: Final[RouteDoc] = {"summary": "Health", "responses": _HEALTH_RESPONSES}
 HEALTH: Final[RouteDoc] = {

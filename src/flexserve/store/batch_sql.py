@@ -130,6 +130,12 @@ class BatchStore:
         with self.engine.connect() as conn:
             return [BatchRecord(**row._mapping) for row in conn.execute(query)]
 
+    def recent_batches(self, limit: int) -> list[BatchRecord]:
+        """Every tenant's, newest first: what the dashboard shows beside the active ones."""
+        query = select(batches).order_by(batches.c.created_at.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [BatchRecord(**row._mapping) for row in conn.execute(query)]
+
     def enqueued_tokens(self, tenant: str) -> int:
         """Estimated tokens of the tenant's batches still running (their input files')."""
         query = (

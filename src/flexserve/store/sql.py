@@ -109,7 +109,7 @@ class SqlStore:
         with self.engine.connect() as conn:
             return [LedgerRow(**row._mapping) for row in conn.execute(query)]
 
-    def usage(self, tenant: str, since: float = 0.0) -> list[TierUsage]:
+    def usage(self, tenant: str | None, since: float = 0.0) -> list[TierUsage]:
         query = (
             select(
                 ledger.c.tier,
@@ -119,10 +119,12 @@ class SqlStore:
                 func.sum(ledger.c.cost_nanos),
                 func.sum(ledger.c.list_cost_nanos),
             )
-            .where(ledger.c.tenant == tenant, ledger.c.created_at >= since)
+            .where(ledger.c.created_at >= since)
             .group_by(ledger.c.tier)
             .order_by(ledger.c.tier)
         )
+        if tenant is not None:
+            query = query.where(ledger.c.tenant == tenant)
         with self.engine.connect() as conn:
             return [
                 TierUsage(*(row[0],), *(int(v) for v in row[1:])) for row in conn.execute(query)
