@@ -7,7 +7,7 @@ import asyncio
 import io
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -364,3 +364,43 @@ def test_a_drain_puts_running_lines_back_instead_of_failing_them(tmp_path: Path)
 
     failed, completed, queued = asyncio.run(run())
     assert failed == 0 and queued == 20 - completed
+
+
+def test_bad_uploads_are_clear_400s_never_500s(serve: Serve) -> None:
+    server = serve()
+    headers = {"authorization": f"Bearer {KEY}"}
+    deep = b"[" * 100_000 + b"]" * 100_000  # deeper than the JSON parser's stack
+    files = {"file": ("x.jsonl", deep + b"\n"), "purpose": (None, "batch")}
+    answer = httpx.post(server.url + "/files", headers=headers, files=files)
+    assert answer.status_code == 200 and answer.json()["status"] == "error"
+    assert "nested too deeply" in answer.json()["status_details"]
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: the size could not be bounded
+        yield b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--b--\r\n'
+
+    answer = httpx.post(
+        server.url + "/files",
+        headers={**headers, "content-type": "multipart/form-data; boundary=b"},
+        content=chunked(),
+    )
+    assert answer.status_code == 400 and "Content-Length" in answer.json()["error"]["message"]
+    not_multipart = httpx.post(server.url + "/files", headers=headers, json={"purpose": "batch"})
+    assert not_multipart.status_code == 400
+
+
+def test_a_key_without_the_batch_tier_cannot_create_batches(
+    serve: Serve, clients: Callable[..., openai.OpenAI]
+) -> None:
+    server = serve(admin_keys=["fs-admin"])
+    new = httpx.post(
+        server.url + "/admin/keys",
+        headers={"authorization": "Bearer fs-admin"},
+        json={"tenant": "tenant-i", "allowed_tiers": ["default", "priority"]},
+    ).json()["key"]
+    c = clients(server, new)
+    source = upload(c, jsonl([line("a")]))
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        c.batches.create(
+            input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    assert refused.value.code == "tier_not_allowed"

@@ -13,12 +13,13 @@ from starlette.responses import JSONResponse, Response
 
 from flexserve.api.auth import authenticate
 from flexserve.api.body import read_body
-from flexserve.api.files import _limit, batch_service, page
+from flexserve.api.files import batch_service, page, page_limit
 from flexserve.api.state import app_state
 from flexserve.api.validation import parse_body
 from flexserve.api.wire import CreateBatchRequest
 from flexserve.batch.service import BatchService
 from flexserve.billing import usd
+from flexserve.errors import TierNotAllowed
 from flexserve.store.batch_records import BatchRecord
 
 
@@ -26,6 +27,8 @@ async def create_batch(request: Request) -> Response:
     state = app_state(request)
     key = await authenticate(request, state)
     service = batch_service(state)
+    if "batch" not in key.allowed_tiers:
+        raise TierNotAllowed("This API key may not use the batch tier.", param="service_tier")
     body = parse_body(CreateBatchRequest, await read_body(request, state.settings.max_body_bytes))
     record = await asyncio.to_thread(
         service.create,
@@ -50,7 +53,7 @@ async def list_batches(request: Request) -> Response:
     state = app_state(request)
     key = await authenticate(request, state)
     service = batch_service(state)
-    limit = _limit(request)
+    limit = page_limit(request)
     after = request.query_params.get("after")
     records = await asyncio.to_thread(service.store.list_batches, key.tenant, after, limit + 1)
     objects = [await batch_object(service, r) for r in records[: limit + 1]]

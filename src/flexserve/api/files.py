@@ -22,7 +22,8 @@ from flexserve.errors import InvalidRequest, NotFound, RequestTooLarge
 from flexserve.store.batch_records import FileRecord
 
 MULTIPART_OVERHEAD = 64 * 1024
-MAX_LIST = 10_000
+MAX_LIST = 100
+"""OpenAI's largest page."""
 
 
 def batch_service(state: AppState) -> BatchService:
@@ -36,7 +37,9 @@ async def create_file(request: Request) -> Response:
     key = await authenticate(request, state)
     service = batch_service(state)
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_FILE_BYTES + MULTIPART_OVERHEAD:
+    if not declared or not declared.isdigit():  # a chunked body could not be bounded
+        raise InvalidRequest("Send uploads with a Content-Length header (not chunked).")
+    if int(declared) > MAX_FILE_BYTES + MULTIPART_OVERHEAD:
         raise RequestTooLarge(f"Files may be at most {MAX_FILE_BYTES // (1024 * 1024)} MB.")
     form = await _form(request)
     try:
@@ -68,7 +71,7 @@ async def list_files(request: Request) -> Response:
     state = app_state(request)
     key = await authenticate(request, state)
     service = batch_service(state)
-    limit = _limit(request)
+    limit = page_limit(request)
     order = request.query_params.get("order", "desc")
     if order not in ("asc", "desc"):
         raise InvalidRequest("'order' must be 'asc' or 'desc'.", param="order")
@@ -147,7 +150,7 @@ def page(objects: list[dict[str, Any]], limit: int) -> dict[str, Any]:
     }
 
 
-def _limit(request: Request, default: int = 20) -> int:
+def page_limit(request: Request, default: int = 20) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
         return default

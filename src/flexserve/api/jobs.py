@@ -184,11 +184,17 @@ class Answer:
         with its Retry-After, not as an error event in a 200 stream. A pause sends the
         headers at once, so that heartbeats keep the connection meanwhile.
         """
-        while True:
-            event = await self.next_event_or_disconnect(request)
-            if not isinstance(event, Started):
-                self._pending = event
-                return event
+        try:
+            # Bounded: a long prefill or an engine's own queue must not keep a client
+            # without a byte past its read timeout (which admission assumed starts now).
+            async with asyncio.timeout(self.state.settings.paused_heartbeat):
+                while True:
+                    event = await self.next_event_or_disconnect(request)
+                    if not isinstance(event, Started):
+                        self._pending = event
+                        return event
+        except TimeoutError:
+            return Started(resumed=False)  # begin the stream now
 
     def cancel(self) -> None:
         """The client left: free the slot, bill what was produced.

@@ -79,11 +79,11 @@ class ResponseView:
             "reasoning": {"effort": None, "summary": None},
             "service_tier": self.service_tier,
             "store": self.echo.get("store") is not False,
-            "temperature": self.echo.get("temperature", 1.0),
+            "temperature": _or(self.echo.get("temperature"), 1.0),
             "text": {"format": {"type": "text"}},
             "tool_choice": "auto",
             "tools": [],
-            "top_p": self.echo.get("top_p", 1.0),
+            "top_p": _or(self.echo.get("top_p"), 1.0),
             "truncation": "disabled",
             "usage": _usage(usage) if usage else None,
             "user": self.echo.get("user"),
@@ -131,3 +131,7 @@ def _error(error: FlexserveError | None, stored: dict[str, str] | None) -> dict[
         code = "rate_limit_exceeded" if error.status == 429 else "server_error"
         return {"code": code, "message": error.message}
     return stored
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value

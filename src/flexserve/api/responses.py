@@ -24,7 +24,7 @@ from flexserve.api.body import read_body
 from flexserve.api.jobs import serve_job
 from flexserve.api.response_objects import ResponseView, response_object
 from flexserve.api.state import AppState, app_state
-from flexserve.api.validation import ValidChat, parse_body, validate_chat
+from flexserve.api.validation import READ_TIMEOUT_HEADER, ValidChat, parse_body, validate_chat
 from flexserve.api.wire import ChatCompletionRequest, ResponsesRequest
 from flexserve.errors import FlexserveError, InvalidRequest, NotFound, UnsupportedValue
 from flexserve.runtime import ServedModel
@@ -43,16 +43,19 @@ async def create_response(request: Request) -> Response:
     key = await authenticate(request, state)
     body = await read_body(request, state.settings.max_body_bytes)
     wire = parse_body(ResponsesRequest, body)
-    _reject_unsupported(wire)
+    reject_unsupported_response(wire)
     store = response_store(state) if wire.store is not False or wire.background else None
     previous = await _previous(state, key, wire)
-    chat = _as_chat(wire, previous)
+    chat = as_chat(wire, previous)
     served = state.fleet.get(wire.model)
     headers = {k.lower(): v for k, v in request.headers.items()}
+    if wire.background:  # no connection waits for it: the client's read timeout is moot
+        headers.pop(READ_TIMEOUT_HEADER, None)
     valid = await asyncio.to_thread(validate_chat, chat, key, served, state.settings, headers)
     record = _record(request.state.request_id, key, served, wire, chat, valid)
     if wire.background:
         assert store is not None
+        state.limits.admit(request, key, valid)  # the same per-key limits as every request
         return await _start_background(state, store, served, key, record, valid)
     view = ResponseView.of(record, wire)
 
@@ -73,7 +76,7 @@ async def create_response(request: Request) -> Response:
     )
 
 
-def _reject_unsupported(wire: ResponsesRequest) -> None:
+def reject_unsupported_response(wire: ResponsesRequest) -> None:
     if wire.tools:
         raise UnsupportedValue("This model does not support tools.", param="tools")
     if wire.tool_choice not in (None, "none", "auto"):
@@ -111,7 +114,7 @@ async def _previous(
     return found
 
 
-def _as_chat(wire: ResponsesRequest, previous: ResponseRecord | None) -> ChatCompletionRequest:
+def as_chat(wire: ResponsesRequest, previous: ResponseRecord | None) -> ChatCompletionRequest:
     """The chat request a response runs as: instructions as the system message, then
     the previous response's conversation and answer, then this input."""
     turns: list[dict[str, str]] = []

@@ -104,6 +104,13 @@ class Pool:
         for member in self.members:
             await member.close()
 
+    def available_slots(self) -> int:
+        """Slots of the members that take work now: with one of two engines out, the
+        scheduler must not fill the other with twice its jobs (interactive work would
+        queue inside that engine, behind flex, where flexserve cannot preempt it)."""
+        healthy = sum(member.slots for member in self.members if member.health())
+        return healthy or self.slots  # none: jobs wait out the outage in their slots
+
     def health(self) -> bool:
         return any(member.health() for member in self.members)
 

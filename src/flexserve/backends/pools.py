@@ -84,7 +84,7 @@ def _openai(
     )
     render = _renderer(entry.chat_template) if entry.chat_template else None
     return OpenAIBackend(
-        entry.name or urlsplit(entry.base_url).netloc,
+        entry.name or _host_port(entry.base_url),
         model,
         endpoint,
         slots,
@@ -119,3 +119,9 @@ def _renderer(path: str) -> RenderPrompt:
         return template.render(messages).text
 
     return render
+
+
+def _host_port(url: str) -> str:
+    """A backend's default label: never the `user:password@` a URL may carry."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)

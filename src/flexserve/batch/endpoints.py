@@ -13,7 +13,7 @@ from flexserve.api.chat import ChatShape
 from flexserve.api.completions import CompletionShape
 from flexserve.api.jobs import Shape
 from flexserve.api.response_objects import ResponseView
-from flexserve.api.responses import ResponsesShape, _as_chat
+from flexserve.api.responses import ResponsesShape, as_chat, reject_unsupported_response
 from flexserve.api.validation import ValidChat, parse_body, validate_chat, validate_completion
 from flexserve.api.wire import ChatCompletionRequest, CompletionRequest, ResponsesRequest
 from flexserve.config import Settings
@@ -21,8 +21,6 @@ from flexserve.errors import InvalidRequest
 from flexserve.runtime import Fleet, JobHandle, ServedModel
 from flexserve.store import KeyRecord
 from flexserve.store.responses_sql import ResponseRecord
-
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,8 @@ def _responses_line(
             "A batch line's response cannot use previous_response_id, background, stream or tools.",
             param="body",
         )
-    line = _chat_line(_as_chat(wire, None), key, fleet, settings)
+    reject_unsupported_response(wire)  # as the live endpoint does
+    line = _chat_line(as_chat(wire, None), key, fleet, settings)
     echo = wire.model_dump(include={"instructions", "max_output_tokens", "metadata"})
 
     def shape(handle: JobHandle) -> Shape:

@@ -21,6 +21,7 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 MAX_LINES = 50_000
 MAX_FILE_BYTES = 200 * 1024 * 1024
 MAX_CUSTOM_ID = 512
+MAX_MODEL_NAME = 200
 CHUNK_BYTES = 1024 * 1024
 """Stored chunk size (and read size) of file content."""
 CHARS_PER_TOKEN = 4
@@ -69,6 +70,8 @@ class LineChecker:
         if not isinstance(body, dict):
             raise _BadLine("'body' must be a JSON object")
         self._same("model", body.get("model"), "'body.model'")
+        if len(self.model or "") > MAX_MODEL_NAME:
+            raise _BadLine(f"'body.model' is longer than {MAX_MODEL_NAME} characters")
         self.estimated_tokens += _estimate(body)
 
     def _same(self, name: str, value: Any, label: str) -> None:
@@ -88,6 +91,8 @@ class _BadLine(Exception):
 def _object(raw: bytes) -> dict[str, Any]:
     try:
         line = json.loads(raw)
+    except RecursionError:
+        raise _BadLine("nested too deeply") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise _BadLine(
             f"not valid JSON ({error.msg if hasattr(error, 'msg') else error})"

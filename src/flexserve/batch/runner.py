@@ -51,7 +51,8 @@ def batch_request_id(batch_id: str, custom_id: str) -> str:
 
 
 def runner_name() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+    """Unique per process, and short enough for its column (64) whatever the hostname."""
+    return f"{socket.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 @dataclass

@@ -22,6 +22,7 @@ from flexserve.errors import InvalidRequest, NotFound, RequestTooLarge
 from flexserve.store.batch_records import BatchRecord, FileRecord
 from flexserve.store.batch_sql import BatchStore
 
+MAX_FILENAME = 500
 PURPOSES = ("batch", "batch_output", "user_data", "assistants", "fine-tune", "vision", "evals")
 _WINDOW = re.compile(r"^([1-9][0-9]*)([smh])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
@@ -55,6 +56,7 @@ class BatchService:
                 param="purpose",
             )
         file_id = new_id("file")
+        filename = filename[:MAX_FILENAME]
         checker = LineChecker() if purpose == "batch" else None
         size = 0
 

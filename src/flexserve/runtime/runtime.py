@@ -235,9 +235,16 @@ class Runtime:
             while command is not None:
                 self._apply(command, now)
                 command = self._commands.get_nowait() if not self._commands.empty() else None
+            self._follow_capacity()
             self._carry_out(self.scheduler.step(now), now)
             if self.draining and not self._handles:
                 self._drained.set()
+
+    def _follow_capacity(self) -> None:
+        """A pool's capacity shrinks while a member is out (and grows back)."""
+        available = getattr(self.backend, "available_slots", None)
+        if available is not None:
+            self.scheduler.slots = max(1, int(available()))
 
     def _die(self, reason: str) -> None:
         self.failure = reason

@@ -142,11 +142,12 @@ def _advisory(connection: Connection, function: str) -> None:
 def _engine(url: str, sqlite_busy_timeout: float) -> Engine:
     if not url.startswith("sqlite"):
         timeout = {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
-        return create_engine(url, pool_pre_ping=True, connect_args=timeout)
+        # hide_parameters: an error's log line must not carry prompts, answers or files
+        return create_engine(url, pool_pre_ping=True, connect_args=timeout, hide_parameters=True)
     # A writer waits at most `sqlite_busy_timeout` for another's lock, then fails (the
     # ledger outbox retries); a request never hangs on a long-held lock.
     connect_args = {"check_same_thread": False, "timeout": sqlite_busy_timeout}
-    engine = create_engine(url, connect_args=connect_args)
+    engine = create_engine(url, connect_args=connect_args, hide_parameters=True)
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_connection: Any, _record: Any) -> None:
