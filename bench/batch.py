@@ -1,0 +1,524 @@
+"""Batch API benchmark: does a big batch keep the slots busy without hurting interactive
+latency, and do validation and finalization scale?
+
+    .venv/bin/python bench/batch.py [--slots K] [--window S] [--pairs N] [--lines N]
+                                    [--in-flight N] [--skip-memory] [--skip-finalize]
+
+What it measures (each part against a baseline from the same run where there is one):
+
+1. utilization and interactive TTFT: `flexserve serve` (simulated backend, K slots,
+   a=50 ms, c=20 ms per token, 32-token answers) in a subprocess; a default-tier
+   Poisson prober (streaming, open loop, ~40 % of capacity) in a process of its own
+   (bench/_load.py, as bench/tiers.py). Windows alternate ABBA between `alone` (no batch
+   running) and `batch` (a `--lines` batch running, submitted through /v1/files and
+   /v1/batches; one batch serves two adjacent windows and is cancelled, and its cancel
+   finished, before the next alone window). Both windows of a pair replay the same
+   arrival offsets. Utilization of a batch window = delta
+   `flexserve_backend_busy_slot_seconds_total` / (K x window). The p99 TTFT ratio is the
+   median over pairs of p99(batch window) / p99(alone window).
+2. validation: a fresh server per file; upload a 50,000-line file and a ~200 MB file
+   (50,000 lines of ~4 KB) through /v1/files; lines/s of the upload (transfer, multipart,
+   line checks, chunk storage) and the server process's memory growth: peak RSS
+   (/proc/<pid>/status VmHWM) after the upload minus RSS before it.
+3. finalize: a 50,000-line batch whose lines are all done (result rows of a realistic
+   size, in a SQLite store in this process), finalized by the runner's own code path
+   (`BatchRunner._finalize`: output file written from the rows, status moved): seconds.
+
+The last line printed is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import multiprocessing as mp
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+import _load
+from _load import LoadConfig, Result, Target
+from _server import Server, metric
+from tiers import _collect, pct, poisson_offsets, spread
+
+KEY = "bench-batch-key"
+BUSY = "flexserve_backend_busy_slot_seconds_total"
+QUEUED = "flexserve_queued_jobs"
+A_MS, B_MS, C_MS, TOKENS = 50.0, 0.05, 20.0, 32
+
+
+@dataclass
+class Window:
+    label: str
+    kind: str  # alone | batch
+    pair: int
+    t0: float
+    t1: float
+    busy: float
+    queued_batch: tuple[float, float]
+    done_lines: float  # batch lines finished during the window
+
+
+def server_env(
+    slots: int, in_flight: int, extra: dict[str, str]
+) -> tuple[list[str], dict[str, str]]:
+    args = ["--backend", "simulated", "--slots", str(slots), "--log-level", "warning"]
+    args += ["--sim-ttft-ms", str(A_MS), "--sim-tpot-ms", str(C_MS)]
+    env = {
+        "FLEXSERVE_API_KEYS": json.dumps({KEY: "bench"}),
+        "FLEXSERVE_SIMULATED__NATURAL_OUTPUT_TOKENS": str(TOKENS),
+        "FLEXSERVE_SIMULATED__TTFT_PER_PROMPT_TOKEN_MS": str(B_MS),
+        "FLEXSERVE_BATCH__IN_FLIGHT_PER_BATCH": str(in_flight),
+        "FLEXSERVE_BATCH__IN_FLIGHT_TOTAL": str(max(in_flight, 64)),
+        **extra,
+    }
+    return args, env
+
+
+# ---- batch files -------------------------------------------------------------------------
+
+
+def write_batch_file(path: Path, model: str, lines: int, pad: int = 0) -> int:
+    """`lines` chat requests (each `pad` characters of extra prompt); returns bytes."""
+    filler = ("lorem ipsum dolor sit amet " * (pad // 27 + 1))[:pad]
+    with path.open("w") as out:
+        for i in range(lines):
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": f"batch line {i} {filler}"}],
+                "max_tokens": TOKENS,
+            }
+            line = {"custom_id": f"line-{i}", "method": "POST", "url": _load.CHAT_PATH}
+            out.write(json.dumps({**line, "body": body}) + "\n")
+    return path.stat().st_size
+
+
+def upload(base: str, path: Path) -> dict[str, Any]:
+    with path.open("rb") as f:
+        resp = httpx.post(
+            base + "/v1/files",
+            headers={"authorization": f"Bearer {KEY}"},
+            files={"file": (path.name, f, "application/jsonl")},
+            data={"purpose": "batch"},
+            timeout=600,
+        )
+    resp.raise_for_status()
+    body: dict[str, Any] = resp.json()
+    return body
+
+
+def api(base: str, method: str, path: str, body: Any = None) -> dict[str, Any]:
+    resp = httpx.request(
+        method,
+        base + path,
+        headers={"authorization": f"Bearer {KEY}"},
+        json=body,
+        timeout=120,
+    )
+    resp.raise_for_status()
+    out: dict[str, Any] = resp.json()
+    return out
+
+
+def create_batch(base: str, file_id: str) -> str:
+    made = api(
+        base,
+        "POST",
+        "/v1/batches",
+        {
+            "input_file_id": file_id,
+            "endpoint": _load.CHAT_PATH,
+            "completion_window": "24h",
+        },
+    )
+    return str(made["id"])
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            out[name] = int(value.split()[0])
+    return out
+
+
+# ---- part 2: validation ------------------------------------------------------------------
+
+
+def measure_upload(path: Path, lines: int, args: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """A fresh server, one upload: seconds, lines/s, memory growth (MB)."""
+    with Server(args, env) as server:
+        server.wait_healthy(30)
+        assert server.proc is not None
+        pid = server.proc.pid
+        before = memory_kb(pid)
+        start = time.monotonic()
+        record = upload(server.base, path)
+        elapsed = time.monotonic() - start
+        after = memory_kb(pid)
+    if record["status"] != "processed" or record["batch_input"]["requests"] != lines:
+        raise RuntimeError(f"upload not validated: {record}")
+    return {
+        "bytes": path.stat().st_size,
+        "seconds": round(elapsed, 3),
+        "lines_per_s": round(lines / elapsed, 1),
+        "rss_before_mb": round(before["VmRSS"] / 1024, 1),
+        "peak_growth_mb": round((after["VmHWM"] - before["VmRSS"]) / 1024, 1),
+    }
+
+
+# ---- part 3: finalize --------------------------------------------------------------------
+
+
+def result_line(batch_id: str, custom_id: str) -> str:
+    """A done line as the runner stores it: a chat.completion of TOKENS words."""
+    from flexserve.batch.runner import batch_request_id
+
+    request_id = batch_request_id(batch_id, custom_id)
+    body = {
+        "id": "chatcmpl-" + request_id.removeprefix("batch_req_"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": "smollm2-135m",
+        "service_tier": "batch",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "word " * TOKENS, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "length",
+            }
+        ],
+        "usage": {"prompt_tokens": 40, "completion_tokens": TOKENS, "total_tokens": 40 + TOKENS},
+    }
+    response = {"status_code": 200, "request_id": request_id, "body": body}
+    return json.dumps({"custom_id": custom_id, "response": response, "error": None})
+
+
+def measure_finalize(lines: int, workdir: Path) -> dict[str, Any]:
+    """The runner's finalize of a batch whose `lines` lines are all done, on SQLite."""
+    from sqlalchemy import bindparam, update
+
+    from flexserve.batch.runner import BatchRunner
+    from flexserve.batch.service import BatchService
+    from flexserve.config import load_settings
+    from flexserve.store.batch_records import BatchRecord
+    from flexserve.store.batch_sql import BatchStore
+    from flexserve.store.schema import batch_items
+    from flexserve.store.sql import SqlStore
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    settings = load_settings(None, data_dir=workdir, backend="simulated")
+    sql = SqlStore(settings.resolved_database_url())
+    sql.migrate()
+    store = BatchStore(sql.engine)
+    service = BatchService(store, settings, lambda _model: True)
+    now = time.time()
+    record = BatchRecord(
+        batch_id="batch-finalize-bench",
+        tenant="bench",
+        input_file_id="file-none",
+        endpoint=_load.CHAT_PATH,
+        model="m",
+        completion_window="24h",
+        metadata=None,
+        status="in_progress",
+        created_at=now,
+        in_progress_at=now,
+        expires_at=now + 86400,
+        total=lines,
+    )
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    store.create_batch(record, ((i, f"line-{i}", body) for i in range(lines)))
+    results = [{"n": i, "result": result_line(record.batch_id, f"line-{i}")} for i in range(lines)]
+    with sql.engine.begin() as conn:
+        conn.execute(
+            update(batch_items)
+            .where(batch_items.c.batch_id == record.batch_id)
+            .where(batch_items.c.line_no == bindparam("n"))
+            .values(status="done", result=bindparam("result"), finished_at=now),
+            results,
+        )
+    result_bytes = sum(len(r["result"]) for r in results)
+    del results
+    runner = BatchRunner(service, None, None)  # type: ignore[arg-type]  # finalize needs neither
+    start = time.monotonic()
+    asyncio.run(runner._finalize(record))
+    elapsed = time.monotonic() - start
+    final = store.get_batch(record.batch_id)
+    assert final is not None and final.status == "completed" and final.output_file_id
+    output = store.get_file("bench", final.output_file_id)
+    assert output is not None
+    sql.engine.dispose()
+    return {
+        "lines": lines,
+        "seconds": round(elapsed, 3),
+        "result_mb": round(result_bytes / 2**20, 1),
+        "output_mb": round(output.bytes / 2**20, 1),
+    }
+
+
+# ---- part 1: utilization and TTFT --------------------------------------------------------
+
+
+class Run:
+    def __init__(self, server: Server, target: Target, args: argparse.Namespace) -> None:
+        self.server = server
+        self.args = args
+        ctx = mp.get_context("spawn")
+        self.cfg = LoadConfig(target, TOKENS, TOKENS)
+        self.cmd, self.out = ctx.Queue(), ctx.Queue()
+        self.inflight = ctx.RawValue("i", 0)
+        self.prober = ctx.Process(
+            target=_load.prober_main,
+            args=(self.cfg, self.cmd, self.out, self.inflight),
+            name="bench-prober",
+        )
+        self.windows: list[Window] = []
+        self.incidents: list[str] = []
+        self.batch_id: str | None = None
+        self.cancel_seconds: list[float] = []
+        self.file_id = ""
+
+    def wait_prober_idle(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while self.inflight.value > 0:
+            if not self.prober.is_alive():
+                raise RuntimeError("the prober died")
+            if time.monotonic() > end:
+                self.incidents.append(f"prober still had {self.inflight.value} in flight")
+                return
+            time.sleep(0.02)
+
+    def batch_on(self) -> None:
+        self.batch_id = create_batch(self.server.base, self.file_id)
+        end = time.monotonic() + 60
+        while metric(self.server.metrics()[1], BUSY) == 0 or not self._batch_running():
+            if time.monotonic() > end:
+                self.incidents.append("batch never started")
+                break
+            time.sleep(0.05)
+        time.sleep(self.args.ramp)
+
+    def _batch_running(self) -> bool:
+        assert self.batch_id is not None
+        got = api(self.server.base, "GET", f"/v1/batches/{self.batch_id}")
+        return bool(got["request_counts"]["completed"] > 0)
+
+    def batch_off(self) -> None:
+        """Cancel the batch and wait until its cancel is finished (nothing of it left)."""
+        assert self.batch_id is not None
+        start = time.monotonic()
+        api(self.server.base, "POST", f"/v1/batches/{self.batch_id}/cancel")
+        end = start + 300
+        while api(self.server.base, "GET", f"/v1/batches/{self.batch_id}")["status"] != "cancelled":
+            if time.monotonic() > end:
+                self.incidents.append("batch cancel did not finish in 300 s")
+                break
+            time.sleep(0.05)
+        self.cancel_seconds.append(time.monotonic() - start)
+        while metric(self.server.metrics()[1], QUEUED, tier="batch") > 0:
+            time.sleep(0.05)
+        self.batch_id = None
+
+    def window(self, label: str, kind: str, pair: int, offsets: list[float]) -> None:
+        t_start = time.monotonic() + 0.2
+        self.cmd.put(("window", label, t_start, offsets))
+        _sleep_until(t_start)
+        t0, m0 = self.server.metrics()
+        done0 = self._done()
+        _sleep_until(t_start + self.args.window)
+        t1, m1 = self.server.metrics()
+        done1 = self._done()
+        queued = (metric(m0, QUEUED, tier="batch"), metric(m1, QUEUED, tier="batch"))
+        busy = metric(m1, BUSY) - metric(m0, BUSY)
+        self.windows.append(Window(label, kind, pair, t0, t1, busy, queued, done1 - done0))
+
+    def _done(self) -> float:
+        if self.batch_id is None:
+            return 0.0
+        got = api(self.server.base, "GET", f"/v1/batches/{self.batch_id}")
+        return float(got["request_counts"]["completed"] + got["request_counts"]["failed"])
+
+    def run(self, rate: float) -> None:
+        a = self.args
+        rng = random.Random(a.seed)
+        self.cmd.put(("window", "warmup", time.monotonic() + 0.1, poisson_offsets(rate, 2, rng)))
+        time.sleep(2.5)
+        self.wait_prober_idle(30)
+        running = False
+        for pair in range(a.pairs):
+            offsets = poisson_offsets(rate, a.window, random.Random(a.seed * 1000 + pair))
+            kinds = ("alone", "batch") if pair % 2 == 0 else ("batch", "alone")
+            for kind in kinds:
+                if kind == "alone" and running:
+                    self.batch_off()
+                    running = False
+                elif kind == "batch" and not running:
+                    self.batch_on()
+                    running = True
+                self.window(f"{kind}{pair}", kind, pair, offsets)
+                self.wait_prober_idle(30)
+        if running:
+            self.batch_off()
+
+    def finish(self) -> list[Result]:
+        self.cmd.put(("stop",))
+        results: list[Result] = _collect(self.out, self.prober, 120)
+        self.prober.join(timeout=10)
+        return results
+
+
+def _sleep_until(t: float) -> None:
+    delay = t - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def p99_ttft(results: list[Result]) -> float:
+    return pct([r.ttft for r in results if r.outcome == "ok" and r.ttft is not None], 0.99)
+
+
+def utilization_part(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    srv_args, env = server_env(args.slots, args.in_flight, {})
+    with Server(srv_args, env) as server:
+        model = server.wait_healthy(30)["model"]
+        path = workdir / "batch-10k.jsonl"
+        write_batch_file(path, model, args.lines)
+        target = Target("127.0.0.1", server.port, model, KEY)
+        per_request = (A_MS + B_MS * 40 + TOKENS * C_MS) / 1000.0
+        capacity = args.slots / per_request
+        rate = args.load * capacity
+        run = Run(server, target, args)
+        run.file_id = str(upload(server.base, path)["id"])
+        run.prober.start()
+        try:
+            run.run(rate)
+            results = run.finish()
+        finally:
+            if run.prober.is_alive():
+                run.prober.terminate()
+    by_label: dict[str, list[Result]] = {}
+    for r in results:
+        by_label.setdefault(r.label, []).append(r)
+    print(
+        f"utilization and TTFT: K={args.slots}, simulated a={A_MS:g} ms c={C_MS:g} ms, "
+        f"{TOKENS}-token answers; default load {args.load:.0%} of {capacity:.2f} req/s "
+        f"(Poisson, streaming); batch of {args.lines} lines, in_flight_per_batch "
+        f"{args.in_flight}"
+    )
+    print(
+        f"  {'window':<8} {'n':>4} {'err':>3} {'ttft p50':>9} {'ttft p99':>9} "
+        f"{'util':>5} {'batch q':>8} {'lines':>6}"
+    )
+    for w in run.windows:
+        rs = by_label.get(w.label, [])
+        ttfts = [r.ttft for r in rs if r.outcome == "ok" and r.ttft is not None]
+        util = w.busy / (args.slots * (w.t1 - w.t0))
+        print(
+            f"  {w.label:<8} {len(rs):>4} {sum(r.outcome != 'ok' for r in rs):>3} "
+            f"{pct(ttfts, 0.5) * 1000:>9.1f} {pct(ttfts, 0.99) * 1000:>9.1f} {util:>5.3f} "
+            f"{w.queued_batch[0]:>3.0f}-{w.queued_batch[1]:<4.0f} {w.done_lines:>6.0f}"
+        )
+    ratios = []
+    for pair in range(args.pairs):
+        alone = by_label.get(f"alone{pair}", [])
+        batch = by_label.get(f"batch{pair}", [])
+        if alone and batch:
+            ratios.append(p99_ttft(batch) / p99_ttft(alone))
+    batch_windows = [w for w in run.windows if w.kind == "batch"]
+    busy = sum(w.busy for w in batch_windows)
+    span = sum(args.slots * (w.t1 - w.t0) for w in batch_windows)
+    utilization = busy / span if span else math.nan
+    s = spread(ratios)
+    errors = sum(r.outcome != "ok" for r in results)
+    print(
+        f"  p99 TTFT batch/alone: median {s['median']:.3f} (spread {s['min']:.3f}-"
+        f"{s['max']:.3f}; pairs {', '.join(f'{v:.3f}' for v in ratios)})"
+    )
+    print(
+        f"  utilization in batch windows {utilization:.3f}; default requests {len(results)}, "
+        f"{errors} not ok; cancel took {', '.join(f'{c:.1f}' for c in run.cancel_seconds)} s"
+    )
+    for incident in run.incidents:
+        print(f"    ! {incident}")
+    return {
+        "utilization": round(utilization, 4),
+        "p99_ttft_ratio": round(s["median"], 4),
+        "p99_ttft_ratios": [round(v, 4) for v in ratios],
+        "utilization_per_window": [
+            round(w.busy / (args.slots * (w.t1 - w.t0)), 4) for w in batch_windows
+        ],
+        "default_errors": errors,
+        "cancel_s": [round(c, 2) for c in run.cancel_seconds],
+        "batch_lines_per_window": [w.done_lines for w in batch_windows],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--window", type=float, default=8.0)
+    p.add_argument("--pairs", type=int, default=4)
+    p.add_argument("--load", type=float, default=0.40)
+    p.add_argument("--lines", type=int, default=10_000)
+    p.add_argument("--in-flight", type=int, default=16, help="batch.in_flight_per_batch")
+    p.add_argument("--ramp", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--skip-finalize", action="store_true")
+    p.add_argument("--skip-utilization", action="store_true")
+    args = p.parse_args(argv)
+    started = time.monotonic()
+    summary: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="flexserve-batch-bench-") as tmp:
+        workdir = Path(tmp)
+        if not args.skip_memory:
+            srv_args, env = server_env(args.slots, args.in_flight, {})
+            small = workdir / "50k.jsonl"
+            big = workdir / "200mb.jsonl"
+            write_batch_file(small, "smollm2-135m", 50_000)
+            write_batch_file(
+                big, "smollm2-135m", 50_000, pad=3880
+            )  # ~195 MiB, under the 200 MiB cap
+            uploads = {
+                "50k_lines": measure_upload(small, 50_000, srv_args, env),
+                "200mb": measure_upload(big, 50_000, srv_args, env),
+            }
+            for name, got in uploads.items():
+                print(
+                    f"upload {name}: {got['bytes'] / 2**20:.1f} MB in {got['seconds']:.2f} s "
+                    f"= {got['lines_per_s']:.0f} lines/s; server RSS {got['rss_before_mb']} MB "
+                    f"before, peak growth {got['peak_growth_mb']} MB"
+                )
+            summary["validate_lines_per_s"] = uploads["50k_lines"]["lines_per_s"]
+            summary["validate_peak_mb"] = max(u["peak_growth_mb"] for u in uploads.values())
+            summary["uploads"] = uploads
+        if not args.skip_finalize:
+            fin = measure_finalize(50_000, workdir / "finalize")
+            print(
+                f"finalize: {fin['lines']} done lines ({fin['result_mb']} MB of results) -> "
+                f"output file {fin['output_mb']} MB in {fin['seconds']:.2f} s"
+            )
+            summary["finalize_s"] = fin["seconds"]
+        if not args.skip_utilization:
+            summary |= utilization_part(args, workdir)
+    summary["elapsed_s"] = round(time.monotonic() - started, 1)
+    summary["settings"] = {"slots": args.slots, "in_flight_per_batch": args.in_flight}
+    first = ("utilization", "p99_ttft_ratio", "validate_lines_per_s", "validate_peak_mb")
+    ordered = {k: summary[k] for k in (*first, "finalize_s") if k in summary}
+    print(json.dumps(ordered | summary, separators=(",", ":")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
