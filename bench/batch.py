@@ -50,6 +50,7 @@ from _server import Server, metric
 from tiers import _collect, pct, poisson_offsets, spread
 
 KEY = "bench-batch-key"
+MODEL = "smollm2-135m"  # the default model_name
 BUSY = "flexserve_backend_busy_slot_seconds_total"
 QUEUED = "flexserve_queued_jobs"
 A_MS, B_MS, C_MS, TOKENS = 50.0, 0.05, 20.0, 32
@@ -391,7 +392,8 @@ def p99_ttft(results: list[Result]) -> float:
 def utilization_part(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     srv_args, env = server_env(args.slots, args.in_flight, {})
     with Server(srv_args, env) as server:
-        model = server.wait_healthy(30)["model"]
+        server.wait_healthy(30)
+        model = MODEL
         path = workdir / "batch-10k.jsonl"
         write_batch_file(path, model, args.lines)
         target = Target("127.0.0.1", server.port, model, KEY)
@@ -486,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             srv_args, env = server_env(args.slots, args.in_flight, {})
             small = workdir / "50k.jsonl"
             big = workdir / "200mb.jsonl"
-            write_batch_file(small, "smollm2-135m", 50_000)
+            write_batch_file(small, MODEL, 50_000)
             write_batch_file(
                 big, "smollm2-135m", 50_000, pad=3880
             )  # ~195 MiB, under the 200 MiB cap
