@@ -87,7 +87,9 @@ def server_env(
 # ---- batch files -------------------------------------------------------------------------
 
 
-def write_batch_file(path: Path, model: str, lines: int, pad: int = 0) -> int:
+def write_batch_file(
+    path: Path, model: str, lines: int, pad: int = 0, max_tokens: int = TOKENS
+) -> int:
     """`lines` chat requests (each `pad` characters of extra prompt); returns bytes."""
     filler = ("lorem ipsum dolor sit amet " * (pad // 27 + 1))[:pad]
     with path.open("w") as out:
@@ -95,7 +97,7 @@ def write_batch_file(path: Path, model: str, lines: int, pad: int = 0) -> int:
             body = {
                 "model": model,
                 "messages": [{"role": "user", "content": f"batch line {i} {filler}"}],
-                "max_tokens": TOKENS,
+                "max_tokens": max_tokens,
             }
             line = {"custom_id": f"line-{i}", "method": "POST", "url": _load.CHAT_PATH}
             out.write(json.dumps({**line, "body": body}) + "\n")
@@ -395,7 +397,7 @@ def utilization_part(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         server.wait_healthy(30)
         model = MODEL
         path = workdir / "batch-10k.jsonl"
-        write_batch_file(path, model, args.lines)
+        write_batch_file(path, model, args.lines, max_tokens=args.batch_tokens)
         target = Target("127.0.0.1", server.port, model, KEY)
         per_request = (A_MS + B_MS * 40 + TOKENS * C_MS) / 1000.0
         capacity = args.slots / per_request
@@ -414,7 +416,8 @@ def utilization_part(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         by_label.setdefault(r.label, []).append(r)
     print(
         f"utilization and TTFT: K={args.slots}, simulated a={A_MS:g} ms c={C_MS:g} ms, "
-        f"{TOKENS}-token answers; default load {args.load:.0%} of {capacity:.2f} req/s "
+        f"{TOKENS}-token answers ({args.batch_tokens} for batch lines); default load "
+        f"{args.load:.0%} of {capacity:.2f} req/s "
         f"(Poisson, streaming); batch of {args.lines} lines, in_flight_per_batch "
         f"{args.in_flight}"
     )
@@ -474,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load", type=float, default=0.40)
     p.add_argument("--lines", type=int, default=10_000)
     p.add_argument("--in-flight", type=int, default=16, help="batch.in_flight_per_batch")
+    p.add_argument("--batch-tokens", type=int, default=TOKENS, help="max_tokens of batch lines")
     p.add_argument("--ramp", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--skip-memory", action="store_true")
@@ -515,7 +519,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_utilization:
             summary |= utilization_part(args, workdir)
     summary["elapsed_s"] = round(time.monotonic() - started, 1)
-    summary["settings"] = {"slots": args.slots, "in_flight_per_batch": args.in_flight}
+    summary["settings"] = {
+        "slots": args.slots,
+        "in_flight_per_batch": args.in_flight,
+        "batch_tokens": args.batch_tokens,
+    }
     first = ("utilization", "p99_ttft_ratio", "validate_lines_per_s", "validate_peak_mb")
     ordered = {k: summary[k] for k in (*first, "finalize_s") if k in summary}
     print(json.dumps(ordered | summary, separators=(",", ":")))
