@@ -144,6 +144,40 @@ def test_a_batch_survives_its_server_killed_mid_batch(
         second.exit_status()
 
 
+KILL_IN_FINALIZE = """
+import os, signal
+from flexserve.batch.runner import BatchRunner
+def _die(self, batch):
+    os.kill(os.getpid(), signal.SIGKILL)  # the batch is `finalizing`, no file written
+BatchRunner._write_files = _die
+"""
+
+
+def test_a_server_killed_while_finalizing_leaves_the_batch_to_its_next_start(
+    tmp_path: Path, engines: list[Engine]
+) -> None:
+    first = start_server(tmp_path, SETTINGS, python_prelude=KILL_IN_FINALIZE)
+    with client(first) as c:
+        batch_id = submit(c, LINES)
+        first.process.wait(timeout=120)  # it kills itself when it starts to finalize
+        assert first.process.returncode == -9
+    engine = create_engine(f"sqlite:///{tmp_path / 'flexserve.db'}")
+    engines.append(engine)
+    with engine.connect() as conn:
+        status = conn.execute(
+            select(batches.c.status).where(batches.c.batch_id == batch_id)
+        ).scalar_one()
+    assert status == "finalizing"
+    second = start_server(tmp_path, SETTINGS)
+    try:
+        with client(second) as c:
+            wait_status(second, c, batch_id, "completed")
+            assert_answered_and_billed_once(c, engine, batch_id)
+    finally:
+        second.terminate()
+        second.exit_status()
+
+
 @pytest.mark.postgres
 def test_two_replicas_share_a_batch_and_one_survives_the_other_killed(
     tmp_path: Path, engines: list[Engine]

@@ -126,7 +126,10 @@ class BatchStore:
         ]
 
     def active_batches(self) -> list[BatchRecord]:
-        query = select(batches).where(batches.c.status.in_(ACTIVE)).order_by(batches.c.created_at)
+        """Batches a runner has work on: ACTIVE ones, and finalizing ones (a replica that
+        died while finalizing leaves its batch to another once its lease has run out)."""
+        statuses = (*ACTIVE, "finalizing")
+        query = select(batches).where(batches.c.status.in_(statuses)).order_by(batches.c.created_at)
         with self.engine.connect() as conn:
             return [BatchRecord(**row._mapping) for row in conn.execute(query)]
 
