@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import multiprocessing as mp
@@ -38,6 +39,8 @@ import random
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,8 +210,9 @@ def result_line(batch_id: str, custom_id: str) -> str:
     return json.dumps({"custom_id": custom_id, "response": response, "error": None})
 
 
-def measure_finalize(lines: int, workdir: Path) -> dict[str, Any]:
-    """The runner's finalize of a batch whose `lines` lines are all done, on SQLite."""
+def measure_finalize(lines: int, workdir: Path, url: str | None = None) -> dict[str, Any]:
+    """The runner's finalize of a batch whose `lines` lines are all done, on SQLite (or
+    the database at `url`)."""
     from sqlalchemy import bindparam, update
 
     from flexserve.batch.runner import BatchRunner
@@ -220,7 +224,7 @@ def measure_finalize(lines: int, workdir: Path) -> dict[str, Any]:
     from flexserve.store.sql import SqlStore
 
     workdir.mkdir(parents=True, exist_ok=True)
-    settings = load_settings(None, data_dir=workdir, backend="simulated")
+    settings = load_settings(None, data_dir=workdir, backend="simulated", database_url=url)
     sql = SqlStore(settings.resolved_database_url())
     sql.migrate()
     store = BatchStore(sql.engine)
@@ -268,6 +272,23 @@ def measure_finalize(lines: int, workdir: Path) -> dict[str, Any]:
         "result_mb": round(result_bytes / 2**20, 1),
         "output_mb": round(output.bytes / 2**20, 1),
     }
+
+
+@contextlib.contextmanager
+def postgres_schema(url: str) -> Iterator[str]:
+    """A fresh schema on the PostgreSQL at `url` (dropped after): its URL."""
+    from sqlalchemy import create_engine, text
+
+    schema = "bench_" + uuid.uuid4().hex[:10]
+    admin = create_engine(url)
+    with admin.begin() as conn:
+        conn.execute(text(f"create schema {schema}"))
+    try:
+        yield f"{url}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"drop schema {schema} cascade"))
+        admin.dispose()
 
 
 # ---- part 1: utilization and TTFT --------------------------------------------------------
@@ -480,6 +501,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-tokens", type=int, default=TOKENS, help="max_tokens of batch lines")
     p.add_argument("--ramp", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument(
+        "--postgres",
+        metavar="URL",
+        help="also finalize on this PostgreSQL (a fresh schema, dropped after), e.g. "
+        "postgresql+psycopg://postgres@127.0.0.1:5432/test",
+    )
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-finalize", action="store_true")
     p.add_argument("--skip-utilization", action="store_true")
@@ -512,10 +539,15 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_finalize:
             fin = measure_finalize(50_000, workdir / "finalize")
             print(
-                f"finalize: {fin['lines']} done lines ({fin['result_mb']} MB of results) -> "
-                f"output file {fin['output_mb']} MB in {fin['seconds']:.2f} s"
+                f"finalize (SQLite): {fin['lines']} done lines ({fin['result_mb']} MB of "
+                f"results) -> output file {fin['output_mb']} MB in {fin['seconds']:.2f} s"
             )
             summary["finalize_s"] = fin["seconds"]
+            if args.postgres:
+                with postgres_schema(args.postgres) as url:
+                    pg = measure_finalize(50_000, workdir / "finalize-pg", url)
+                print(f"finalize (PostgreSQL): {pg['lines']} lines in {pg['seconds']:.2f} s")
+                summary["finalize_postgres_s"] = pg["seconds"]
         if not args.skip_utilization:
             summary |= utilization_part(args, workdir)
     summary["elapsed_s"] = round(time.monotonic() - started, 1)
