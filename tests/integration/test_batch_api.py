@@ -404,3 +404,19 @@ def test_a_key_without_the_batch_tier_cannot_create_batches(
             input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h"
         )
     assert refused.value.code == "tier_not_allowed"
+
+
+def test_the_runner_refills_as_lines_finish_not_once_per_poll(
+    serve: Serve, clients: Callable[..., openai.OpenAI]
+) -> None:
+    """Claims follow completions: a batch many times `in_flight_per_batch` long finishes
+    well within one poll interval (a runner that claimed once per poll would need 10)."""
+    server = serve(slots=2, simulated=FAST, batch={"poll_interval": 30, "in_flight_per_batch": 2})
+    c = clients(server)
+    batch = c.batches.create(
+        input_file_id=upload(c, jsonl([line(f"r{i}", max_tokens=2) for i in range(20)])).id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    done = wait_for(c, batch.id, ("completed",))  # polls at most 60 s: two poll intervals
+    assert done.request_counts.completed == 20  # type: ignore[union-attr]

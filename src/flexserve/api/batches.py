@@ -38,6 +38,8 @@ async def create_batch(request: Request) -> Response:
         body.completion_window,
         body.metadata,
     )
+    if state.runner is not None:
+        state.runner.wake()  # its first lines start now, not at the next poll
     return JSONResponse(await batch_object(service, record))
 
 

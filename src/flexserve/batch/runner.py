@@ -87,6 +87,8 @@ class BatchRunner:
         self._work: dict[str, _BatchWork] = {}
         self._task: asyncio.Task[None] | None = None
         self._last_renew = 0.0
+        self._wake = asyncio.Event()
+        """Set when there is work to claim now (a batch created here, lines finished)."""
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="batch-runner")
@@ -104,13 +106,19 @@ class BatchRunner:
         tasks = [r.task for w in self._work.values() for r in w.lines.values() if r.task]
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    def wake(self) -> None:
+        """Look for work now rather than at the next poll (a batch was just created)."""
+        self._wake.set()
+
     async def _loop(self) -> None:
         while True:
+            self._wake.clear()
             try:
                 await self.tick()
             except Exception:  # the database away for a while: try again next tick
                 log.exception("batch runner tick failed")
-            await asyncio.sleep(self.settings.poll_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval)
 
     async def tick(self) -> None:
         batches = await asyncio.to_thread(self.store.active_batches)
@@ -191,6 +199,14 @@ class BatchRunner:
             work = self._work.get(batch.batch_id)
             if work is not None:
                 work.lines.pop(claim.line_no, None)
+                self._refill_soon(work)
+
+    def _refill_soon(self, work: _BatchWork) -> None:
+        """Claim again once half of a batch's lines in flight have finished, not at the
+        next poll: the scheduler keeps batch work queued for every slot that frees, and
+        a claim takes half a window of lines at once (not a round trip per line)."""
+        if len(work.lines) <= self.settings.in_flight_per_batch // 2:
+            self._wake.set()
 
     async def _execute(
         self, batch: BatchRecord, running: _Running, request_id: str

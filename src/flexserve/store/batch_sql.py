@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from flexserve.store.batch_records import ACTIVE, BatchRecord, FileRecord, ItemClaim, ItemResult
@@ -126,7 +126,10 @@ class BatchStore:
         ]
 
     def active_batches(self) -> list[BatchRecord]:
-        query = select(batches).where(batches.c.status.in_(ACTIVE)).order_by(batches.c.created_at)
+        """Batches a runner has work on: ACTIVE ones, and finalizing ones (a replica that
+        died while finalizing leaves its batch to another once its lease has run out)."""
+        statuses = (*ACTIVE, "finalizing")
+        query = select(batches).where(batches.c.status.in_(statuses)).order_by(batches.c.created_at)
         with self.engine.connect() as conn:
             return [BatchRecord(**row._mapping) for row in conn.execute(query)]
 
@@ -274,25 +277,52 @@ class BatchStore:
 
     def end_unfinished(self, batch_id: str, status: str, error: Any, now: float) -> int:
         """Every line not finished ends as `status` (expired, cancelled) with the error
-        line `error(custom_id)` gives; counted as failed. Returns how many."""
+        line `error(custom_id)` gives; counted as failed. Returns how many.
+
+        A page of lines per transaction (a cancelled 50,000-line batch takes seconds, not
+        a transaction per line); a line another replica finishes meanwhile keeps its
+        result: only lines still queued or running are ended."""
         ended = 0
         while True:
-            with self.engine.connect() as conn:
-                rows = conn.execute(
-                    select(batch_items.c.line_no, batch_items.c.custom_id)
-                    .where(
-                        batch_items.c.batch_id == batch_id,
-                        batch_items.c.status.in_(("queued", "running")),
-                    )
-                    .order_by(batch_items.c.line_no)
-                    .limit(READ_PAGE)
-                ).all()
-            if not rows:
+            with self.engine.begin() as conn:
+                page = self._end_page(conn, batch_id, status, error, now)
+            if not page:
                 return ended
-            for line_no, custom_id in rows:
-                ended += self.finish_item(
-                    ItemResult(batch_id, line_no, status, error(custom_id)), None, now
-                )
+            ended += page
+
+    def _end_page(self, conn: Any, batch_id: str, status: str, error: Any, now: float) -> int:
+        unfinished = batch_items.c.status.in_(("queued", "running"))
+        chosen = (
+            select(batch_items.c.line_no)
+            .where(batch_items.c.batch_id == batch_id, unfinished)
+            .order_by(batch_items.c.line_no)
+            .limit(READ_PAGE)
+        )
+        if not self.is_postgres:  # take SQLite's write lock before reading
+            conn.exec_driver_sql("UPDATE batches SET total = total WHERE 0")
+        lines = [row[0] for row in conn.execute(chosen)]
+        if not lines:
+            return 0
+        ended = conn.execute(
+            update(batch_items)
+            .where(batch_items.c.batch_id == batch_id, batch_items.c.line_no.in_(lines), unfinished)
+            .values(status=status, finished_at=now)
+            .returning(batch_items.c.line_no, batch_items.c.custom_id)
+        ).all()
+        if not ended:
+            return 0
+        conn.execute(
+            update(batch_items)
+            .where(batch_items.c.batch_id == batch_id, batch_items.c.line_no == bindparam("n"))
+            .values(result=bindparam("line")),
+            [{"n": line_no, "line": error(custom_id)} for line_no, custom_id in ended],
+        )
+        conn.execute(
+            update(batches)
+            .where(batches.c.batch_id == batch_id)
+            .values(failed=batches.c.failed + len(ended))
+        )
+        return len(ended)
 
     def set_status(
         self, batch_id: str, status: str, now: float, when: tuple[str, ...], **extra: Any
