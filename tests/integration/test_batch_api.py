@@ -420,3 +420,28 @@ def test_the_runner_refills_as_lines_finish_not_once_per_poll(
     )
     done = wait_for(c, batch.id, ("completed",))  # polls at most 60 s: two poll intervals
     assert done.request_counts.completed == 20  # type: ignore[union-attr]
+
+
+def test_batch_lines_waiting_for_room_are_not_counted_as_refused_requests(
+    serve: Serve, clients: Callable[..., openai.OpenAI]
+) -> None:
+    """With the flex queue full, the runner's submissions are turned away and retried:
+    no client was refused, so /metrics must not count them as 429s (shed)."""
+    slow = {"ttft_ms": 5, "tpot_ms": 20, "natural_output_tokens": 40}
+    server = serve(slots=1, simulated=slow, scheduler={"flex_queue_max_jobs": 1})
+    c = clients(server)
+    holder = c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hold"}], stream=True
+    )
+    next(iter(holder))
+    batch = c.batches.create(
+        input_file_id=upload(c, jsonl([line(f"r{i}", max_tokens=2) for i in range(4)])).id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    for _ in holder:
+        pass
+    done = wait_for(c, batch.id, ("completed",))
+    assert done.request_counts.completed == 4  # type: ignore[union-attr]
+    metrics = httpx.get(server.base_url + "/metrics").text
+    assert 'flexserve_requests_total{outcome="shed",tier="batch"}' not in metrics

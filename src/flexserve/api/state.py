@@ -70,6 +70,8 @@ class AppState:
     async def settle(self, handle: JobHandle, outcome: Outcome) -> None:
         """Called once per job by the runtime: count it, and bill it if billable."""
         tier = handle.submission.tier
+        if handle.submission.billed_by_caller and outcome == "shed":
+            return  # a batch line with no room yet: it waits in its batch, no one was refused
         self.metrics.requests.labels(tier, outcome).inc()
         if handle.preemptions:
             self.metrics.preemptions.labels(tier).inc(handle.preemptions)
