@@ -41,7 +41,7 @@ class ChatShape:
         self.served = served
         self.valid = valid
         self.created = int(time.time())
-        self.completion_id = "chatcmpl-" + handle.request_id.removeprefix("req_")
+        self.completion_id = "chatcmpl-" + handle.request_id.rsplit("req_", 1)[-1]
 
     def opening(self) -> Iterable[str]:
         yield self._chunk({"role": "assistant", "content": ""}, sent=0)

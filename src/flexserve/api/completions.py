@@ -44,7 +44,7 @@ class CompletionShape:
         self.valid = valid
         self.echo = echo
         self.created = int(time.time())
-        self.completion_id = "cmpl-" + handle.request_id.removeprefix("req_")
+        self.completion_id = "cmpl-" + handle.request_id.rsplit("req_", 1)[-1]
 
     def opening(self) -> Iterable[str]:
         if self.echo and self.valid.prompt_text:
