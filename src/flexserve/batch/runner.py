@@ -299,9 +299,13 @@ class BatchRunner:
             return  # another replica finalizes it
         files = await asyncio.to_thread(self._write_files, batch)
         final = await asyncio.to_thread(self._final_status, batch)
-        await asyncio.to_thread(
+        ended = await asyncio.to_thread(
             self.store.set_status, batch.batch_id, final, self._wall(), ("finalizing",), **files
         )
+        if not ended:  # a replica that took over a slow finalize ended it first
+            for file_id in (f for f in files.values() if f is not None):
+                await asyncio.to_thread(self.store.delete_file, batch.tenant, file_id)
+            return
         log.info("batch %s %s", batch.batch_id, final)
 
     def _write_files(self, batch: BatchRecord) -> dict[str, str | None]:
