@@ -11,7 +11,8 @@ from flexserve.runtime.events import (
     Token,
 )
 from flexserve.runtime.fleet import Fleet, ServedModel
-from flexserve.runtime.runtime import Outcome, Runtime, shutting_down
+from flexserve.runtime.outcomes import Outcome, shutting_down
+from flexserve.runtime.runtime import Runtime
 
 __all__ = [
     "Done",

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from flexserve.backends.base import (
     Backend,
@@ -34,12 +34,18 @@ from flexserve.config import SchedulerSettings
 from flexserve.errors import (
     EngineFailure,
     FlexserveError,
-    InvalidRequest,
     Overloaded,
-    RateLimitExceeded,
     ResourceUnavailable,
 )
 from flexserve.runtime.events import Done, Failed, JobHandle, Paused, Started, Submission, Token
+from flexserve.runtime.outcomes import (
+    Outcome,
+    busy_message,
+    cut_outcome,
+    refusal,
+    runtime_failed,
+    shutting_down,
+)
 from flexserve.scheduling import (
     RANK,
     Admission,
@@ -56,14 +62,10 @@ log = logging.getLogger("flexserve.runtime")
 
 _OVERLOADED = "The server is overloaded with interactive traffic; retry shortly."
 
-Outcome = Literal["completed", "cancelled", "failed", "shed", "overloaded"]
 Settle = Callable[[JobHandle, Outcome], Coroutine[Any, Any, None]]
 
 MAX_FLEX_ENGINE_RETRIES = 3
 """Resumes of a flex/batch job whose engine failed before it produced anything."""
-
-SHUTDOWN_RETRY_AFTER = 5.0
-"""Retry-After on the 503s of a draining server (another replica, or this one restarted)."""
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,7 @@ class Runtime:
     def submit(self, submission: Submission) -> JobHandle:
         handle = JobHandle(submission=submission, arrival=self.clock())
         if self.failure is not None:  # no loop would ever answer
-            handle.events.put_nowait(Failed(_runtime_failed(self.failure)))
+            handle.events.put_nowait(Failed(runtime_failed(self.failure)))
         elif self._closing:
             handle.events.put_nowait(Failed(shutting_down()))
         else:
@@ -248,13 +250,13 @@ class Runtime:
 
     def _die(self, reason: str) -> None:
         self.failure = reason
-        error = _runtime_failed(reason)
+        error = runtime_failed(reason)
         self._adopt_unseen_arrivals()
         for task in self._streams.values():
             task.cancel()
         for handle in self._handles.values():
             handle.events.put_nowait(Failed(error))
-            self._spawn_settle(handle, _cut_outcome(handle))
+            self._spawn_settle(handle, cut_outcome(handle))
         self._handles.clear()
         self._drained.set()
 
@@ -296,7 +298,7 @@ class Runtime:
                 self._refuse(handle, full, "overloaded")
                 return
             error = ResourceUnavailable(
-                _busy_message(admission.reason), retry_after=admission.retry_after
+                busy_message(admission.reason), retry_after=admission.retry_after
             )
             self._refuse(handle, error, "shed")
 
@@ -305,14 +307,14 @@ class Runtime:
             self._pause(self._handles[job_id])
         for job_id in plan.start:
             self._run(self._handles[job_id])
-        for refusal in plan.shed:
+        for late in plan.shed:
             error = ResourceUnavailable(
-                _busy_message("cannot start by its deadline"), retry_after=refusal.retry_after
+                busy_message("cannot start by its deadline"), retry_after=late.retry_after
             )
-            self._refuse(self._handles.pop(refusal.job_id), error, "shed")
-        for refusal in plan.overloaded:
-            overloaded = Overloaded(_OVERLOADED, retry_after=refusal.retry_after)
-            self._refuse(self._handles.pop(refusal.job_id), overloaded, "overloaded")
+            self._refuse(self._handles.pop(late.job_id), error, "shed")
+        for waited in plan.overloaded:
+            overloaded = Overloaded(_OVERLOADED, retry_after=waited.retry_after)
+            self._refuse(self._handles.pop(waited.job_id), overloaded, "overloaded")
 
     def _run(self, handle: JobHandle) -> None:
         handle.events.put_nowait(Started(resumed=handle.started))
@@ -357,8 +359,8 @@ class Runtime:
         elif isinstance(error, EngineRefused):
             # The upstream refused on purpose (its own flex 429, a prompt it cannot take):
             # answered the same way, unbilled unless the client already received tokens.
-            outcome: Outcome = _cut_outcome(handle) if handle.produced else "shed"
-            self._finish(handle, Failed(_refusal(error)), outcome, now)
+            outcome: Outcome = cut_outcome(handle) if handle.produced else "shed"
+            self._finish(handle, Failed(refusal(error)), outcome, now)
         elif self._may_retry(handle):
             handle.engine_failures += 1
             log.warning("engine failed request_id=%s, requeued", request_id)
@@ -375,11 +377,11 @@ class Runtime:
         if is_interactive(handle.submission.tier):
             busy = Overloaded(f"{error}; retry shortly.", retry_after=error.retry_in)
             self._finish(
-                handle, Failed(busy), _cut_outcome(handle) if handle.produced else "overloaded", now
+                handle, Failed(busy), cut_outcome(handle) if handle.produced else "overloaded", now
             )
             return
         if not handle.produced and now - handle.arrival > handle.submission.max_wait:
-            late = ResourceUnavailable(_busy_message(str(error)), retry_after=error.retry_in)
+            late = ResourceUnavailable(busy_message(str(error)), retry_after=error.retry_in)
             self._finish(handle, Failed(late), "shed", now)
             return
         handle.events.put_nowait(Paused())  # a stream keeps its heartbeats meanwhile
@@ -444,7 +446,7 @@ class Runtime:
         self.scheduler.cancel(handle.request_id, now)  # a cut answer teaches no length
         self._handles.pop(handle.request_id, None)
         handle.events.put_nowait(Failed(shutting_down()))
-        self._spawn_settle(handle, _cut_outcome(handle) if handle.started else "overloaded")
+        self._spawn_settle(handle, cut_outcome(handle) if handle.started else "overloaded")
 
     def _spawn_settle(self, handle: JobHandle, outcome: Outcome) -> None:
         task = asyncio.create_task(self._settle(handle, outcome))
@@ -507,44 +509,3 @@ async def _close(chunks: AsyncIterator[Chunk] | None) -> None:
     if aclose is not None:
         with contextlib.suppress(Exception):
             await aclose()
-
-
-def _runtime_failed(reason: str) -> FlexserveError:
-    """A 500 (`server_error`): the server is about to exit; retrying elsewhere may work."""
-    return FlexserveError(f"The server's scheduler stopped ({reason}); retry shortly.")
-
-
-def shutting_down() -> Overloaded:
-    """The 503 of a draining server: a job refused or ended by the shutdown."""
-    return Overloaded(
-        "The server is shutting down; retry shortly.", retry_after=SHUTDOWN_RETRY_AFTER
-    )
-
-
-def _cut_outcome(handle: JobHandle) -> Outcome:
-    """A job cut by the server (shutdown, a dead runtime) is billed for what its client
-    received: a stream's tokens so far; a JSON answer that never went out, nothing."""
-    received = handle.submission.stream and bool(handle.produced)
-    return "cancelled" if received else "failed"
-
-
-def _refusal(refused: EngineRefused) -> FlexserveError:
-    """An upstream's refusal as ours: its 429 keeps its Retry-After, a 4xx is a 400."""
-    if refused.status == 429 and refused.code == "rate_limit_exceeded":
-        return RateLimitExceeded(
-            f"The upstream engine's rate limit: {refused.message}",
-            retry_after=refused.retry_after or 1.0,
-        )
-    if refused.status == 429:
-        return ResourceUnavailable(
-            f"The upstream engine refused: {refused.message}",
-            retry_after=refused.retry_after or 1.0,
-        )
-    return InvalidRequest(f"The upstream engine refused the request: {refused.message}")
-
-
-def _busy_message(reason: str) -> str:
-    return (
-        "Flex capacity is not available right now "
-        f"({reason}); retry later or use service_tier='default'."
-    )
