@@ -136,4 +136,8 @@ class Server:
 def metric(
     sample: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
 ) -> float:
-    return sample.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sum over every sample of `name` that has `labels` (others, e.g. `model`, any)."""
+    wanted = set(labels.items())
+    return sum(
+        value for (found, have), value in sample.items() if found == name and wanted <= set(have)
+    )

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import click
 
-from flexserve.config import InvalidSettings, Settings, load_settings
+from flexserve.config import EngineName, InvalidSettings, Settings, load_settings
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+ENGINES = get_args(EngineName)
 EXIT_BAD_SETTINGS = 2
 """As for a bad flag: the command cannot run as configured (a supervisor should not retry)."""
 
@@ -40,6 +41,17 @@ def _settings(config: Path | None, **overrides: Any) -> Settings:
 @click.option("--model-name", default=None, help="Name clients pass as `model`.")
 @click.option("--sim-ttft-ms", type=float, default=None, help="Simulated time to first token.")
 @click.option("--sim-tpot-ms", type=float, default=None, help="Simulated time per token.")
+@click.option(
+    "--upstream",
+    default=None,
+    help="Serve every model of this OpenAI-compatible server (its /v1 URL).",
+)
+@click.option(
+    "--upstream-engine",
+    type=click.Choice(ENGINES),
+    default=None,
+    help="The engine behind --upstream (its priority and continuation styles).",
+)
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None)
 @click.option("--config", type=click.Path(exists=True, path_type=Path), default=None)
 @click.option(
@@ -56,6 +68,8 @@ def serve(
     model_name: str | None,
     sim_ttft_ms: float | None,
     sim_tpot_ms: float | None,
+    upstream: str | None,
+    upstream_engine: str | None,
     data_dir: Path | None,
     config: Path | None,
     log_level: str,
@@ -76,6 +90,8 @@ def serve(
         model_name=model_name,
         data_dir=data_dir,
         simulated={k: v for k, v in simulated.items() if v is not None} or None,
+        upstream=upstream,
+        upstream_engine=upstream_engine,
     )
     log_level = log_level.lower()
     logging.basicConfig(
@@ -85,6 +101,8 @@ def serve(
         app = create_app(settings)
     except ModelNotFoundError as error:  # the embedded default model is not installed
         raise BadSettings(f"invalid settings: embedded.model_path: {error}") from None
+    except InvalidSettings as error:  # e.g. an upstream that lists no model
+        raise BadSettings(f"invalid settings: {error}") from None
     store = open_store(settings)
     store.migrate()
     ensure_config_keys(store, settings.api_keys, settings.admin_keys)
@@ -97,11 +115,11 @@ def serve(
             f"export OPENAI_BASE_URL=http://{settings.host}:{settings.port}/v1\n"
         )
     store.close()
-    state = app.state.flexserve
-    click.echo(
-        f"flexserve: model '{state.backend.model}' on the {state.backend.name} backend, "
-        f"{state.backend.slots} slots, http://{settings.host}:{settings.port}/v1"
-    )
+    for served in app.state.flexserve.fleet:
+        click.echo(
+            f"flexserve: model '{served.name}' on the {served.backend.name} backend, "
+            f"{served.backend.slots} slots, http://{settings.host}:{settings.port}/v1"
+        )
     status = run_server(app, settings, log_level)
     if status != 0:
         raise SystemExit(status)

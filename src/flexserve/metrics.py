@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from flexserve.backends.base import BackendStats
-from flexserve.scheduling import Snapshot
+from flexserve.backends.base import Backend
+from flexserve.backends.pool import members
+
+if TYPE_CHECKING:
+    from flexserve.runtime import Fleet
 
 
 class Metrics:
@@ -42,47 +46,68 @@ class Metrics:
             registry=self.registry,
         )
 
-    def watch(self, snapshot: Callable[[], Snapshot], stats: Callable[[], BackendStats]) -> None:
-        self.registry.register(_LiveCollector(snapshot, stats))
+    def watch(self, fleet: Fleet) -> None:
+        self.registry.register(_LiveCollector(fleet))
+
+
+def backend_label(backend: Backend) -> str:
+    """How a backend is named in /metrics, /healthz and /v1/models."""
+    return str(getattr(backend, "label", backend.name))
 
 
 class _LiveCollector(Collector):
-    def __init__(self, snapshot: Callable[[], Snapshot], stats: Callable[[], BackendStats]):
-        self._snapshot = snapshot
-        self._stats = stats
+    def __init__(self, fleet: Fleet) -> None:
+        self._fleet = fleet
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        snap = self._snapshot()
+        yield from self._scheduling()
+        yield from self._engines()
+        yield from self._backends()
+
+    def _scheduling(self) -> Iterator[GaugeMetricFamily]:
         queued = GaugeMetricFamily(
-            "flexserve_queued_jobs", "Jobs waiting, by tier.", labels=["tier"]
+            "flexserve_queued_jobs", "Jobs waiting, by model and tier.", labels=["model", "tier"]
         )
         running = GaugeMetricFamily(
-            "flexserve_running_jobs", "Jobs holding a slot.", labels=["tier"]
+            "flexserve_running_jobs", "Jobs holding a slot.", labels=["model", "tier"]
         )
-        for tier in snap.queued:
-            queued.add_metric([tier], snap.queued[tier])
-            running.add_metric([tier], snap.running[tier])
-        yield queued
-        yield running
-        yield GaugeMetricFamily("flexserve_slots", "Slots of the backend.", value=snap.slots)
-        yield GaugeMetricFamily(
+        slots = GaugeMetricFamily("flexserve_slots", "Slots of the model's pool.", labels=["model"])
+        rate = GaugeMetricFamily(
             "flexserve_service_rate_tokens_per_slot_second",
             "Measured output tokens per busy slot-second (what predictions divide by).",
-            value=snap.tokens_per_slot_second,
+            labels=["model"],
         )
-        stats = self._stats()
-        yield CounterMetricFamily(
-            "flexserve_backend_busy_slot_seconds",
-            "Integral of active sequences over time, as the backend measures it.",
-            value=stats.busy_slot_seconds,
+        for served in self._fleet:
+            snap = served.runtime.snapshot()
+            for tier in snap.queued:
+                queued.add_metric([served.name, tier], snap.queued[tier])
+                running.add_metric([served.name, tier], snap.running[tier])
+            slots.add_metric([served.name], snap.slots)
+            rate.add_metric([served.name], snap.tokens_per_slot_second)
+        yield from (queued, running, slots, rate)
+
+    def _engines(self) -> Iterator[CounterMetricFamily]:
+        families = {
+            "busy_slot_seconds": "Integral of active sequences over time, as the backend "
+            "measures it.",
+            "sampled_tokens": "Tokens the backend sampled (recomputed ones included).",
+            "prefilled_tokens": "Tokens the backend prefilled (re-prefills on resume included).",
+        }
+        for field, help_text in families.items():
+            family = CounterMetricFamily(f"flexserve_backend_{field}", help_text, labels=["model"])
+            for served in self._fleet:
+                family.add_metric([served.name], getattr(served.backend.stats(), field))
+            yield family
+
+    def _backends(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily(
+            "flexserve_backend_up",
+            "1 if the backend takes work (circuit breaker closed or probing), else 0.",
+            labels=["model", "backend", "state"],
         )
-        yield CounterMetricFamily(
-            "flexserve_backend_sampled_tokens",
-            "Tokens the backend sampled (recomputed ones included).",
-            value=stats.sampled_tokens,
-        )
-        yield CounterMetricFamily(
-            "flexserve_backend_prefilled_tokens",
-            "Tokens the backend prefilled (re-prefills on resume included).",
-            value=stats.prefilled_tokens,
-        )
+        for served in self._fleet:
+            for member in members(served.backend):
+                state = getattr(member, "state", None)
+                label = [served.name, backend_label(member), state() if state else "closed"]
+                up.add_metric(label, 1.0 if member.health() else 0.0)
+        yield up

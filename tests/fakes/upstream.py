@@ -9,6 +9,7 @@ cut the connection after that many chunks.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -32,6 +33,10 @@ class FakeUpstream:
     die_after: int | None = None
     received: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     metrics_text: str = ""
+    delay: float = 0.0
+    """Seconds before each chunk (an engine's time per token)."""
+    models: tuple[str, ...] = ("fake-model",)
+    """What /v1/models lists."""
 
     def app(self) -> Starlette:
         return Starlette(
@@ -39,8 +44,13 @@ class FakeUpstream:
                 Route("/v1/chat/completions", self._generate, methods=["POST"]),
                 Route("/v1/completions", self._generate, methods=["POST"]),
                 Route("/metrics", self._metrics, methods=["GET"]),
+                Route("/v1/models", self._models, methods=["GET"]),
             ]
         )
+
+    async def _models(self, request: Request) -> Response:
+        data = [{"id": name, "object": "model", "owned_by": "fake"} for name in self.models]
+        return JSONResponse({"object": "list", "data": data})
 
     async def _metrics(self, request: Request) -> Response:
         return Response(self.metrics_text, media_type="text/plain")
@@ -62,6 +72,8 @@ class FakeUpstream:
         for index, word in enumerate(rest):
             if self.die_after is not None and index >= self.die_after:
                 raise ConnectionResetError("fake upstream dies mid-stream")
+            if self.delay:
+                await asyncio.sleep(self.delay)
             text = word if already + index == 0 else " " + word
             choice = (
                 {"index": 0, "delta": {"content": text}, "finish_reason": None}

@@ -194,7 +194,9 @@ def test_models_lists_the_backend(serve: Serve) -> None:
     server = serve()
     models = client(server).models.list().data
     assert [m.id for m in models] == [MODEL]
-    assert models[0].backend == "simulated"  # type: ignore[attr-defined]
+    backends = models[0].backends  # type: ignore[attr-defined]
+    assert [(b["kind"], b["healthy"]) for b in backends] == [("simulated", True)]
+    assert models[0].service_tiers == ["priority", "default", "flex", "batch"]  # type: ignore[attr-defined]
 
 
 def test_flex_shed_is_rate_limit_error_with_retry_after_and_not_billed(serve: Serve) -> None:
@@ -275,7 +277,7 @@ def test_client_disconnect_frees_the_slot_and_bills_what_was_produced(serve: Ser
         data_lines = (line for line in response.iter_lines() if line.startswith("data: {"))
         for _ in range(4):  # the role chunk, then three tokens
             next(data_lines)
-    runtime = server.state.runtime
+    runtime = server.state.fleet.first.runtime
     server.wait_until(lambda: not runtime.scheduler.running_ids())
     rows = server.state.store.ledger
     server.wait_until(lambda: any(r.request_id == request_id for r in rows("tenant-a")))
@@ -358,7 +360,7 @@ def test_a_hung_engine_ends_the_stream_with_an_error_not_a_hang(serve: Serve) ->
                 received.append(chunk.choices[0].delta.content)
     assert len(received) == 2
     assert "no token" in str(caught.value.message)
-    server.wait_until(lambda: not server.state.runtime.scheduler.running_ids())
+    server.wait_until(lambda: not server.state.fleet.first.runtime.scheduler.running_ids())
 
 
 def test_interactive_queue_past_its_bound_is_503_overloaded_with_retry_after(

@@ -59,7 +59,7 @@ def test_fast_tier_runs_as_priority_and_is_echoed_as_sent(serve: Serve) -> None:
 @pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
 def test_max_tokens_beyond_the_context_is_context_length_exceeded(serve: Serve, field: str) -> None:
     server = serve()
-    context = server.state.backend.context_length
+    context = server.state.fleet.first.backend.context_length
     with pytest.raises(openai.BadRequestError) as caught:
         chat(server, **{field: context})
     assert caught.value.code == "context_length_exceeded"

@@ -95,5 +95,5 @@ def test_the_description_names_bodies_parameters_and_errors(serve: Serve) -> Non
     error = spec["components"]["schemas"]["ErrorResponse"]
     assert error["properties"]["error"]["$ref"].endswith("/ErrorDetail")
     quote = spec["paths"]["/v1/flex/quote"]["get"]
-    assert {p["name"] for p in quote["parameters"]} == {"prompt_tokens", "max_tokens"}
+    assert {p["name"] for p in quote["parameters"]} == {"prompt_tokens", "max_tokens", "model"}
     assert "/health" in spec["paths"]

@@ -91,7 +91,7 @@ def test_an_answer_no_retry_claims_is_stopped_and_billed_for_what_it_produced(
     server.wait_until(lambda: len(rows("tenant-a")) == 1)
     (row,) = rows("tenant-a")
     assert row.outcome == "cancelled" and 0 < row.output_tokens < 500
-    assert not server.state.runtime.scheduler.running_ids()
+    assert not server.state.fleet.first.runtime.scheduler.running_ids()
 
 
 def test_a_paused_non_streaming_flex_request_outlives_the_client_read_timeout(
@@ -121,7 +121,7 @@ def test_a_paused_non_streaming_flex_request_outlives_the_client_read_timeout(
 
     thread = threading.Thread(target=flex)
     thread.start()
-    server.wait_until(lambda: bool(server.state.runtime.scheduler.running_ids()))
+    server.wait_until(lambda: bool(server.state.fleet.first.runtime.scheduler.running_ids()))
     # a default job preempts the flex one and holds the only slot for ~1.5 s
     urgent = c.with_options(timeout=30).chat.completions.create(
         model=MODEL,
@@ -232,7 +232,7 @@ def test_a_client_with_a_short_timeout_may_still_queue(serve: Serve) -> None:
         )
     )
     busy.start()
-    server.wait_until(lambda: bool(server.state.runtime.scheduler.running_ids()))
+    server.wait_until(lambda: bool(server.state.fleet.first.runtime.scheduler.running_ids()))
     impatient = client(server, timeout=10.0)  # says x-stainless-read-timeout: 10
     reply = impatient.chat.completions.create(
         model=MODEL,

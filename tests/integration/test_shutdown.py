@@ -116,7 +116,9 @@ def test_sigterm_drains_the_real_server_then_exits_zero(
     assert short.first_token.wait(30)
     waiting: dict[str, Any] = {}
     waiter = queued_request(server, waiting)
-    server.wait_until(lambda: server.metric('flexserve_queued_jobs{tier="flex"}') == 1)
+    server.wait_until(
+        lambda: server.metric('flexserve_queued_jobs{model="smollm2-135m",tier="flex"}') == 1
+    )
     assert not short.done  # the drain finds it running (it takes SHORT * 10 ms)
 
     server.terminate()
@@ -194,7 +196,7 @@ def test_after_the_runtime_dies_requests_get_500_at_once_and_healthz_says_why(
     def broken(now: float) -> None:
         raise RuntimeError("injected scheduler fault")
 
-    server.state.runtime.scheduler.step = broken  # type: ignore[method-assign]
+    server.state.fleet.first.runtime.scheduler.step = broken  # type: ignore[method-assign]
     with pytest.raises(openai.APIError) as ended:  # the stream's last event: the error
         for _ in stream:
             pass

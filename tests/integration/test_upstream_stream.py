@@ -7,12 +7,11 @@ import asyncio
 import httpx
 import pytest
 
-from flexserve.backends.base import BackendError, ChatMessage, SamplingParams
+from flexserve.backends.base import BackendError, ChatMessage, EngineRefused, SamplingParams
 from flexserve.backends.upstream import (
     StreamEnd,
     TextDelta,
     UpstreamCall,
-    UpstreamRefused,
     build_call,
     stream_call,
 )
@@ -54,7 +53,7 @@ def test_resume_continues_after_the_partial_answer_without_repeating_it() -> Non
 def test_openai_flex_429_is_a_refusal_with_its_retry_after_not_a_backend_failure() -> None:
     error = {"error": {"message": "Resource unavailable", "code": "resource_unavailable"}}
     fake = FakeUpstream(refuse=(429, error, {"retry-after": "7"}))
-    with serve_fake(fake) as url, pytest.raises(UpstreamRefused) as refused:
+    with serve_fake(fake) as url, pytest.raises(EngineRefused) as refused:
         collect(url, build_call("none", model="m", messages=MESSAGES, sampling=SamplingParams(4)))
     assert (refused.value.status, refused.value.code, refused.value.retry_after) == (
         429,

@@ -76,7 +76,8 @@ def test_config_file_and_flags_layer(tmp_path: Path, monkeypatch: pytest.MonkeyP
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     state = served[0][0].state.flexserve
-    assert state.backend.slots == 5 and state.backend.model == "tiny"
+    served_model = state.fleet.first
+    assert served_model.backend.slots == 5 and served_model.name == "tiny"
     assert state.settings.scheduler.flex_max_wait == 30
 
 

@@ -17,13 +17,14 @@ from flexserve.api.body import RequestIdMiddleware
 from flexserve.api.draining import DrainGate
 from flexserve.api.limits import RateLimitMiddleware
 from flexserve.api.state import AppState
-from flexserve.backends import build_backend
+from flexserve.backends import build_models
 from flexserve.backends.base import Backend
 from flexserve.billing import Ledger
 from flexserve.config import Settings
 from flexserve.keys import ensure_config_keys
 from flexserve.metrics import Metrics
-from flexserve.runtime import Runtime
+from flexserve.runtime import Fleet, Runtime, ServedModel
+from flexserve.scheduling.tiers import TIERS
 from flexserve.store import SqlStore, Store
 
 log = logging.getLogger("flexserve")
@@ -36,24 +37,31 @@ def create_app(
     store: Store | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> FastAPI:
-    backend = backend or build_backend(settings)
+    """`backend`: serve just that backend's model (tests, benchmarks); else the models of
+    `settings` (each a pool of backends)."""
+    backends = {backend.model: backend} if backend else build_models(settings, clock)
     store = store or open_store(settings)
     metrics = Metrics()
-    state = _state(settings, backend, store, metrics, clock)
+    state = _state(settings, _fleet(settings, backends, clock), store, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(_prepare_store, settings, store)
-        await backend.start()
-        await state.runtime.start()
+        await state.fleet.start()
         await state.start()
-        log.info("serving model=%s backend=%s slots=%d", backend.model, backend.name, backend.slots)
+        for served in state.fleet:
+            log.info(
+                "serving model=%s backend=%s slots=%d",
+                served.name,
+                served.backend.name,
+                served.backend.slots,
+            )
         try:
             yield
         finally:
-            await state.runtime.close()
+            await state.fleet.close()
             await state.close()
-            await backend.close()
+            await state.fleet.close_backends()
             store.close()
 
     app = FastAPI(
@@ -68,7 +76,7 @@ def create_app(
     app.add_middleware(RateLimitMiddleware)
     # The middleware added last runs first: a draining server answers 503 before any
     # rate limit counts the request, and the 503 gets a request id too.
-    app.add_middleware(DrainGate, runtime=state.runtime, retry_after_max=settings.retry_after_max)
+    app.add_middleware(DrainGate, fleet=state.fleet, retry_after_max=settings.retry_after_max)
     app.add_middleware(RequestIdMiddleware)
     errors.install(app, settings.retry_after_max)
     _routes(app)
@@ -88,20 +96,22 @@ def _prepare_store(settings: Settings, store: Store) -> None:
     ensure_config_keys(store, settings.api_keys, settings.admin_keys)
 
 
-def _state(
-    settings: Settings,
-    backend: Backend,
-    store: Store,
-    metrics: Metrics,
-    clock: Callable[[], float],
-) -> AppState:
-    ledger = Ledger(settings, store)
-    runtime = Runtime(
-        backend, settings.scheduler, clock=clock, stall_timeout=settings.stall_timeout
-    )
-    state = AppState(settings, backend, store, runtime, ledger, metrics)
-    runtime.set_settle(state.settle)
-    metrics.watch(runtime.snapshot, backend.stats)
+def _fleet(settings: Settings, backends: dict[str, Backend], clock: Callable[[], float]) -> Fleet:
+    served = settings.served_models()
+    models = {}
+    for name, backend in backends.items():
+        runtime = Runtime(
+            backend, settings.scheduler, clock=clock, stall_timeout=settings.stall_timeout
+        )
+        tiers = tuple(served[name].tiers) if name in served else TIERS
+        models[name] = ServedModel(name, backend, runtime, tiers)
+    return Fleet(models, clock)
+
+
+def _state(settings: Settings, fleet: Fleet, store: Store, metrics: Metrics) -> AppState:
+    state = AppState(settings, fleet, store, Ledger(settings, store), metrics)
+    fleet.set_settle(state.settle)
+    metrics.watch(fleet)
     return state
 
 

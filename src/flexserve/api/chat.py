@@ -24,7 +24,17 @@ from flexserve.api.state import AppState, app_state
 from flexserve.api.validation import ValidChat, json_heartbeat, parse_body, validate_chat
 from flexserve.api.wire import ChatCompletionRequest
 from flexserve.errors import FlexserveError
-from flexserve.runtime import Done, Failed, JobEvent, JobHandle, Paused, Started, Submission, Token
+from flexserve.runtime import (
+    Done,
+    Failed,
+    JobEvent,
+    JobHandle,
+    Paused,
+    ServedModel,
+    Started,
+    Submission,
+    Token,
+)
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 """No cache or proxy (nginx) may hold SSE chunks back."""
@@ -37,9 +47,8 @@ async def chat_completions(request: Request) -> Response:
     wire = parse_body(ChatCompletionRequest, body)
     headers = {k.lower(): v for k, v in request.headers.items()}
     # Off the event loop: the chat template and tokenizer run over up to max_body_bytes.
-    valid = await asyncio.to_thread(
-        validate_chat, wire, key, state.backend, state.settings, headers
-    )
+    served = state.fleet.get(wire.model)
+    valid = await asyncio.to_thread(validate_chat, wire, key, served, state.settings, headers)
     attempt = _Attempt(
         state,
         key.key_id,  # retries match per API key: another key of the tenant is another client
@@ -53,20 +62,23 @@ async def chat_completions(request: Request) -> Response:
             request.state.request_id = orphan.request_id  # the answer's ledger key
             return await deliver(request, orphan.answer, attempt.heartbeat, attempt.leave(orphan))
     state.limits.admit(request, key, valid)  # 429 rate_limit_exceeded over the key's limits
-    handle = state.runtime.submit(
+    handle = served.runtime.submit(
         Submission(
             request_id=request.state.request_id,
             tenant=key.tenant,
             tier=valid.tier,
-            model=state.backend.model,
+            model=served.name,
             prompt_tokens=valid.prompt_tokens,
             sampling=valid.sampling,
             max_wait=valid.max_wait,
             stream=valid.stream,
+            messages=valid.messages,
         )
     )
-    answer = _Answer(state, handle, valid)
+    answer = _Answer(state, served, handle, valid)
     first = await answer.next_event_or_disconnect(request)
+    if valid.stream and isinstance(first, Started):
+        first = await answer.first_output_or_disconnect(request)
     if isinstance(first, Failed):
         raise first.error
     if first is None and (valid.stream or not handle.started):
@@ -115,13 +127,19 @@ class _Attempt:
 class _Answer:
     """One job's events turned into the OpenAI response shapes."""
 
-    def __init__(self, state: AppState, handle: JobHandle, valid: ValidChat) -> None:
+    def __init__(
+        self, state: AppState, served: ServedModel, handle: JobHandle, valid: ValidChat
+    ) -> None:
         self.state = state
+        self.served = served
+        self.runtime = served.runtime
         self.handle = handle
         self.valid = valid
         self.created = int(time.time())
         self.completion_id = "chatcmpl-" + handle.request_id.removeprefix("req_")
         self._tokens_seen = 0
+        self._pending: JobEvent | None = None
+        """An event read before the response began, delivered first by `sse`."""
 
     async def next_event_or_disconnect(self, request: Request) -> JobEvent | None:
         """The next event; None if the client went away first (the job goes on)."""
@@ -134,6 +152,20 @@ class _Answer:
         task.cancel()
         return None
 
+    async def first_output_or_disconnect(self, request: Request) -> JobEvent | None:
+        """A started stream's first token, pause or end (None: the client left).
+
+        Response headers wait for it, so that a refusal by an upstream engine before any
+        token (another flexserve's flex 429, OpenAI's) reaches the client as that status
+        with its Retry-After, not as an error event in a 200 stream. A pause sends the
+        headers at once, so that heartbeats keep the connection meanwhile.
+        """
+        while True:
+            event = await self.next_event_or_disconnect(request)
+            if not isinstance(event, Started):
+                self._pending = event
+                return event
+
     def cancel(self) -> None:
         """The client left: free the slot, bill what was produced.
 
@@ -141,7 +173,7 @@ class _Answer:
         the cancel before its next plan, so a job not started now never starts (one
         refused meanwhile was already counted by its settle).
         """
-        self.state.runtime.cancel(self.handle.request_id)
+        self.runtime.cancel(self.handle.request_id)
         if not self.handle.started and self.handle.settled is None:
             self.state.metrics.requests.labels(self.valid.tier, "abandoned").inc()
 
@@ -190,12 +222,16 @@ class _Answer:
                     return
         finally:
             if not finished:  # the client went away mid-stream: free the slot now
-                self.state.runtime.cancel(self.handle.request_id)
+                self.runtime.cancel(self.handle.request_id)
 
     async def _events_with_heartbeat(self) -> AsyncIterator[JobEvent | None]:
         """Events; None every `paused_heartbeat` seconds while the job is paused."""
         paused = False
         heartbeat = self.state.settings.paused_heartbeat
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            paused = isinstance(pending, Paused)
+            yield None if paused else pending
         while True:
             try:
                 async with asyncio.timeout(heartbeat if paused else None):
@@ -227,12 +263,12 @@ class _Answer:
     def _observe_token(self) -> None:
         self._tokens_seen += 1
         if self._tokens_seen == 1:
-            elapsed = self.state.runtime.clock() - self.handle.arrival
+            elapsed = self.runtime.clock() - self.handle.arrival
             self.state.metrics.ttft.labels(self.valid.tier).observe(elapsed)
 
     def _usage(self, completion: int | None = None) -> dict[str, int]:
         """Usage of the whole answer, or (streaming) of the `completion` tokens sent so far."""
-        prompt = len(self.valid.prompt_tokens)
+        prompt = self.handle.prompt_token_count
         completion = len(self.handle.produced) if completion is None else completion
         return {
             "prompt_tokens": prompt,
@@ -245,9 +281,9 @@ class _Answer:
             "id": self.completion_id,
             "object": kind,
             "created": self.created,
-            "model": self.state.backend.model,
+            "model": self.served.name,
             "service_tier": self.valid.reported_tier,
-            "system_fingerprint": f"flexserve-{self.state.backend.name}",
+            "system_fingerprint": f"flexserve-{self.served.backend.name}",
             "choices": choices,
             **extra,
         }

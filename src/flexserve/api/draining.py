@@ -12,19 +12,19 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flexserve.api.errors import error_response
-from flexserve.runtime import Runtime, shutting_down
+from flexserve.runtime import Fleet, shutting_down
 
 STILL_ANSWERED = frozenset({"/healthz", "/metrics"})
 
 
 class DrainGate:
-    def __init__(self, app: ASGIApp, runtime: Runtime, retry_after_max: float) -> None:
+    def __init__(self, app: ASGIApp, fleet: Fleet, retry_after_max: float) -> None:
         self.app = app
-        self.runtime = runtime
+        self.fleet = fleet
         self.retry_after_max = retry_after_max
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.runtime.draining or scope["path"] in STILL_ANSWERED:
+        if scope["type"] != "http" or not self.fleet.draining or scope["path"] in STILL_ANSWERED:
             await self.app(scope, receive, send)
             return
         request_id = scope.get("state", {}).get("request_id", "")

@@ -208,11 +208,13 @@ USAGE: Final[RouteDoc] = _authenticated(
 _COUNT: Final = {"type": "integer", "minimum": 0, "maximum": 999_999_999}
 QUOTE: Final[RouteDoc] = _authenticated(
     400,
+    404,
     summary="Predicted wait and price per tier for a request of this size, now",
     openapi_extra={
         "parameters": [
             _query("prompt_tokens", _COUNT, "Prompt size in tokens (default 100)"),
             _query("max_tokens", _COUNT, "Output cap in tokens (default: the server's)"),
+            _query("model", {"type": "string"}, "Model to quote (default: the first served)"),
         ]
     },
 )

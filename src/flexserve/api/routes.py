@@ -13,10 +13,15 @@ from starlette.responses import JSONResponse, Response
 
 from flexserve.api.auth import authenticate
 from flexserve.api.state import app_state
+from flexserve.backends.base import Backend
+from flexserve.backends.pool import members
+from flexserve.backends.upstream.backend import OpenAIBackend
 from flexserve.billing import request_cost, usage_report, usd
-from flexserve.errors import InvalidRequest, ModelNotFound
+from flexserve.errors import InvalidRequest
+from flexserve.metrics import backend_label
+from flexserve.runtime import ServedModel
 from flexserve.scheduling import Admitted, JobSpec
-from flexserve.scheduling.tiers import QUOTED, TIERS
+from flexserve.scheduling.tiers import QUOTED
 
 STARTED = int(time.time())
 
@@ -24,29 +29,57 @@ STARTED = int(time.time())
 async def list_models(request: Request) -> Response:
     state = app_state(request)
     await authenticate(request, state)
-    return JSONResponse({"object": "list", "data": [_model_card(request)]})
+    return JSONResponse({"object": "list", "data": [model_card(m) for m in state.fleet]})
 
 
 async def get_model(request: Request) -> Response:
     state = app_state(request)
     await authenticate(request, state)
-    if request.path_params["model"] != state.backend.model:
-        raise ModelNotFound(f"The model '{request.path_params['model']}' does not exist.")
-    return JSONResponse(_model_card(request))
+    return JSONResponse(model_card(state.fleet.get(request.path_params["model"])))
 
 
-def _model_card(request: Request) -> dict[str, Any]:
-    state = app_state(request)
+def model_card(served: ServedModel) -> dict[str, Any]:
+    """OpenAI's model object, plus what flexserve users need: the tiers this model offers,
+    its capacity, and each backend's health and resume guarantee."""
+    backend = served.backend
     return {
-        "id": state.backend.model,
+        "id": served.name,
         "object": "model",
         "created": STARTED,
         "owned_by": "flexserve",
-        "backend": state.backend.name,
-        "slots": state.backend.slots,
-        "context_length": state.backend.context_length,
-        "service_tiers": list(TIERS),
+        "slots": backend.slots,
+        "context_length": backend.context_length,
+        "service_tiers": list(served.tiers),
+        "pauses_mid_answer": backend.can_pause,
+        "backends": [backend_card(member) for member in members(backend)],
     }
+
+
+def backend_card(backend: Backend) -> dict[str, Any]:
+    card: dict[str, Any] = {
+        "name": backend_label(backend),
+        "kind": backend.name,
+        "slots": backend.slots,
+        "healthy": backend.health(),
+        "resume": RESUME_GUARANTEES.get(backend.name, ""),
+    }
+    if isinstance(backend, OpenAIBackend):
+        capabilities = backend.capabilities
+        card |= {
+            "state": backend.state(),
+            "in_flight": backend.in_flight,
+            "priority_style": capabilities.priority,
+            "continuation": capabilities.continuation,
+            "service_tier_passthrough": capabilities.service_tier_passthrough,
+            "resume": capabilities.guarantee(),
+        }
+    return card
+
+
+RESUME_GUARANTEES = {
+    "embedded": "exact: a resumed answer is the uninterrupted one, token for token",
+    "simulated": "exact (a fake engine for tests)",
+}
 
 
 async def usage(request: Request) -> Response:
@@ -67,13 +100,15 @@ async def flex_quote(request: Request) -> Response:
     key = await authenticate(request, state)
     prompt = _count_param(request, "prompt_tokens", 100)
     max_tokens = _count_param(request, "max_tokens", state.settings.scheduler.default_max_tokens)
-    now = state.runtime.clock()
+    name = request.query_params.get("model")
+    served = state.fleet.first if name is None else state.fleet.get(name)
+    now = served.runtime.clock()
     tiers: dict[str, dict[str, Any]] = {}
-    for tier in QUOTED:
+    for tier in (t for t in QUOTED if t in served.tiers):
         wait = state.settings.scheduler.flex_max_wait if tier == "flex" else 0.0
         spec = JobSpec("quote", key.tenant, tier, prompt, max_tokens, now, now + wait)
-        admission = state.runtime.quote(spec)
-        cost = request_cost(state.settings, state.backend.model, tier, prompt, 0, max_tokens)
+        admission = served.runtime.quote(spec)
+        cost = request_cost(state.settings, served.name, tier, prompt, 0, max_tokens)
         tiers[tier] = {"max_cost_usd": usd(cost.nanos)}
         if isinstance(admission, Admitted):
             tiers[tier]["predicted_wait_seconds"] = round(admission.predicted_wait, 3)
@@ -83,25 +118,37 @@ async def flex_quote(request: Request) -> Response:
     return JSONResponse(
         {
             "object": "flex.quote",
-            "model": state.backend.model,
+            "model": served.name,
             "prompt_tokens": prompt,
             "max_tokens": max_tokens,
-            "flex_admitted": "refusal" not in tiers["flex"],
+            "flex_admitted": "flex" in tiers and "refusal" not in tiers["flex"],
             "tiers": tiers,
         }
     )
 
 
 async def healthz(request: Request) -> Response:
-    """200 only when the server takes work; 503 says why not (`status`, `reason`)."""
+    """200 only when the server takes work for every model; 503 says why not (`status`,
+    `reason`). `models` shows each model's backends and their state."""
     state = app_state(request)
-    body: dict[str, str] = {"backend": state.backend.name, "model": state.backend.model}
-    if state.runtime.failure is not None:
-        body |= {"status": "failed", "reason": state.runtime.failure}
-    elif state.runtime.draining:
+    fleet = state.fleet
+    body: dict[str, Any] = {
+        "models": {
+            served.name: [
+                {"name": backend_label(b), "kind": b.name, "healthy": b.health()}
+                for b in members(served.backend)
+            ]
+            for served in fleet
+        }
+    }
+    down = [served.name for served in fleet if not served.backend.health()]
+    if fleet.failure is not None:
+        body |= {"status": "failed", "reason": fleet.failure}
+    elif fleet.draining:
         body |= {"status": "draining", "reason": "the server is shutting down"}
-    elif not state.backend.health():
-        body |= {"status": "unhealthy", "reason": "the backend reports unhealthy"}
+    elif down:
+        reason = "no healthy backend for model " + ", ".join(down)
+        body |= {"status": "unhealthy", "reason": reason}
     else:
         return JSONResponse({"status": "ok", **body})
     return JSONResponse(body, status_code=503)

@@ -3,7 +3,7 @@
 - SIGTERM (or Ctrl-C) drains instead of stopping at once. uvicorn's own handler closes
   the listening socket straight away (new clients get connection errors) and, after
   shutting down, re-raises the signal, so the process ends "killed by SIGTERM" (143).
-  Here the first signal starts `Runtime.shutdown` while the server keeps accepting
+  Here the first signal starts `Fleet.shutdown` while the server keeps accepting
   (new requests get 503 from `DrainGate`); when the runtime has drained, uvicorn is
   told to exit, and the exit status is 0. A second signal stops waiting.
 - If the runtime task dies, the server exits with status 1, so that a supervisor
@@ -27,7 +27,7 @@ from fastapi import FastAPI
 from flexserve.api.read_deadlines import read_deadline_protocol
 from flexserve.api.state import AppState
 from flexserve.config import Settings
-from flexserve.runtime import Runtime
+from flexserve.runtime import Fleet
 
 log = logging.getLogger("flexserve")
 
@@ -56,9 +56,9 @@ def tune_garbage_collector() -> None:
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, runtime: Runtime, grace: float) -> None:
+    def __init__(self, config: uvicorn.Config, fleet: Fleet, grace: float) -> None:
         super().__init__(config)
-        self.runtime = runtime
+        self.fleet = fleet
         self.grace = grace
         self._drain_asked = False
         self._drain: asyncio.Task[None] | None = None
@@ -79,13 +79,13 @@ class DrainingServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if self._drain_asked and self._drain is None:
             self._drain = asyncio.create_task(self._drain_then_exit(), name="flexserve-drain")
-        if self.runtime.failure is not None:
+        if self.fleet.failure is not None:
             self.should_exit = True
         return await super().on_tick(counter)
 
     async def _drain_then_exit(self) -> None:
         log.info("draining (grace %.1f s): new requests get 503", self.grace)
-        await self.runtime.shutdown(self.grace)
+        await self.fleet.shutdown(self.grace)
         log.info("drained")
         self.should_exit = True
 
@@ -102,14 +102,14 @@ def build_server(app: FastAPI, settings: Settings, log_level: str) -> DrainingSe
         http=read_deadline_protocol(settings.header_read_timeout, settings.body_read_timeout),
         timeout_graceful_shutdown=FLUSH_SECONDS,
     )
-    return DrainingServer(config, state.runtime, settings.shutdown_grace)
+    return DrainingServer(config, state.fleet, settings.shutdown_grace)
 
 
 def run_server(app: FastAPI, settings: Settings, log_level: str) -> int:
     """Serve until drained or failed; the process's exit status."""
     server = build_server(app, settings, log_level)
     server.run()
-    if server.runtime.failure is not None:
-        log.error("exiting: %s", server.runtime.failure)
+    if server.fleet.failure is not None:
+        log.error("exiting: %s", server.fleet.failure)
         return EXIT_RUNTIME_FAILED
     return 0

@@ -9,20 +9,19 @@ from starlette.requests import Request
 from flexserve.api.key_cache import KeyCache
 from flexserve.api.limits import RateLimiter
 from flexserve.api.retries import Orphans
-from flexserve.backends.base import Backend
 from flexserve.billing import Ledger
 from flexserve.config import Settings
 from flexserve.metrics import Metrics
-from flexserve.runtime import JobHandle, Outcome, Runtime
+from flexserve.runtime import Fleet, JobHandle, Outcome
 from flexserve.store import Store
 
 
 @dataclass
 class AppState:
     settings: Settings
-    backend: Backend
+    fleet: Fleet
+    """Every served model with its backend and runtime."""
     store: Store
-    runtime: Runtime
     ledger: Ledger
     metrics: Metrics
     keys: KeyCache = field(init=False)
@@ -32,7 +31,7 @@ class AppState:
 
     def __post_init__(self) -> None:
         self.keys = KeyCache(self.store, self.settings)
-        self.limits = RateLimiter(self.settings, self.runtime.clock)
+        self.limits = RateLimiter(self.settings, self.fleet.clock)
 
     async def start(self) -> None:
         await self.ledger.start()
@@ -51,7 +50,7 @@ class AppState:
         self.limits.settled(handle.request_id, len(handle.produced))
         await self.ledger.settle(handle, outcome)
         if outcome in ("completed", "cancelled"):
-            self.metrics.tokens.labels(tier, "input").inc(len(handle.submission.prompt_tokens))
+            self.metrics.tokens.labels(tier, "input").inc(handle.prompt_token_count)
             self.metrics.tokens.labels(tier, "output").inc(len(handle.produced))
 
 

@@ -20,7 +20,8 @@ from flexserve.api.wire import (
 )
 from flexserve.backends.base import Backend, ChatMessage, SamplingParams
 from flexserve.config import Settings
-from flexserve.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, TierNotAllowed
+from flexserve.errors import ContextLengthExceeded, InvalidRequest, TierNotAllowed
+from flexserve.runtime import ServedModel
 from flexserve.scheduling.tiers import PREEMPTIBLE, Tier
 from flexserve.store import KeyRecord
 
@@ -109,6 +110,7 @@ class ValidChat:
     reported_tier: str
     """What responses say in `service_tier`: the tier used, by the name the client sent."""
     prompt_tokens: tuple[int, ...]
+    messages: tuple[ChatMessage, ...]
     sampling: SamplingParams
     stream: bool
     include_usage: bool
@@ -120,15 +122,12 @@ class ValidChat:
 def validate_chat(
     wire: ChatCompletionRequest,
     key: KeyRecord,
-    backend: Backend,
+    served: ServedModel,
     settings: Settings,
     headers: dict[str, str],
 ) -> ValidChat:
-    if wire.model != backend.model:
-        raise ModelNotFound(
-            f"The model '{wire.model}' does not exist; this server serves '{backend.model}'.",
-            param="model",
-        )
+    """`served` is the model `wire.model` names (the handler looked it up: 404 if none)."""
+    backend = served.backend
     reject_unsupported(wire)
     if wire.stream_options is not None and not wire.stream:
         raise InvalidRequest(
@@ -136,12 +135,15 @@ def validate_chat(
             param="stream_options",
         )
     tier = resolve_tier(wire.service_tier, key)
-    prompt = _truncated(_encode(wire, backend), wire.truncate_prompt_tokens, backend)
+    _check_offered(tier, served)
+    messages = tuple(ChatMessage(m.role, m.text()) for m in wire.messages)
+    prompt = _truncated(_encode(messages, backend), wire.truncate_prompt_tokens, backend)
     options = wire.stream_options or StreamOptions()
     return ValidChat(
         tier=tier,
         reported_tier=wire.service_tier if wire.service_tier in TIER_ALIASES else tier,
         prompt_tokens=prompt,
+        messages=messages,
         sampling=_sampling(wire, len(prompt), backend.context_length, settings),
         stream=bool(wire.stream),
         include_usage=options.include_usage,
@@ -172,8 +174,18 @@ def resolve_tier(requested: str | None, key: KeyRecord) -> Tier:
     return tier
 
 
-def _encode(wire: ChatCompletionRequest, backend: Backend) -> tuple[int, ...]:
-    messages = tuple(ChatMessage(m.role, m.text()) for m in wire.messages)
+def _check_offered(tier: Tier, served: ServedModel) -> None:
+    """A model without flex answers flex with a 400, as OpenAI does."""
+    if tier not in served.tiers:
+        raise InvalidRequest(
+            f"The model '{served.name}' does not offer service_tier '{tier}'; it offers "
+            + ", ".join(f"'{t}'" for t in served.tiers)
+            + ".",
+            param="service_tier",
+        )
+
+
+def _encode(messages: tuple[ChatMessage, ...], backend: Backend) -> tuple[int, ...]:
     try:
         return backend.encode_chat(messages)
     except ValueError as error:  # the model's chat template refused these messages

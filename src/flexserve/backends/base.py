@@ -53,6 +53,10 @@ class GenerationRequest:
     background: bool = False
     """Flex/batch work: an engine may slow it (e.g. prefill it in smaller steps) so that
     interactive streams keep their latency."""
+    messages: tuple[ChatMessage, ...] = ()
+    """The chat itself, for engines that take messages rather than token ids (upstreams)."""
+    tier: str = "default"
+    """The service tier, for upstreams that have tiers or priorities of their own."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,9 @@ class TokenChunk:
 class Finish:
     reason: FinishReason
     text: str = ""  # held-back text released at the end (never part of a stop string)
+    prompt_tokens: int | None = None
+    """The prompt's length as the engine counted it, where it differs from ours (an
+    upstream engine tokenizes the messages itself); None = `prompt_tokens` as submitted."""
 
 
 Chunk = TokenChunk | Finish
@@ -79,6 +86,21 @@ Chunk = TokenChunk | Finish
 
 class BackendError(Exception):
     """The engine failed this one request (the server goes on)."""
+
+
+class EngineRefused(Exception):
+    """The engine said no to this request on purpose, not because it is failing: an
+    upstream's own 429 `resource_unavailable` (OpenAI flex, another flexserve) or 4xx.
+    The request is answered with the same status, unbilled; the backend stays in."""
+
+    def __init__(
+        self, status: int, message: str, code: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -98,6 +120,8 @@ class Backend(Protocol):
     model: str
     slots: int
     context_length: int
+    can_pause: bool
+    """A preempted job resumes from its tokens so far; False = never preempt mid-answer."""
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> tuple[int, ...]:
         """Apply the model's chat template and tokenize."""

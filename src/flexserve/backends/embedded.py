@@ -116,6 +116,7 @@ class EmbeddedBackend:
     """A GGUF model served in process with continuous batching (see `llama_engine`)."""
 
     name = "embedded"
+    can_pause = True  # re-prefill of prompt + its own tokens: exact
 
     def __init__(
         self,

@@ -126,3 +126,25 @@ class LlamaModel:
         if self.handle:
             llama_cpp.llama_model_free(self.handle)
             self.handle = None
+
+
+def read_chat_template(path: str) -> tuple[str | None, str, str]:
+    """(chat template, BOS text, EOS text) of a GGUF file, reading its vocabulary only."""
+    init_llama_backend()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    handle = llama_cpp.llama_model_load_from_file(path.encode(), params)
+    if not handle:
+        raise BackendError(f"llama.cpp could not read {path}")
+    try:
+        template = llama_cpp.llama_model_chat_template(handle, None)
+        vocab = llama_cpp.llama_model_get_vocab(handle)
+
+        def text(token: int) -> str:
+            return bytes(llama_cpp.llama_vocab_get_text(vocab, token)).decode(errors="replace")
+
+        bos = text(int(llama_cpp.llama_vocab_bos(vocab)))
+        eos = text(int(llama_cpp.llama_vocab_eos(vocab)))
+        return (bytes(template).decode() if template else None), bos, eos
+    finally:
+        llama_cpp.llama_model_free(handle)

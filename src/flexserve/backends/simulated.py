@@ -89,6 +89,7 @@ Sleep = Callable[[float], Awaitable[None]]
 
 class SimulatedBackend:
     name = "simulated"
+    can_pause = True
 
     def __init__(
         self,

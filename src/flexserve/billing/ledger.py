@@ -219,7 +219,7 @@ class Ledger:
     def row(self, handle: JobHandle, outcome: Outcome) -> LedgerRow:
         """Input once, each produced token once, however often the job was preempted."""
         sub = handle.submission
-        input_tokens = len(sub.prompt_tokens)
+        input_tokens = handle.prompt_token_count
         output_tokens = len(handle.produced)
         cost = request_cost(self.settings, sub.model, sub.tier, input_tokens, 0, output_tokens)
         return LedgerRow(

@@ -10,16 +10,19 @@ from flexserve.runtime.events import (
     Submission,
     Token,
 )
+from flexserve.runtime.fleet import Fleet, ServedModel
 from flexserve.runtime.runtime import Outcome, Runtime, shutting_down
 
 __all__ = [
     "Done",
     "Failed",
+    "Fleet",
     "JobEvent",
     "JobHandle",
     "Outcome",
     "Paused",
     "Runtime",
+    "ServedModel",
     "Started",
     "Submission",
     "Token",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from flexserve.backends.base import FinishReason, SamplingParams, TokenChunk
+from flexserve.backends.base import ChatMessage, FinishReason, SamplingParams, TokenChunk
 from flexserve.errors import FlexserveError
 from flexserve.scheduling.tiers import Tier
 
@@ -57,6 +57,8 @@ class Submission:
     """Seconds the job may wait to start (flex: deadline; interactive: 503 bound)."""
     stream: bool = False
     """The client receives tokens as they come (SSE), so a cut job has delivered them."""
+    messages: tuple[ChatMessage, ...] = ()
+    """The chat, for upstream engines that tokenize it themselves."""
 
 
 @dataclass
@@ -70,6 +72,15 @@ class JobHandle:
     engine_failures: int = 0
     settled: asyncio.Task[None] | None = None
     """Billing and accounting of the outcome; handlers await it before their last byte."""
+    engine_prompt_tokens: int | None = None
+    """The prompt's length as an upstream engine counted it (its usage), when it said."""
+
+    @property
+    def prompt_token_count(self) -> int:
+        """Input tokens to bill and report: the engine's count where it gave one."""
+        if self.engine_prompt_tokens is not None:
+            return self.engine_prompt_tokens
+        return len(self.submission.prompt_tokens)
 
     @property
     def request_id(self) -> str:

@@ -21,9 +21,23 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from flexserve.backends.base import Backend, BackendError, Chunk, Finish, GenerationRequest
+from flexserve.backends.base import (
+    Backend,
+    BackendError,
+    Chunk,
+    EngineRefused,
+    Finish,
+    GenerationRequest,
+)
 from flexserve.config import SchedulerSettings
-from flexserve.errors import EngineFailure, FlexserveError, Overloaded, ResourceUnavailable
+from flexserve.errors import (
+    EngineFailure,
+    FlexserveError,
+    InvalidRequest,
+    Overloaded,
+    RateLimitExceeded,
+    ResourceUnavailable,
+)
 from flexserve.runtime.events import Done, Failed, JobHandle, Paused, Started, Submission, Token
 from flexserve.scheduling import (
     RANK,
@@ -64,7 +78,7 @@ class _Produced:
 class _Ended:
     request_id: str
     finish: Finish | None
-    error: BackendError | None = None
+    error: BackendError | EngineRefused | None = None
 
 
 @dataclass(frozen=True)
@@ -99,7 +113,9 @@ class Runtime:
         self.backend = backend
         self.settings = settings
         self.clock = clock
-        self.scheduler = Scheduler(settings, backend.slots, now=clock())
+        self.scheduler = Scheduler(
+            settings, backend.slots, now=clock(), can_pause=backend.can_pause
+        )
         self._settle = settle
         self._stall_timeout = stall_timeout
         self._commands: asyncio.Queue[_Command] = asyncio.Queue()
@@ -304,14 +320,25 @@ class Runtime:
         self._spawn_settle(handle, outcome)
 
     def _ended(
-        self, request_id: str, finish: Finish | None, error: BackendError | None, now: float
+        self,
+        request_id: str,
+        finish: Finish | None,
+        error: BackendError | EngineRefused | None,
+        now: float,
     ) -> None:
         self._streams.pop(request_id, None)
         handle = self._handles.get(request_id)
         if handle is None:
             return
         if finish is not None:
+            if finish.prompt_tokens is not None:
+                handle.engine_prompt_tokens = finish.prompt_tokens
             self._finish(handle, Done(finish.reason, finish.text), "completed", now)
+        elif isinstance(error, EngineRefused):
+            # The upstream refused on purpose (its own flex 429, a prompt it cannot take):
+            # answered the same way, unbilled unless the client already received tokens.
+            outcome: Outcome = _cut_outcome(handle) if handle.produced else "shed"
+            self._finish(handle, Failed(_refusal(error)), outcome, now)
         elif self._may_retry(handle):
             handle.engine_failures += 1
             log.warning("engine failed request_id=%s, requeued", request_id)
@@ -322,8 +349,9 @@ class Runtime:
             self._finish(handle, Failed(failure), "failed", now)
 
     def _may_retry(self, handle: JobHandle) -> bool:
-        """Before any token reached the client: flex/batch resume, interactive retry once."""
-        if handle.produced:
+        """flex/batch resume (elsewhere, in a pool), interactive retry once; after tokens
+        went out, only on a backend that continues a partial answer."""
+        if handle.produced and not self.backend.can_pause:
             return False
         if not is_interactive(handle.submission.tier):
             return handle.engine_failures < MAX_FLEX_ENGINE_RETRIES
@@ -386,7 +414,13 @@ class Runtime:
         priority = len(RANK) - RANK[sub.tier]  # priority 4 ... batch 1
         background = not is_interactive(sub.tier)
         request = GenerationRequest(
-            sub.request_id, sub.prompt_tokens, sub.sampling, priority, background
+            sub.request_id,
+            sub.prompt_tokens,
+            sub.sampling,
+            priority,
+            background,
+            messages=sub.messages,
+            tier=sub.tier,
         )
         chunks: AsyncIterator[Chunk] | None = None
         try:
@@ -394,7 +428,7 @@ class Runtime:
             # engine failure of this job like any other (it must not leave the slot held).
             chunks = self.backend.generate(request, tuple(handle.produced))
             ended = await self._pump(handle, chunks)
-        except BackendError as error:
+        except (BackendError, EngineRefused) as error:
             ended = _Ended(sub.request_id, None, error)
         except asyncio.CancelledError:
             await _close(chunks)
@@ -446,6 +480,21 @@ def _cut_outcome(handle: JobHandle) -> Outcome:
     received: a stream's tokens so far; a JSON answer that never went out, nothing."""
     received = handle.submission.stream and bool(handle.produced)
     return "cancelled" if received else "failed"
+
+
+def _refusal(refused: EngineRefused) -> FlexserveError:
+    """An upstream's refusal as ours: its 429 keeps its Retry-After, a 4xx is a 400."""
+    if refused.status == 429 and refused.code == "rate_limit_exceeded":
+        return RateLimitExceeded(
+            f"The upstream engine's rate limit: {refused.message}",
+            retry_after=refused.retry_after or 1.0,
+        )
+    if refused.status == 429:
+        return ResourceUnavailable(
+            f"The upstream engine refused: {refused.message}",
+            retry_after=refused.retry_after or 1.0,
+        )
+    return InvalidRequest(f"The upstream engine refused the request: {refused.message}")
 
 
 def _busy_message(reason: str) -> str:

@@ -46,11 +46,16 @@ class Snapshot:
 
 
 class Scheduler:
-    def __init__(self, settings: SchedulerSettings, slots: int, now: float = 0.0) -> None:
+    def __init__(
+        self, settings: SchedulerSettings, slots: int, now: float = 0.0, can_pause: bool = True
+    ) -> None:
         if slots < 1:
             raise ValueError("a backend needs at least one slot")
         self.settings = settings
         self.slots = slots
+        self.can_pause = can_pause
+        """False: the backend cannot resume a partial answer, so no running job is ever
+        preempted (interactive work waits for a slot; `interactive_reserve` keeps some)."""
         self._jobs: dict[str, JobState] = {}
         self._running: dict[str, JobState] = {}
         self._running_count: dict[Tier, int] = dict.fromkeys(TIERS, 0)
@@ -155,7 +160,8 @@ class Scheduler:
     def _narrow_flex_beside_interactive(self, preempt: list[str]) -> None:
         while self._running_preemptible() > self._flex_limit():
             victim = self._victim()
-            assert victim is not None
+            if victim is None:  # a backend that cannot pause: narrowing waits for ends
+                return
             self._preempt(victim, preempt)
 
     def _fill_with_flex(self, start: list[str]) -> None:
@@ -383,6 +389,8 @@ class Scheduler:
     def _victim(self, among: tuple[Tier, ...] = PREEMPTIBLE) -> str | None:
         """The running flex/batch job that loses least: lowest tier, latest deadline,
         fewest tokens produced. (A scan of the running jobs: at most `slots`.)"""
+        if not self.can_pause:
+            return None
         candidates = [j for j in self._running.values() if j.spec.tier in among]
         if not candidates:
             return None

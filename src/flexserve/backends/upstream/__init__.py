@@ -13,7 +13,6 @@ from flexserve.backends.upstream.priority import PriorityStyle, priority_fields
 from flexserve.backends.upstream.stream import (
     StreamEnd,
     TextDelta,
-    UpstreamRefused,
     stream_call,
 )
 
@@ -26,7 +25,6 @@ __all__ = [
     "StreamEnd",
     "TextDelta",
     "UpstreamCall",
-    "UpstreamRefused",
     "build_call",
     "parse_engine_load",
     "priority_fields",

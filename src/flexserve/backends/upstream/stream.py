@@ -1,11 +1,13 @@
 """One streaming call to an OpenAI-compatible upstream, as text deltas and one end.
 
 Errors are sorted by what the runtime should do with them:
-- `UpstreamRefused`: the upstream said no on purpose (429 `resource_unavailable` from
-  OpenAI's flex or another flexserve, with its Retry-After): a flex job is refused the
-  same way, unbilled; never a reason to take the backend out.
-- `BackendError` (connection refused or reset, 5xx, a broken stream): the backend is
-  failing; the job moves elsewhere and the circuit breaker counts it.
+- `EngineRefused`: the upstream said no to this request on purpose (429
+  `resource_unavailable` from OpenAI's flex or another flexserve, with its Retry-After; a
+  400 for a prompt it cannot take): the request is refused the same way, unbilled; never
+  a reason to take the backend out.
+- `BackendError` (connection refused or reset, 5xx, 401/403/404 = a misconfigured
+  backend, a broken or stalled stream): the backend is failing; the job moves elsewhere
+  and the circuit breaker counts it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 import httpx
 from httpx_sse import SSEError, aconnect_sse
 
-from flexserve.backends.base import BackendError, FinishReason
+from flexserve.backends.base import BackendError, EngineRefused, FinishReason
 from flexserve.backends.upstream.continuation import UpstreamCall
 
 
@@ -35,13 +37,8 @@ class StreamEnd:
     """As the upstream reports them (None when it sends no usage)."""
 
 
-class UpstreamRefused(Exception):
-    def __init__(self, status: int, code: str | None, message: str, retry_after: float | None):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.retry_after = retry_after
+REFUSALS = frozenset({400, 413, 422, 429})
+"""Statuses that refuse the request itself; other 4xx mean the backend is misconfigured."""
 
 
 async def stream_call(
@@ -89,13 +86,14 @@ async def _raise_for_status(response: httpx.Response) -> None:
     await response.aread()
     body = _json(response.text) if response.text else {}
     message = _message(body) or f"upstream answered {response.status_code}"
-    if response.status_code == 429 or response.status_code < 500:
+    if response.status_code in REFUSALS:
         retry = response.headers.get("retry-after")
-        raise UpstreamRefused(
+        error = body.get("error")
+        raise EngineRefused(
             response.status_code,
-            (body.get("error") or {}).get("code") if isinstance(body, dict) else None,
             message,
-            float(retry) if retry and _is_number(retry) else None,
+            code=error.get("code") if isinstance(error, dict) else None,
+            retry_after=float(retry) if retry and _is_number(retry) else None,
         )
     raise BackendError(f"upstream answered {response.status_code}: {message}")
 

@@ -1,0 +1,235 @@
+"""The `openai` backend: one OpenAI-compatible upstream engine (vLLM, SGLang, llama.cpp's
+server, OpenAI itself, another flexserve) behind the Backend protocol.
+
+The upstream tokenizes for itself, so the prompt length used for admission is an estimate
+(`estimate_prompt_tokens`); what is billed is what the engine reports in its usage. Each
+streamed text delta is one token (vLLM, SGLang and llama.cpp send one token per chunk);
+where the engine's usage counts more completion tokens than deltas, the difference is
+emitted as empty tokens before the finish, so billing follows the engine's count.
+
+Pausing closes the HTTP stream (the engine aborts the request); resuming sends the
+partial answer in the backend's continuation style (`continuation.py`). Failures count
+toward a circuit breaker; a stalled stream is a failure too (httpx's read timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from flexserve.backends.base import (
+    BackendError,
+    BackendStats,
+    ChatMessage,
+    Chunk,
+    EngineRefused,
+    Finish,
+    GenerationRequest,
+    TokenChunk,
+)
+from flexserve.backends.upstream.breaker import CircuitBreaker
+from flexserve.backends.upstream.continuation import ContinuationStyle, RenderPrompt, build_call
+from flexserve.backends.upstream.engine_load import EngineLoad, parse_engine_load
+from flexserve.backends.upstream.priority import PriorityStyle, priority_fields
+from flexserve.backends.upstream.stream import StreamEnd, TextDelta, stream_call
+from flexserve.scheduling.tiers import TIERS, Tier
+
+log = logging.getLogger("flexserve.upstream")
+
+UPSTREAM_TOKEN = -1
+"""Token id of a token generated upstream (its id is the engine's, not known here)."""
+CHARS_PER_TOKEN = 4
+TOKENS_PER_MESSAGE = 4
+"""Role markers and separators a chat template adds per message, roughly."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the upstream engine can do, declared in config (never guessed)."""
+
+    priority: PriorityStyle = "none"
+    continuation: ContinuationStyle = "none"
+    service_tier_passthrough: bool = False
+
+    def guarantee(self) -> str:
+        """What a resumed answer promises on this backend, for /v1/models and the docs."""
+        if self.continuation == "none":
+            return "never paused mid-answer (the engine cannot continue a partial answer)"
+        return "seamless: no duplicate, no gap, billed once; text may differ after a pause"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    base_url: str
+    """Ends in /v1."""
+    api_key: str | None
+    upstream_model: str
+    metrics_url: str | None = None
+    """vLLM-style Prometheus metrics, for routing by the engine's own load."""
+
+
+class OpenAIBackend:
+    name = "openai"
+
+    def __init__(
+        self,
+        label: str,
+        model: str,
+        endpoint: Endpoint,
+        slots: int,
+        capabilities: Capabilities,
+        *,
+        context_length: int = 131_072,
+        render: RenderPrompt | None = None,
+        stall_timeout: float = 120.0,
+        connect_timeout: float = 5.0,
+        metrics_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
+        self.label = label
+        self.model = model
+        self.endpoint = endpoint
+        self.slots = slots
+        self.capabilities = capabilities
+        self.context_length = context_length
+        self.can_pause = capabilities.continuation != "none"
+        self.breaker = breaker or CircuitBreaker()
+        self.in_flight = 0
+        self.engine_load: EngineLoad | None = None
+        self._render = render
+        self._clock = clock
+        self._metrics_interval = metrics_interval
+        self._timeout = httpx.Timeout(connect_timeout, read=stall_timeout, pool=None)
+        self._http: httpx.AsyncClient | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._stats = BackendStats()
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> tuple[int, ...]:
+        return (UPSTREAM_TOKEN,) * estimate_prompt_tokens(messages)
+
+    async def generate(
+        self, request: GenerationRequest, resume: Sequence[TokenChunk] = ()
+    ) -> AsyncIterator[Chunk]:
+        if not self.breaker.allows(self._clock()):
+            raise BackendError(f"backend {self.label} is out (circuit open)")
+        call = build_call(
+            self.capabilities.continuation,
+            model=self.endpoint.upstream_model,
+            messages=request.messages,
+            sampling=request.sampling,
+            partial="".join(chunk.text for chunk in resume),
+            produced=len(resume),
+            extra=self._extra_fields(request.tier),
+            render=self._render,
+        )
+        self.in_flight += 1
+        self._stats.active_sequences = self.in_flight
+        try:
+            async for chunk in self._chunks(call, len(resume)):
+                yield chunk
+        finally:
+            self.in_flight -= 1
+            self._stats.active_sequences = self.in_flight
+
+    async def _chunks(self, call: Any, resumed: int) -> AsyncIterator[Chunk]:
+        emitted = 0
+        try:
+            async for item in stream_call(self._client(), *self._where(), call):
+                if isinstance(item, TextDelta):
+                    emitted += 1
+                    yield TokenChunk(UPSTREAM_TOKEN, item.text)
+                else:
+                    for chunk in self._end(item, emitted, resumed):
+                        yield chunk
+        except BackendError:
+            self.breaker.failed(self._clock())
+            raise
+        except EngineRefused:
+            self.breaker.succeeded()  # it answered: refusing is not failing
+            raise
+
+    def _end(self, end: StreamEnd, emitted: int, resumed: int) -> list[Chunk]:
+        self.breaker.succeeded()
+        self._stats.sampled_tokens += max(emitted, end.completion_tokens or 0)
+        unseen = max(0, (end.completion_tokens or 0) - emitted)
+        prompt = None
+        if end.prompt_tokens is not None:  # a resume's prompt holds the partial answer too
+            prompt = max(1, end.prompt_tokens - resumed)
+        padding: list[Chunk] = [TokenChunk(UPSTREAM_TOKEN, "")] * unseen
+        return [*padding, Finish(end.finish_reason, prompt_tokens=prompt)]
+
+    def _extra_fields(self, tier: str) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        if tier in TIERS:
+            known: Tier = tier
+            fields.update(priority_fields(self.capabilities.priority, known))
+            if self.capabilities.service_tier_passthrough:
+                fields["service_tier"] = known
+        return fields
+
+    def _where(self) -> tuple[str, str | None]:
+        return self.endpoint.base_url, self.endpoint.api_key
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=self.slots)
+            self._http = httpx.AsyncClient(timeout=self._timeout, limits=limits)
+        return self._http
+
+    def load(self, now: float) -> float:
+        """Lower is less loaded: own in-flight share, plus the engine's queue where known
+        (metrics gone stale count as saturated)."""
+        own = self.in_flight / self.slots
+        if self.endpoint.metrics_url is None:
+            return own
+        if self.engine_load is None:
+            return math.inf
+        return own + self.engine_load.score(now, stale_after=5 * self._metrics_interval)
+
+    async def start(self) -> None:
+        if self.endpoint.metrics_url is not None and self._poller is None:
+            self._poller = asyncio.create_task(self._poll_metrics(), name=f"metrics-{self.label}")
+
+    async def _poll_metrics(self) -> None:
+        assert self.endpoint.metrics_url is not None
+        while True:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                response = await self._client().get(self.endpoint.metrics_url)
+                if response.status_code == 200:
+                    self.engine_load = parse_engine_load(response.text, self._clock())
+            await asyncio.sleep(self._metrics_interval)
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        if self._http is not None:
+            await self._http.aclose()
+
+    def health(self) -> bool:
+        return self.breaker.healthy(self._clock())
+
+    def state(self) -> str:
+        """closed / open / half_open, as /v1/models, /healthz and /metrics report it."""
+        self.breaker.healthy(self._clock())
+        return self.breaker.state
+
+    def stats(self) -> BackendStats:
+        return self._stats
+
+
+def estimate_prompt_tokens(messages: Sequence[ChatMessage]) -> int:
+    """About how many tokens the upstream will count (for admission and predictions only;
+    billing uses the engine's own count)."""
+    text = sum(len(m.content) for m in messages)
+    return max(1, math.ceil(text / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(messages))

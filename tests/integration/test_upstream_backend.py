@@ -1,0 +1,253 @@
+"""flexserve in front of OpenAI-compatible upstreams, against the recording fake (real HTTP,
+real SSE, the official client). The real engine (llama-cpp-python's server) is in
+test_real_upstream.py; these cover what the fake shows best: the exact bodies sent."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import KEY, RunningServer
+from tests.fakes.upstream import FakeUpstream, serve_fake
+
+Serve = Callable[..., RunningServer]
+ANSWER = "one two three four five six seven eight nine ten eleven twelve"
+
+
+@pytest.fixture
+def clients() -> Iterator[Callable[[RunningServer], openai.OpenAI]]:
+    made: list[openai.OpenAI] = []
+
+    def make(server: RunningServer) -> openai.OpenAI:
+        c = openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=30)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def upstream(url: str, **fields: Any) -> dict[str, Any]:
+    return {"kind": "openai", "base_url": url, "upstream_model": "fake-model", **fields}
+
+
+def chat(c: openai.OpenAI, model: str, tier: str, **kwargs: Any) -> Any:
+    return c.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "count"}],
+        service_tier=tier,  # type: ignore[arg-type]
+        **kwargs,
+    )
+
+
+def test_tiers_map_to_vllm_lower_first_and_sglang_higher_first(
+    serve: Serve, clients: Callable[[RunningServer], openai.OpenAI]
+) -> None:
+    fake = FakeUpstream(answer=ANSWER)
+    with serve_fake(fake) as url:
+        server = serve(
+            models={
+                "on-vllm": {"backends": [upstream(url, engine="vllm", metrics_url=None)]},
+                "on-sglang": {"backends": [upstream(url, engine="sglang")]},
+                "on-llamacpp": {"backends": [upstream(url, engine="llamacpp")]},
+            }
+        )
+        c = clients(server)
+        for model in ("on-vllm", "on-sglang", "on-llamacpp"):
+            for tier in ("priority", "default", "flex", "batch"):
+                if tier != "batch":  # the chat API has no batch tier; batch files do
+                    chat(c, model, tier, max_tokens=2)
+    sent = [body for _, body in fake.received]
+    vllm, sglang, llamacpp = sent[0:3], sent[3:6], sent[6:9]
+    assert [b["priority"] for b in vllm] == [0, 1, 2]  # lower runs first in vLLM
+    assert [b["priority"] for b in sglang] == [3, 2, 1]  # higher runs first in SGLang
+    assert all("priority" not in b for b in llamacpp)  # FIFO engine: no field it rejects
+    assert all("service_tier" not in b for b in sent)  # only for pass-through upstreams
+
+
+def test_openai_upstream_gets_service_tier_and_its_429_becomes_ours_unbilled(
+    serve: Serve, clients: Callable[[RunningServer], openai.OpenAI]
+) -> None:
+    error = {"error": {"message": "Resource unavailable", "code": "resource_unavailable"}}
+    fake = FakeUpstream(refuse=(429, error, {"retry-after": "7"}))
+    with serve_fake(fake) as url:
+        server = serve(models={"gpt": {"backends": [upstream(url, engine="openai")]}})
+        c = clients(server)
+        for stream in (False, True):
+            with pytest.raises(openai.RateLimitError) as refused:
+                response = chat(c, "gpt", "flex", stream=stream)
+                if stream:
+                    list(response)
+            assert refused.value.code == "resource_unavailable"
+            assert refused.value.response.headers["retry-after"] == "7"
+        fake.refuse = None
+        served = chat(c, "gpt", "flex", max_tokens=3)
+    assert [body.get("service_tier") for _, body in fake.received] == ["flex"] * 3
+    assert served.service_tier == "flex"
+    rows = server.state.store.ledger("tenant-a")
+    assert len(rows) == 1  # only the answered request is billed
+    assert (rows[0].input_tokens, rows[0].output_tokens) == (7, 3)  # the engine's usage
+
+
+def test_a_model_without_flex_answers_flex_with_400_naming_service_tier(
+    serve: Serve, clients: Callable[[RunningServer], openai.OpenAI]
+) -> None:
+    server = serve(
+        models={
+            "interactive-only": {
+                "backends": [{"kind": "simulated"}],
+                "tiers": ["priority", "default"],
+            }
+        }
+    )
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat(clients(server), "interactive-only", "flex")
+    assert refused.value.status_code == 400
+    assert refused.value.body["param"] == "service_tier"  # type: ignore[index]
+    assert "does not offer service_tier 'flex'" in refused.value.message
+    assert chat(clients(server), "interactive-only", "default").service_tier == "default"
+
+
+def test_models_lists_every_model_with_its_tiers_backends_and_guarantees(
+    serve: Serve, clients: Callable[[RunningServer], openai.OpenAI]
+) -> None:
+    with serve_fake(FakeUpstream()) as url:
+        server = serve(
+            models={
+                "local": {"backends": [{"kind": "simulated", "slots": 3}]},
+                "remote": {
+                    "backends": [
+                        upstream(url, engine="vllm", name="gpu-a", slots=8, metrics_url=None),
+                        upstream(url, engine="openai", name="openai", slots=4),
+                    ],
+                    "tiers": ["default", "flex"],
+                },
+            }
+        )
+        cards = {m.id: m.model_dump() for m in clients(server).models.list().data}
+        with pytest.raises(openai.NotFoundError):
+            chat(clients(server), "missing", "default")
+    assert set(cards) == {"local", "remote"}
+    remote = cards["remote"]
+    assert remote["service_tiers"] == ["default", "flex"] and remote["slots"] == 12
+    assert remote["pauses_mid_answer"] is False  # one member cannot continue: never paused
+    gpu, hosted = remote["backends"]
+    assert (gpu["name"], gpu["priority_style"], gpu["continuation"]) == ("gpu-a", "vllm", "vllm")
+    assert (gpu["state"], gpu["healthy"]) == ("closed", True)
+    assert hosted["service_tier_passthrough"] is True and "never paused" in hosted["resume"]
+    assert cards["local"]["pauses_mid_answer"] is True and cards["local"]["slots"] == 3
+
+
+def test_a_paused_upstream_job_resumes_with_the_partial_answer_and_fewer_tokens(
+    serve: Serve, clients: Callable[[RunningServer], openai.OpenAI]
+) -> None:
+    fake = FakeUpstream(answer=ANSWER, delay=0.05)
+    with serve_fake(fake) as url:
+        server = serve(models={"m": {"backends": [upstream(url, engine="vllm", slots=1)]}})
+        c = clients(server)
+        stream = chat(c, "m", "flex", stream=True, max_tokens=12)
+        chunks = iter(stream)
+        received = [_text(next(chunks)) for _ in range(4)]  # role chunk + 3 words
+        urgent: list[Any] = []
+        thread = threading.Thread(target=lambda: urgent.append(chat(c, "m", "default")))
+        thread.start()
+        thread.join(timeout=30)
+        received += [_text(chunk) for chunk in chunks]
+    assert urgent and urgent[0].choices[0].message.content == ANSWER
+    assert "".join(received) == ANSWER  # one stream: no word twice, none missing
+    flex_calls = [body for _, body in fake.received if body["priority"] == 2]
+    first, resumed = flex_calls[0], flex_calls[-1]
+    assert len(flex_calls) == 2 and "continue_final_message" not in first
+    partial = resumed["messages"][-1]
+    assert partial["role"] == "assistant" and ANSWER.startswith(partial["content"])
+    assert resumed["continue_final_message"] is True
+    assert resumed["add_generation_prompt"] is False
+    produced = len(partial["content"].split())
+    assert resumed["max_tokens"] == 12 - produced
+    rows = [r for r in server.state.store.ledger("tenant-a") if r.tier == "flex"]
+    assert len(rows) == 1 and rows[0].preemptions == 1
+    assert rows[0].output_tokens == len(ANSWER.split())  # each token billed once
+
+
+def test_a_backend_without_continuation_is_never_paused_mid_answer(
+    serve: Serve, clients: Callable[[RunningServer], openai.OpenAI]
+) -> None:
+    fake = FakeUpstream(answer=ANSWER, delay=0.02)
+    with serve_fake(fake) as url:
+        server = serve(models={"m": {"backends": [upstream(url, engine="openai", slots=1)]}})
+        c = clients(server)
+        stream = chat(c, "m", "flex", stream=True)
+        chunks = iter(stream)
+        next(chunks)
+        urgent = chat(c, "m", "default")  # waits for the flex answer to end
+        rest = "".join(_text(chunk) for chunk in chunks)
+    assert urgent.choices[0].message.content == ANSWER
+    assert rest == ANSWER and len(fake.received) == 2
+    assert all(r.preemptions == 0 for r in server.state.store.ledger("tenant-a"))
+
+
+def test_a_stream_on_a_dying_upstream_resumes_on_the_other_billed_once(
+    serve: Serve, clients: Callable[[RunningServer], openai.OpenAI]
+) -> None:
+    dying = FakeUpstream(answer=ANSWER, die_after=3)
+    healthy = FakeUpstream(answer=ANSWER)
+    with serve_fake(dying) as dying_url, serve_fake(healthy) as healthy_url:
+        pool = [
+            upstream(dying_url, engine="vllm", name="dying", metrics_url=None),
+            upstream(healthy_url, engine="vllm", name="healthy", metrics_url=None),
+        ]
+        server = serve(models={"m": {"backends": pool}})
+        c = clients(server)
+        texts = []
+        for tier in ("flex", "default", "flex", "default"):
+            texts.append("".join(_text(ch) for ch in chat(c, "m", tier, stream=True)))
+    assert texts == [ANSWER] * 4  # each stream whole, whichever member it started on
+    assert dying.received  # the least-loaded choice did send work to the dying one
+    resumed = [body for _, body in healthy.received if body["messages"][-1]["role"] == "assistant"]
+    assert all(body["continue_final_message"] for body in resumed)
+    rows = server.state.store.ledger("tenant-a")
+    assert len(rows) == 4 and all(r.output_tokens == len(ANSWER.split()) for r in rows)
+
+
+def test_a_pool_with_no_healthy_backend_fails_clearly_and_healthz_says_which(
+    serve: Serve, clients: Callable[[RunningServer], openai.OpenAI]
+) -> None:
+    with serve_fake(FakeUpstream()) as url:
+        dead = url.replace("/v1", "/nothing-here/v1")  # answers 404: a misconfigured backend
+        server = serve(models={"m": {"backends": [upstream(dead, engine="vllm", name="gone")]}})
+        c = clients(server)
+        for _ in range(3):  # the breaker opens after 3 failures
+            with pytest.raises(openai.InternalServerError):
+                chat(c, "m", "default")
+        health = httpx.get(server.base_url + "/healthz")
+        metrics = httpx.get(server.base_url + "/metrics").text
+    assert health.status_code == 503
+    assert health.json()["reason"] == "no healthy backend for model m"
+    assert health.json()["models"]["m"] == [{"name": "gone", "kind": "openai", "healthy": False}]
+    assert 'flexserve_backend_up{backend="gone",model="m",state="open"} 0.0' in metrics
+    assert server.state.store.ledger("tenant-a") == []
+
+
+def test_upstream_quick_form_serves_every_model_the_upstream_lists(
+    serve: Serve, clients: Callable[[RunningServer], openai.OpenAI]
+) -> None:
+    fake = FakeUpstream(answer="hi there", models=("alpha", "beta"))
+    with serve_fake(fake) as url:
+        server = serve(upstream=url, upstream_engine="vllm")
+        c = clients(server)
+        assert sorted(m.id for m in c.models.list().data) == ["alpha", "beta"]
+        answer = c.chat.completions.create(
+            model="beta", messages=[{"role": "user", "content": "x"}]
+        )
+    assert answer.choices[0].message.content == "hi there"
+    assert fake.received[-1][1]["model"] == "beta"
+
+
+def _text(chunk: Any) -> str:
+    return (chunk.choices[0].delta.content or "") if chunk.choices else ""
