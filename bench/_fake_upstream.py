@@ -19,6 +19,8 @@ import uvicorn
 
 Scope = dict[str, Any]
 WORD = "hello"
+MODELS = ["smollm2-135m"]
+"""What /v1/models lists (flexserve's --upstream serves each under the same name)."""
 
 
 async def app(scope: Scope, receive: Any, send: Any) -> None:
@@ -31,7 +33,8 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
     if scope["path"].endswith("/chat/completions"):
         await _chat(json.loads(body or b"{}"), send)
     elif scope["path"].endswith("/models"):
-        await _json(send, {"object": "list", "data": [{"id": "bench", "object": "model"}]})
+        cards = [{"id": name, "object": "model", "owned_by": "bench"} for name in MODELS]
+        await _json(send, {"object": "list", "data": cards})
     else:
         await _json(send, {"status": "ok"})
 
@@ -72,7 +75,9 @@ async def _json(send: Any, payload: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--model", default=MODELS[0], help="the model /v1/models lists")
     args = parser.parse_args()
+    MODELS[:] = [args.model]
     uvicorn.run(
         app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, lifespan="off"
     )
