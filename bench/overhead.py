@@ -17,7 +17,12 @@ spread (min..max). The last line is the summary JSON:
 `added_p50_ms`/`added_p99_ms` (flexserve minus direct, one connection), `rps`,
 `litellm_rps`, `rps_ratio`.
 
-    .venv/bin/python bench/overhead.py --via simulated
+flexserve gets `--slots` (64) above the connections, so that nothing queues for a slot:
+what is measured is the request path, not the scheduler's admission. A baseline build
+runs from another venv with `--flexserve-python`; the fake, wrk and LiteLLM stay the same.
+
+    .venv/bin/python bench/overhead.py                  # flexserve in front of the fake
+    .venv/bin/python bench/overhead.py --via simulated  # flexserve's own path alone
 """
 
 from __future__ import annotations
@@ -168,14 +173,14 @@ def litellm(port: int, upstream: str, work: Path) -> Any:
 
 
 @contextmanager
-def flexserve(via: str, upstream: str) -> Iterator[str]:
+def flexserve(args: argparse.Namespace, upstream: str) -> Iterator[str]:
     env = {**ZERO_DELAY, "FLEXSERVE_API_KEYS": json.dumps({KEY: "bench"})}
-    args = ["--log-level", "warning"]
-    if via == "upstream":
-        args += ["--upstream", upstream + "/v1"]
+    flags = ["--log-level", "warning", "--slots", str(args.slots)]
+    if args.via == "upstream":
+        flags += ["--upstream", upstream + "/v1"]
     else:
-        args += ["--backend", "simulated"]
-    with Server(args, env) as server:
+        flags += ["--backend", "simulated"]
+    with Server(flags, env, python=args.flexserve_python) as server:
         server.wait_healthy(60)
         yield server.base
 
@@ -194,6 +199,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=5, help="each wrk run")
     parser.add_argument("--connections", type=int, default=32, help="throughput runs")
+    parser.add_argument("--slots", type=int, default=64, help="flexserve's, > connections")
+    parser.add_argument(
+        "--flexserve-python",
+        default=sys.executable,
+        help="the Python that runs flexserve (another venv: a baseline build)",
+    )
     parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -208,7 +219,7 @@ def main() -> None:
         upstream_port = free_port()
         upstream = f"http://127.0.0.1:{upstream_port}"
         stack.enter_context(fake_upstream(upstream_port, work))
-        gateway = stack.enter_context(flexserve(args.via, upstream))
+        gateway = stack.enter_context(flexserve(args, upstream))
         targets: dict[str, tuple[str, bool]] = {
             "direct": (upstream, False),
             "direct-stream": (upstream, True),
