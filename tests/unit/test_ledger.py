@@ -311,9 +311,9 @@ def test_a_store_outage_during_a_batch_keeps_every_row_for_the_drainer(
     jobs = [handle(request_id=f"req_{n}") for n in range(4)]
 
     async def run() -> None:
-        await ledger.start()
         await asyncio.gather(*(ledger.settle(job, "completed") for job in jobs))
         assert len(ledger.outbox) == 4  # durable before the answers end, store or not
+        await ledger.start()  # the drainer: only now, so that it cannot deliver earlier
         for _ in range(1000):
             if not len(ledger.outbox):
                 break
