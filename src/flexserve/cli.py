@@ -1,4 +1,4 @@
-"""`flexserve serve | keys`: the command line."""
+"""`flexserve serve | keys | batch`: the command line (batch commands: batch_cli.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any, get_args
 
 import click
 
+from flexserve.batch_cli import batch
 from flexserve.config import EngineName, InvalidSettings, Settings, load_settings
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -161,6 +162,8 @@ def keys_list(data_dir: Path | None, config: Path | None) -> None:
         click.echo(f"{key.key_id}\t{key.tenant}\t{key.prefix}…\t{state}")
     store.close()
 
+
+main.add_command(batch)
 
 if __name__ == "__main__":
     main()

@@ -167,6 +167,28 @@ class EmbeddedSettings(BaseModel):
         return self
 
 
+class BatchSettings(BaseModel):
+    """The Batch API's runner (every replica runs one; they share work in the database)."""
+
+    model_config = _STRICT
+
+    completion_windows: list[Annotated[str, Field(pattern=r"^[1-9][0-9]*[smh]$")]] = Field(
+        default_factory=lambda: ["24h"], min_length=1
+    )
+    """Windows `batches.create` accepts (OpenAI: only 24h); shorter ones are for tests."""
+    in_flight_per_batch: int = Field(default=16, ge=1, le=10_000)
+    """Most lines of one batch submitted to the scheduler at once, so a 50,000-line batch
+    never floods memory or the queue."""
+    in_flight_total: int = Field(default=64, ge=1, le=100_000)
+    """Most batch lines submitted at once by this replica, all batches together."""
+    lease_seconds: float = Field(default=30.0, gt=0, le=3600)
+    """A claimed line whose replica stops renewing it this long is run by another."""
+    poll_interval: float = Field(default=0.5, gt=0, le=60)
+    """Seconds between the runner's looks for new work."""
+    max_enqueued_tokens_per_tenant: int | None = Field(default=None, ge=1)
+    """Most estimated tokens in a tenant's unfinished batches; more is a 400 at create."""
+
+
 @dataclass(frozen=True)
 class EnginePreset:
     priority: PriorityStyleName
@@ -324,6 +346,9 @@ class Settings(BaseSettings):
     """Keys from config: key -> tenant. Stored hashed at start-up."""
     admin_keys: list[str] = Field(default_factory=list)
     """Keys from config that may use the admin routes. Stored hashed at start-up."""
+    dashboard_keys: list[str] = Field(default_factory=list)
+    """Keys from config that may only read the dashboard (`/dashboard`, its stats): they
+    call no model and see no tenant's data. Held hashed in memory, never stored."""
     key_cache_seconds: float = Field(default=30.0, ge=0)
     """How long a looked-up key is trusted before the store is asked again."""
     key_negative_cache_seconds: float = Field(default=5.0, ge=0, le=3600)
@@ -368,6 +393,8 @@ class Settings(BaseSettings):
     (its job running) for the client's retry to adopt instead of paying twice."""
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     """The scheduling policy's knobs."""
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    """The Batch API's runner and limits."""
     simulated: SimulatedSettings = Field(default_factory=SimulatedSettings)
     """The simulated engine's performance model (backend = simulated)."""
     embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
@@ -413,6 +440,8 @@ class Settings(BaseSettings):
                 raise ValueError("api_keys: every key and tenant must be non-empty")
         if any(not key for key in self.admin_keys):
             raise ValueError("admin_keys: every key must be non-empty")
+        if any(not key for key in self.dashboard_keys):
+            raise ValueError("dashboard_keys: every key must be non-empty")
         if self.database_url is not None:
             _check_database_url(self.database_url)
         elif self.data_dir.exists() and not self.data_dir.is_dir():

@@ -120,6 +120,14 @@ def test_usage_groups_per_tier_and_never_crosses_tenants(store: Store) -> None:
     assert [r.request_id for r in store.ledger("t2")] == ["d"]
 
 
+def test_usage_of_every_tenant_adds_them_up(store: Store) -> None:
+    store.record(row("a", tier="flex", created=1.0))
+    store.record(row("b", tenant="t2", tier="flex", created=2.0))
+    store.record(row("c", tenant="t2", tier="default", created=3.0))
+    assert {u.tier: u.requests for u in store.usage(None)} == {"flex": 2, "default": 1}
+    assert {u.tier: u.requests for u in store.usage(None, since=1.5)} == {"flex": 1, "default": 1}
+
+
 def test_a_row_that_breaks_another_constraint_is_not_taken_for_already_billed(
     store: Store,
 ) -> None:

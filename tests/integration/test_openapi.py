@@ -40,7 +40,7 @@ def test_every_answer_is_the_one_described(serve: Serve) -> None:
     server = serve(scheduler={"flex_max_wait": 1.0})
     schema = schemathesis.openapi.from_url(server.base_url + "/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 11
+    assert len(operations) == 26
     for operation in operations:
         for mode in MODES if has_inputs(operation) else MODES[:1]:
             check_operation(operation, mode)
@@ -49,7 +49,7 @@ def test_every_answer_is_the_one_described(serve: Serve) -> None:
 def check_operation(
     operation: schemathesis.APIOperation, mode: schemathesis.GenerationMode
 ) -> None:
-    key = ADMIN_KEY if operation.path.startswith("/v1/admin") else KEY
+    key = ADMIN_KEY if operation.path.startswith(("/v1/admin", "/v1/dashboard")) else KEY
     headers = {"authorization": f"Bearer {key}"}
     cases = operation.as_strategy(mode)
     if mode.is_positive and operation.path == "/v1/chat/completions":

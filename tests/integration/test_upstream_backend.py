@@ -5,32 +5,18 @@ test_real_upstream.py; these cover what the fake shows best: the exact bodies se
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import KEY, RunningServer
+from tests.conftest import RunningServer
 from tests.fakes.upstream import FakeUpstream, serve_fake
 
 Serve = Callable[..., RunningServer]
 ANSWER = "one two three four five six seven eight nine ten eleven twelve"
-
-
-@pytest.fixture
-def clients() -> Iterator[Callable[[RunningServer], openai.OpenAI]]:
-    made: list[openai.OpenAI] = []
-
-    def make(server: RunningServer) -> openai.OpenAI:
-        c = openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=30)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
 
 
 def upstream(url: str, **fields: Any) -> dict[str, Any]:
@@ -251,3 +237,27 @@ def test_upstream_quick_form_serves_every_model_the_upstream_lists(
 
 def _text(chunk: Any) -> str:
     return (chunk.choices[0].delta.content or "") if chunk.choices else ""
+
+
+def test_a_probe_paused_mid_stream_closes_the_breaker_once_the_engine_answered() -> None:
+    """The engine answering at all is the probe's verdict: a probe stream closed early
+    (preempted, client gone) must not leave the backend out."""
+    import asyncio
+
+    from flexserve.backends.base import GenerationRequest, SamplingParams
+    from flexserve.backends.upstream.backend import Capabilities, Endpoint, OpenAIBackend
+
+    async def probe(url: str) -> str:
+        backend = OpenAIBackend("b", "m", Endpoint(url, None, "fake-model"), 1, Capabilities())
+        backend.breaker.failed(0.0)
+        backend.breaker.failed(0.0)
+        backend.breaker.failed(0.0)  # open
+        backend.breaker.opened_at = -100.0  # its cooldown is over: the next call probes
+        chunks = backend.generate(GenerationRequest("r", (1,), SamplingParams(8)))
+        await anext(chunks)
+        await chunks.aclose()  # paused after the first token
+        await backend.close()
+        return backend.state()
+
+    with serve_fake(FakeUpstream(answer=ANSWER)) as url:
+        assert asyncio.run(probe(url)) == "closed"

@@ -91,3 +91,21 @@ def test_a_refused_connection_is_a_backend_failure() -> None:
     call = build_call("none", model="m", messages=MESSAGES, sampling=SamplingParams(4))
     with pytest.raises(BackendError):
         collect("http://127.0.0.1:9/v1", call)
+
+
+def test_a_refusals_retry_after_ms_is_kept_to_the_millisecond() -> None:
+    # OpenAI and flexserve send both; Retry-After alone is rounded up to whole seconds, and
+    # the SDK waits by retry-after-ms first, so passing on only the rounded one waits longer.
+    error = {"error": {"message": "Flex capacity", "code": "resource_unavailable"}}
+    fake = FakeUpstream(refuse=(429, error, {"retry-after": "3", "retry-after-ms": "2400"}))
+    with serve_fake(fake) as url, pytest.raises(EngineRefused) as refused:
+        collect(url, build_call("none", model="m", messages=MESSAGES, sampling=SamplingParams(4)))
+    assert refused.value.retry_after == 2.4
+
+
+def test_a_retry_after_that_is_not_a_finite_number_of_seconds_is_ignored() -> None:
+    error = {"error": {"message": "Flex capacity", "code": "resource_unavailable"}}
+    fake = FakeUpstream(refuse=(429, error, {"retry-after": "inf", "retry-after-ms": "nan"}))
+    with serve_fake(fake) as url, pytest.raises(EngineRefused) as refused:
+        collect(url, build_call("none", model="m", messages=MESSAGES, sampling=SamplingParams(4)))
+    assert refused.value.retry_after is None

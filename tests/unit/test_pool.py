@@ -129,3 +129,13 @@ def test_engine_metrics_steer_routing_and_stale_metrics_count_as_saturated() -> 
     assert pool.choose("b") == 0
     idle.engine_load = EngineLoad(running=9, waiting=9, kv_usage=1.0, measured_at=200.0)
     assert pool.choose("c") == 1  # fresh (if high) beats stale
+
+
+def test_the_pools_capacity_is_its_healthy_members_slots() -> None:
+    down, up = Member(slots=4, healthy=False), Member(slots=2)
+    pool = Pool("m", [down, up])
+    assert (pool.slots, pool.available_slots()) == (6, 2)
+    down.healthy = True
+    assert pool.available_slots() == 6
+    down.healthy = up.healthy = False
+    assert pool.available_slots() == 6  # none healthy: jobs wait out the outage in slots

@@ -12,6 +12,7 @@ from flexserve.backends.base import (
     ChatMessage,
     Chunk,
     GenerationRequest,
+    NoBackendAvailable,
     SamplingParams,
     TokenChunk,
 )
@@ -292,3 +293,58 @@ def test_past_the_grace_interactive_jobs_end_billed_only_for_what_was_streamed()
     assert settled.outcomes["streamed"][0] == "cancelled"  # the client has the tokens
     assert settled.outcomes["whole"][0] == "failed"  # its client gets only the 503
     assert settled.outcomes["queued"][0] == "overloaded"  # never started
+
+
+class _DownThenUp:
+    """A backend with no healthy engine for the first `down_calls` calls (its breaker
+    open), then a working one."""
+
+    def __init__(self, down_calls: int) -> None:
+        self.sim = SimulatedBackend("m", 1, FAST)
+        self.down_calls = down_calls
+        self.calls = 0
+        self.name, self.model, self.slots = "flaky", "m", 1
+        self.context_length, self.can_pause = 8192, True
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.sim, name)
+
+    async def generate(
+        self, request: GenerationRequest, resume: Sequence[TokenChunk] = ()
+    ) -> AsyncIterator[Chunk]:
+        self.calls += 1
+        if self.calls <= self.down_calls:
+            raise NoBackendAvailable("no healthy backend for model m", retry_in=0.01)
+        async for chunk in self.sim.generate(request, resume):
+            yield chunk
+
+
+@pytest.mark.parametrize("tier", ["flex", "batch"])
+def test_flex_and_batch_wait_out_an_outage_instead_of_failing(tier: Tier) -> None:
+    """DESIGN: flex/batch are requeued until their deadline; an open breaker is not an
+    engine failure (before: three instant retries, then a 500)."""
+
+    async def run() -> tuple[list[JobEvent], int]:
+        backend = _DownThenUp(down_calls=10)
+        runtime = Runtime(backend, SchedulerSettings())  # type: ignore[arg-type]
+        await runtime.start()
+        events = await drain(runtime.submit(submission(backend.sim, "j", tier, "hi")))
+        await runtime.close()
+        return events, backend.calls
+
+    events, calls = asyncio.run(run())
+    assert isinstance(events[-1], Done) and calls == 11
+
+
+def test_interactive_work_with_no_healthy_backend_is_a_503_with_retry_after() -> None:
+    async def run() -> list[JobEvent]:
+        backend = _DownThenUp(down_calls=100)
+        runtime = Runtime(backend, SchedulerSettings())  # type: ignore[arg-type]
+        await runtime.start()
+        events = await drain(runtime.submit(submission(backend.sim, "j", "default", "hi")))
+        await runtime.close()
+        return events
+
+    last = asyncio.run(run())[-1]
+    assert isinstance(last, Failed) and isinstance(last.error, Overloaded)
+    assert last.error.retry_after is not None and last.error.retry_after > 0

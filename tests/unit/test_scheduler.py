@@ -746,3 +746,18 @@ def test_next_wakeup_moves_forward_with_a_window_that_is_no_binary_fraction() ->
         now = wakeup
         sched.step(now)
     assert now == pytest.approx(1.0)
+
+
+def test_a_backend_that_cannot_pause_yields_only_jobs_that_produced_nothing() -> None:
+    """Without continuation a started answer is never cut; a flex job still in its
+    prefill (nothing produced) yields its slot and starts again from scratch."""
+    sched = Scheduler(settings(), slots=2, can_pause=False)
+    admit(sched, make_spec("answering"))
+    admit(sched, make_spec("prefilling"))
+    assert set(sched.step(0.0).start) == {"answering", "prefilling"}
+    sched.token("answering", 0.1)
+    admit(sched, make_spec("urgent", "default", now=0.2))
+    plan = sched.step(0.2)
+    assert plan.preempt == ("prefilling",) and plan.start == ("urgent",)
+    admit(sched, make_spec("urgent-2", "default", now=0.3))
+    assert sched.step(0.3) == Plan()  # the answering job keeps its slot: urgent-2 waits

@@ -142,3 +142,14 @@ def test_engine_load_from_vllm_metrics_and_stale_counts_as_saturated() -> None:
     assert load.score(now=11.0, stale_after=5.0) == 3.0 + 2 * 2.0
     assert load.score(now=16.0, stale_after=5.0) == float("inf")
     assert parse_engine_load("# nothing here\n", now=0.0) is None
+
+
+def test_a_probe_ended_without_a_verdict_lets_another_request_probe() -> None:
+    """Before: a probe paused or abandoned mid-stream left the breaker half-open for
+    ever (no request allowed, unhealthy): the backend was out until a restart."""
+    breaker = CircuitBreaker(failure_threshold=1, cooldown=2.0)
+    breaker.failed(now=0.0)
+    assert breaker.allows(now=3.0)  # the probe
+    assert not breaker.allows(now=3.0)
+    breaker.release_probe()
+    assert breaker.allows(now=3.5) and breaker.remaining(now=3.5) == 0.0

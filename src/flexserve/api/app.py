@@ -11,7 +11,17 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from flexserve import __version__
-from flexserve.api import admin, chat, errors, routes
+from flexserve.api import (
+    admin,
+    batches,
+    chat,
+    completions,
+    dashboard,
+    errors,
+    files,
+    responses,
+    routes,
+)
 from flexserve.api import openapi as docs
 from flexserve.api.body import RequestIdMiddleware
 from flexserve.api.draining import DrainGate
@@ -59,6 +69,7 @@ def create_app(
         try:
             yield
         finally:
+            await state.stop_runner()
             await state.fleet.close()
             await state.close()
             await state.fleet.close_backends()
@@ -112,13 +123,59 @@ def _state(settings: Settings, fleet: Fleet, store: Store, metrics: Metrics) -> 
     state = AppState(settings, fleet, store, Ledger(settings, store), metrics)
     fleet.set_settle(state.settle)
     metrics.watch(fleet)
+    if isinstance(store, SqlStore):
+        _add_batches(state, store)
     return state
+
+
+def _add_batches(state: AppState, store: SqlStore) -> None:
+    # Imported here: the runner uses the API's request validation (an import cycle).
+    from flexserve.batch.runner import BatchRunner
+    from flexserve.batch.service import BatchService
+    from flexserve.store.batch_sql import BatchStore
+
+    def offers_batch(model: str) -> bool:
+        served = state.fleet.models.get(model)
+        return served is not None and "batch" in served.tiers
+
+    state.batches = BatchService(BatchStore(store.engine), state.settings, offers_batch)
+    from flexserve.store.responses_sql import ResponseStore
+
+    state.responses = ResponseStore(store.engine)
+    state.background.store = state.responses
+    state.runner = BatchRunner(state.batches, state.fleet, state.ledger)
 
 
 def _routes(app: FastAPI) -> None:
     # Each route's OpenAPI description (body, parameters, errors) is in api/openapi.py.
     route = app.add_api_route
     route("/v1/chat/completions", chat.chat_completions, methods=["POST"], **docs.CHAT)
+    route("/v1/completions", completions.completions, methods=["POST"], **docs.COMPLETIONS)
+    route("/v1/responses", responses.create_response, methods=["POST"], **docs.CREATE_RESPONSE)
+    route("/v1/responses/{response_id}", responses.get_response, methods=["GET"], **docs.RESPONSE)
+    route(
+        "/v1/responses/{response_id}",
+        responses.delete_response,
+        methods=["DELETE"],
+        **docs.DELETE_RESPONSE,
+    )
+    route(
+        "/v1/responses/{response_id}/cancel",
+        responses.cancel_response,
+        methods=["POST"],
+        **docs.CANCEL_RESPONSE,
+    )
+    route("/v1/files", files.create_file, methods=["POST"], **docs.CREATE_FILE)
+    route("/v1/files", files.list_files, methods=["GET"], **docs.LIST_FILES)
+    route("/v1/files/{file_id}", files.get_file, methods=["GET"], **docs.FILE)
+    route("/v1/files/{file_id}", files.delete_file, methods=["DELETE"], **docs.DELETE_FILE)
+    route("/v1/files/{file_id}/content", files.file_content, methods=["GET"], **docs.FILE_CONTENT)
+    route("/v1/batches", batches.create_batch, methods=["POST"], **docs.CREATE_BATCH)
+    route("/v1/batches", batches.list_batches, methods=["GET"], **docs.LIST_BATCHES)
+    route("/v1/batches/{batch_id}", batches.get_batch, methods=["GET"], **docs.BATCH)
+    route(
+        "/v1/batches/{batch_id}/cancel", batches.cancel_batch, methods=["POST"], **docs.CANCEL_BATCH
+    )
     route("/v1/models", routes.list_models, methods=["GET"], **docs.MODELS)
     route("/v1/models/{model:path}", routes.get_model, methods=["GET"], **docs.MODEL)
     route("/v1/usage", routes.usage, methods=["GET"], **docs.USAGE)
@@ -129,3 +186,6 @@ def _routes(app: FastAPI) -> None:
     route("/healthz", routes.healthz, methods=["GET"], **docs.HEALTHZ)
     route("/health", routes.healthz, methods=["GET"], **docs.HEALTH)  # vLLM's path
     route("/metrics", routes.metrics, methods=["GET"], **docs.METRICS)
+    route("/v1/dashboard/stats", dashboard.dashboard_stats, methods=["GET"], **docs.DASHBOARD_STATS)
+    route("/dashboard", dashboard.dashboard_page, methods=["GET"], include_in_schema=False)
+    route("/dashboard/{asset}", dashboard.dashboard_asset, methods=["GET"], include_in_schema=False)

@@ -1,43 +1,24 @@
-"""POST /v1/chat/completions: submit to the runtime, answer as JSON or as SSE.
-
-A job's response headers go out only when it starts, so a flex request shed while
-queued is a real 429 (with Retry-After), also when streaming.
-"""
+"""POST /v1/chat/completions: a chat job, answered as `chat.completion` JSON or as
+`chat.completion.chunk` events (the job itself: api/jobs.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Iterable
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from flexserve.api.auth import authenticate
 from flexserve.api.body import read_body
-from flexserve.api.errors import CLIENT_GONE
-from flexserve.api.keepalive import deliver
-from flexserve.api.retries import Orphan, attempt_key, is_retry, may_be_retried
-from flexserve.api.state import AppState, app_state
-from flexserve.api.validation import ValidChat, json_heartbeat, parse_body, validate_chat
+from flexserve.api.jobs import serve_job, sse, usage
+from flexserve.api.state import app_state
+from flexserve.api.validation import ValidChat, parse_body, validate_chat
 from flexserve.api.wire import ChatCompletionRequest
 from flexserve.errors import FlexserveError
-from flexserve.runtime import (
-    Done,
-    Failed,
-    JobEvent,
-    JobHandle,
-    Paused,
-    ServedModel,
-    Started,
-    Submission,
-    Token,
-)
-
-SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-"""No cache or proxy (nginx) may hold SSE chunks back."""
+from flexserve.runtime import JobHandle, ServedModel
 
 
 async def chat_completions(request: Request) -> Response:
@@ -46,235 +27,46 @@ async def chat_completions(request: Request) -> Response:
     body = await read_body(request, state.settings.max_body_bytes)
     wire = parse_body(ChatCompletionRequest, body)
     headers = {k.lower(): v for k, v in request.headers.items()}
-    # Off the event loop: the chat template and tokenizer run over up to max_body_bytes.
     served = state.fleet.get(wire.model)
+    # Off the event loop: the chat template and tokenizer run over up to max_body_bytes.
     valid = await asyncio.to_thread(validate_chat, wire, key, served, state.settings, headers)
-    attempt = _Attempt(
-        state,
-        key.key_id,  # retries match per API key: another key of the tenant is another client
-        attempt_key(headers, body),
-        may_be_retried(headers),
-        json_heartbeat(headers, state.settings),
+    return await serve_job(
+        request, state, served, key, body, valid, lambda h: ChatShape(h, served, valid)
     )
-    if not valid.stream and is_retry(headers):
-        orphan = state.orphans.adopt(attempt.owner, attempt.key)
-        if orphan is not None:  # this retry takes over the answer its first attempt left
-            request.state.request_id = orphan.request_id  # the answer's ledger key
-            return await deliver(request, orphan.answer, attempt.heartbeat, attempt.leave(orphan))
-    state.limits.admit(request, key, valid)  # 429 rate_limit_exceeded over the key's limits
-    handle = served.runtime.submit(
-        Submission(
-            request_id=request.state.request_id,
-            tenant=key.tenant,
-            tier=valid.tier,
-            model=served.name,
-            prompt_tokens=valid.prompt_tokens,
-            sampling=valid.sampling,
-            max_wait=valid.max_wait,
-            stream=valid.stream,
-            messages=valid.messages,
-        )
-    )
-    answer = _Answer(state, served, handle, valid)
-    first = await answer.next_event_or_disconnect(request)
-    if valid.stream and isinstance(first, Started):
-        first = await answer.first_output_or_disconnect(request)
-    if isinstance(first, Failed):
-        raise first.error
-    if first is None and (valid.stream or not handle.started):
-        answer.cancel()
-        return Response(status_code=CLIENT_GONE)
-    if valid.stream:
-        return StreamingResponse(answer.sse(), media_type="text/event-stream", headers=SSE_HEADERS)
-    return await _json(request, answer, attempt, client_left=first is None)
 
 
-async def _json(
-    request: Request, answer: _Answer, attempt: _Attempt, client_left: bool
-) -> Response:
-    """The job has started: from here a client that may retry and leaves orphans the
-    answer (its job goes on) for its retry to adopt, instead of paying for a second job."""
-    collecting = asyncio.ensure_future(answer.collect())
-    orphan = Orphan(answer.handle.request_id, collecting, lambda: answer.give_up(collecting))
-    if client_left:
-        attempt.leave(orphan)()
-        return Response(status_code=CLIENT_GONE)
-    return await deliver(request, collecting, attempt.heartbeat, attempt.leave(orphan))
-
-
-class _Attempt:
-    """One client attempt at a non-streaming request, as the retry registry sees it."""
-
-    def __init__(
-        self, state: AppState, owner: str, key: str, retried: bool, heartbeat: float
-    ) -> None:
-        self.state = state
-        self.owner = owner
-        """The API key's id: only the same key may adopt an answer it left."""
-        self.key = key
-        self.retried = retried
-        """The client may send this request again (else leaving cancels its job)."""
-        self.heartbeat = heartbeat
-
-    def leave(self, orphan: Orphan) -> Callable[[], None]:
-        """What to do when the client leaves: keep the answer for a retry, or give up."""
-        if not self.retried:
-            return orphan.on_unclaimed
-        grace = self.state.settings.retry_grace
-        return lambda: self.state.orphans.leave(self.owner, self.key, orphan, grace)
-
-
-class _Answer:
-    """One job's events turned into the OpenAI response shapes."""
-
-    def __init__(
-        self, state: AppState, served: ServedModel, handle: JobHandle, valid: ValidChat
-    ) -> None:
-        self.state = state
-        self.served = served
-        self.runtime = served.runtime
+class ChatShape:
+    def __init__(self, handle: JobHandle, served: ServedModel, valid: ValidChat) -> None:
         self.handle = handle
+        self.served = served
         self.valid = valid
         self.created = int(time.time())
-        self.completion_id = "chatcmpl-" + handle.request_id.removeprefix("req_")
-        self._tokens_seen = 0
-        self._pending: JobEvent | None = None
-        """An event read before the response began, delivered first by `sse`."""
+        self.completion_id = "chatcmpl-" + handle.request_id.rsplit("req_", 1)[-1]
 
-    async def next_event_or_disconnect(self, request: Request) -> JobEvent | None:
-        """The next event; None if the client went away first (the job goes on)."""
-        task = asyncio.ensure_future(self.handle.events.get())
-        gone = asyncio.ensure_future(_disconnected(request))
-        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-        gone.cancel()
-        if gone not in done:  # both at once: the client is gone, so is the answer's use
-            return task.result()
-        task.cancel()
-        return None
+    def opening(self) -> Iterable[str]:
+        yield self._chunk({"role": "assistant", "content": ""}, sent=0)
 
-    async def first_output_or_disconnect(self, request: Request) -> JobEvent | None:
-        """A started stream's first token, pause or end (None: the client left).
+    def delta(self, text: str, tokens: int) -> Iterable[str]:
+        yield self._chunk({"content": text}, sent=tokens)
 
-        Response headers wait for it, so that a refusal by an upstream engine before any
-        token (another flexserve's flex 429, OpenAI's) reaches the client as that status
-        with its Retry-After, not as an error event in a 200 stream. A pause sends the
-        headers at once, so that heartbeats keep the connection meanwhile.
-        """
-        while True:
-            event = await self.next_event_or_disconnect(request)
-            if not isinstance(event, Started):
-                self._pending = event
-                return event
-
-    def cancel(self) -> None:
-        """The client left: free the slot, bill what was produced.
-
-        A job that had not started is never billed, but is counted: the runtime applies
-        the cancel before its next plan, so a job not started now never starts (one
-        refused meanwhile was already counted by its settle).
-        """
-        self.runtime.cancel(self.handle.request_id)
-        if not self.handle.started and self.handle.settled is None:
-            self.state.metrics.requests.labels(self.valid.tier, "abandoned").inc()
-
-    def give_up(self, collecting: asyncio.Task[dict[str, Any]]) -> None:
-        """No retry came for the orphaned answer: stop its job (billed for what it made)."""
-        self.cancel()
-        if not collecting.done():
-            collecting.cancel()
-        elif not collecting.cancelled():
-            collecting.exception()  # a failure nobody will read: retrieved, not logged
-
-    async def collect(self) -> dict[str, Any]:
-        """The whole answer as a `chat.completion` body, once the job is done and billed."""
-        text: list[str] = []
-        while True:
-            event = await self.handle.events.get()
-            if isinstance(event, Token):
-                self._observe_token()
-                text.append(event.chunk.text)
-            elif isinstance(event, Failed):
-                raise event.error
-            elif isinstance(event, Done):
-                text.append(event.text)
-                await self._settled()
-                return self._completion("".join(text), event.finish_reason)
-
-    async def sse(self) -> AsyncIterator[str]:
-        finished = False
-        try:
-            yield self._chunk({"role": "assistant", "content": ""})
-            async for event in self._events_with_heartbeat():
-                if event is None:
-                    yield ": paused\n\n"
-                elif isinstance(event, Token):
-                    self._observe_token()
-                    if event.chunk.text:
-                        yield self._chunk({"content": event.chunk.text})
-                elif isinstance(event, Done):
-                    finished = True
-                    async for line in self._sse_end(event):
-                        yield line
-                    return
-                elif isinstance(event, Failed):
-                    finished = True
-                    yield _sse_error(event.error)
-                    return
-        finally:
-            if not finished:  # the client went away mid-stream: free the slot now
-                self.runtime.cancel(self.handle.request_id)
-
-    async def _events_with_heartbeat(self) -> AsyncIterator[JobEvent | None]:
-        """Events; None every `paused_heartbeat` seconds while the job is paused."""
-        paused = False
-        heartbeat = self.state.settings.paused_heartbeat
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            paused = isinstance(pending, Paused)
-            yield None if paused else pending
-        while True:
-            try:
-                async with asyncio.timeout(heartbeat if paused else None):
-                    event = await self.handle.events.get()
-            except TimeoutError:
-                yield None
-                continue
-            if isinstance(event, Paused):
-                paused = True
-                yield None
-            elif isinstance(event, Started):
-                paused = False
-            else:
-                yield event
-
-    async def _sse_end(self, done: Done) -> AsyncIterator[str]:
-        if done.text:
-            yield self._chunk({"content": done.text})
-        yield self._chunk({}, finish_reason=done.finish_reason)
-        await self._settled()
+    def closing(self, finish_reason: str, usage: dict[str, int]) -> Iterable[str]:
+        sent = usage["completion_tokens"]
+        yield self._chunk({}, sent=sent, finish_reason=finish_reason)
         if self.valid.include_usage:
-            yield _sse(self._envelope("chat.completion.chunk", [], usage=self._usage()))
+            yield sse(self._envelope("chat.completion.chunk", [], usage=usage))
         yield "data: [DONE]\n\n"
 
-    async def _settled(self) -> None:
-        if self.handle.settled is not None:
-            await asyncio.shield(self.handle.settled)
+    def failure(self, error: FlexserveError) -> Iterable[str]:
+        yield sse(error.body())
 
-    def _observe_token(self) -> None:
-        self._tokens_seen += 1
-        if self._tokens_seen == 1:
-            elapsed = self.runtime.clock() - self.handle.arrival
-            self.state.metrics.ttft.labels(self.valid.tier).observe(elapsed)
-
-    def _usage(self, completion: int | None = None) -> dict[str, int]:
-        """Usage of the whole answer, or (streaming) of the `completion` tokens sent so far."""
-        prompt = self.handle.prompt_token_count
-        completion = len(self.handle.produced) if completion is None else completion
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
+    def body(self, text: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": None,
+            "finish_reason": finish_reason,
         }
+        return self._envelope("chat.completion", [choice], usage=usage)
 
     def _envelope(self, kind: str, choices: list[Any], **extra: Any) -> dict[str, Any]:
         return {
@@ -288,31 +80,7 @@ class _Answer:
             **extra,
         }
 
-    def _chunk(self, delta: dict[str, str], finish_reason: str | None = None) -> str:
+    def _chunk(self, delta: dict[str, str], sent: int, finish_reason: str | None = None) -> str:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        extra = {"usage": self._usage(self._tokens_seen)} if self.valid.continuous_usage else {}
-        return _sse(self._envelope("chat.completion.chunk", [choice], **extra))
-
-    def _completion(self, text: str, finish_reason: str) -> dict[str, Any]:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": None,
-            "finish_reason": finish_reason,
-        }
-        return self._envelope("chat.completion", [choice], usage=self._usage())
-
-
-async def _disconnected(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
-def _sse_error(error: FlexserveError) -> str:
-    return _sse(error.body())
+        extra = {"usage": usage(self.handle, sent)} if self.valid.continuous_usage else {}
+        return sse(self._envelope("chat.completion.chunk", [choice], **extra))

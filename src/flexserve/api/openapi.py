@@ -16,7 +16,12 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel
 
 from flexserve.api.admin import NewKeyRequest
-from flexserve.api.wire import ChatCompletionRequest
+from flexserve.api.wire import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    CreateBatchRequest,
+    ResponsesRequest,
+)
 
 RouteDoc = dict[str, Any]
 
@@ -54,6 +59,24 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+
+class TextChoiceOut(BaseModel):
+    text: str
+    index: int
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+
+
+class TextCompletion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    service_tier: str
+    system_fingerprint: str
+    choices: list[TextChoiceOut]
+    usage: Usage
 
 
 class ChatCompletion(BaseModel):
@@ -237,6 +260,11 @@ REVOKE_KEY: Final[RouteDoc] = _authenticated(
     summary="Revoke an API key (admin)",
     openapi_extra={"parameters": [_path("key_id", "Key id")]},
 )
+DASHBOARD_STATS: Final[RouteDoc] = _authenticated(
+    403,
+    summary="The dashboard's numbers (admin or dashboard key): per tier and per model, "
+    "as in /metrics now; every tenant's cost and savings; the latest batches",
+)
 _HEALTH_RESPONSES: Final = {503: {"description": "The backend is unhealthy"}}
 HEALTHZ: Final[RouteDoc] = {"summary": "Health", "responses": _HEALTH_RESPONSES}
 HEALTH: Final[RouteDoc] = {
@@ -252,3 +280,136 @@ METRICS: Final[RouteDoc] = {
         }
     },
 }
+
+_FILE_ID: Final = _path("file_id", "File id")
+_BATCH_ID: Final = _path("batch_id", "Batch id")
+_PAGING: Final = [
+    _query("after", {"type": "string"}, "Cursor: the id of the last object of the previous page"),
+    _query("limit", {"type": "integer", "minimum": 1, "maximum": 10_000}, "Page size"),
+]
+CREATE_FILE: Final[RouteDoc] = _authenticated(
+    400,
+    404,
+    413,
+    summary="Upload a file (multipart: `file`, `purpose`); batch inputs are checked here",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file", "purpose"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary"},
+                            "purpose": {"type": "string"},
+                        },
+                    }
+                }
+            },
+        }
+    },
+)
+LIST_FILES: Final[RouteDoc] = _authenticated(
+    400,
+    404,
+    summary="This tenant's files, newest first",
+    openapi_extra={
+        "parameters": [
+            *_PAGING,
+            _query("purpose", {"type": "string"}, "Only files of this purpose"),
+            _query("order", {"type": "string", "enum": ["asc", "desc"]}, "By creation time"),
+        ]
+    },
+)
+FILE: Final[RouteDoc] = _authenticated(
+    404, summary="One file", openapi_extra={"parameters": [_FILE_ID]}
+)
+DELETE_FILE: Final[RouteDoc] = _authenticated(
+    404, summary="Delete a file", openapi_extra={"parameters": [_FILE_ID]}
+)
+FILE_CONTENT: Final[RouteDoc] = _authenticated(
+    404, summary="A file's content", openapi_extra={"parameters": [_FILE_ID]}
+)
+CREATE_BATCH: Final[RouteDoc] = _authenticated(
+    400,
+    404,
+    413,
+    summary="Create a batch; whatever the input file shows is checked now (400)",
+    openapi_extra={"requestBody": _json_body(CreateBatchRequest)},
+)
+LIST_BATCHES: Final[RouteDoc] = _authenticated(
+    400, 404, summary="This tenant's batches, newest first", openapi_extra={"parameters": _PAGING}
+)
+BATCH: Final[RouteDoc] = _authenticated(
+    404,
+    summary="One batch, with progress, estimated completion and cost so far",
+    openapi_extra={"parameters": [_BATCH_ID]},
+)
+CANCEL_BATCH: Final[RouteDoc] = _authenticated(
+    404,
+    summary="Cancel a batch (finished lines are kept and billed)",
+    openapi_extra={"parameters": [_BATCH_ID]},
+)
+COMPLETIONS: Final[RouteDoc] = _authenticated(
+    400,
+    403,
+    404,
+    413,
+    429,
+    500,
+    503,
+    summary="Create a text completion from one raw prompt (JSON, or SSE with `stream: true`)",
+    openapi_extra={
+        "parameters": CHAT["openapi_extra"]["parameters"],
+        "requestBody": _json_body(CompletionRequest),
+        "responses": {
+            "200": {
+                "description": "A `text_completion`; with `stream: true`, server-sent events "
+                "of `text_completion` objects ending with `data: [DONE]`",
+                "content": {
+                    "application/json": {"schema": inline_schema(TextCompletion)},
+                    "text/event-stream": {"schema": _SSE_EVENT},
+                },
+            }
+        },
+    },
+)
+_RESPONSE_ID: Final = _path("response_id", "Response id")
+CREATE_RESPONSE: Final[RouteDoc] = _authenticated(
+    400,
+    403,
+    404,
+    413,
+    429,
+    500,
+    503,
+    summary="Create a response (text): JSON, the event stream with `stream: true`, or at "
+    "once as `queued` with `background: true`",
+    openapi_extra={
+        "parameters": CHAT["openapi_extra"]["parameters"],
+        "requestBody": _json_body(ResponsesRequest),
+        "responses": {
+            "200": {
+                "description": "A `response` object; with `stream: true`, its events "
+                "(`response.created` ... `response.completed`)",
+                "content": {
+                    "application/json": {"schema": {"type": "object"}},
+                    "text/event-stream": {"schema": _SSE_EVENT},
+                },
+            }
+        },
+    },
+)
+RESPONSE: Final[RouteDoc] = _authenticated(
+    404, summary="A stored response", openapi_extra={"parameters": [_RESPONSE_ID]}
+)
+DELETE_RESPONSE: Final[RouteDoc] = _authenticated(
+    404, summary="Delete a stored response", openapi_extra={"parameters": [_RESPONSE_ID]}
+)
+CANCEL_RESPONSE: Final[RouteDoc] = _authenticated(
+    400,
+    404,
+    summary="Cancel a background response",
+    openapi_extra={"parameters": [_RESPONSE_ID]},
+)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
+from flexserve.api.background import BackgroundResponses
 from flexserve.api.key_cache import KeyCache
 from flexserve.api.limits import RateLimiter
 from flexserve.api.retries import Orphans
@@ -14,6 +16,11 @@ from flexserve.config import Settings
 from flexserve.metrics import Metrics
 from flexserve.runtime import Fleet, JobHandle, Outcome
 from flexserve.store import Store
+from flexserve.store.responses_sql import ResponseStore
+
+if TYPE_CHECKING:
+    from flexserve.batch.runner import BatchRunner
+    from flexserve.batch.service import BatchService
 
 
 @dataclass
@@ -28,13 +35,32 @@ class AppState:
     limits: RateLimiter = field(init=False)
     orphans: Orphans = field(default_factory=Orphans)
     """Answers whose client left, kept for its retry (api/retries.py)."""
+    batches: BatchService | None = None
+    """Files and batches (None when the store is not SQL)."""
+    runner: BatchRunner | None = None
+    """This replica's batch runner."""
+    responses: ResponseStore | None = None
+    """Stored responses (None when the store is not SQL)."""
+    background: BackgroundResponses = field(init=False)
+    """Background responses running here."""
 
     def __post_init__(self) -> None:
         self.keys = KeyCache(self.store, self.settings)
         self.limits = RateLimiter(self.settings, self.fleet.clock)
+        self.background = BackgroundResponses(None, self.fleet, self.settings)
 
     async def start(self) -> None:
         await self.ledger.start()
+        if self.runner is not None:
+            await self.runner.start()
+        await self.background.resume_unfinished()
+
+    async def stop_runner(self) -> None:
+        """Before the runtimes close: no batch line is claimed or settled after this, and
+        background responses stay unfinished in the store (the next start resumes them)."""
+        await self.background.close()
+        if self.runner is not None:
+            await self.runner.close()
 
     async def close(self) -> None:
         """After the runtime closed: its last settles are in the ledger's outbox."""
@@ -44,11 +70,14 @@ class AppState:
     async def settle(self, handle: JobHandle, outcome: Outcome) -> None:
         """Called once per job by the runtime: count it, and bill it if billable."""
         tier = handle.submission.tier
+        if handle.submission.billed_by_caller and outcome == "shed":
+            return  # a batch line with no room yet: it waits in its batch, no one was refused
         self.metrics.requests.labels(tier, outcome).inc()
         if handle.preemptions:
             self.metrics.preemptions.labels(tier).inc(handle.preemptions)
         self.limits.settled(handle.request_id, len(handle.produced))
-        await self.ledger.settle(handle, outcome)
+        if not handle.submission.billed_by_caller:
+            await self.ledger.settle(handle, outcome)
         if outcome in ("completed", "cancelled"):
             self.metrics.tokens.labels(tier, "input").inc(handle.prompt_token_count)
             self.metrics.tokens.labels(tier, "output").inc(len(handle.produced))

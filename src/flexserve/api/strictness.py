@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flexserve.api.wire import ChatCompletionRequest
+from flexserve.api.wire import ChatCompletionRequest, CompletionRequest, VllmExtensions
 from flexserve.errors import UnsupportedValue
 
 Check = tuple[str, bool, str]
@@ -22,6 +22,26 @@ def reject_unsupported(wire: ChatCompletionRequest) -> None:
     for param, failed, message in [*_openai_checks(wire), *_vllm_checks(wire)]:
         if failed:
             raise UnsupportedValue(message, param=param)
+
+
+def reject_unsupported_completion(wire: CompletionRequest) -> None:
+    """The completions API: `echo` is honoured; logprobs, suffix and several choices
+    are not (a 400 naming them)."""
+    checks: list[Check] = [
+        ("n", wire.n not in (None, 1), "Only n=1 is supported."),
+        ("logprobs", wire.logprobs is not None, "logprobs are not supported; send null."),
+        ("suffix", bool(wire.suffix), "suffix (insertion) is not supported."),
+        ("logit_bias", bool(wire.logit_bias), "logit_bias is not supported."),
+    ]
+    checks += [c for c in _vllm_checks(wire) if c[0] not in _COMPLETION_OWN]
+    for param, failed, message in checks:
+        if failed:
+            raise UnsupportedValue(message, param=param)
+
+
+_COMPLETION_OWN = frozenset({"echo", "add_generation_prompt", "add_special_tokens"})
+"""vLLM's chat checks that mean something else for a raw prompt (echo is honoured; there
+is no template; the model's BOS is added as its own server does)."""
 
 
 def _openai_checks(wire: ChatCompletionRequest) -> list[Check]:
@@ -38,7 +58,7 @@ def _openai_checks(wire: ChatCompletionRequest) -> list[Check]:
     ]
 
 
-def _vllm_checks(wire: ChatCompletionRequest) -> list[Check]:
+def _vllm_checks(wire: VllmExtensions) -> list[Check]:
     """vLLM's extensions we do not implement. top_k, repetition_penalty, min_tokens,
     ignore_eos and truncate_prompt_tokens are honoured; length_penalty (beam search
     only), spaces_between_special_tokens (special tokens are skipped) and the guided

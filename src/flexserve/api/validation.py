@@ -9,19 +9,26 @@ from typing import Final, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from flexserve.api.strictness import reject_unsupported
+from flexserve.api.strictness import reject_unsupported, reject_unsupported_completion
 from flexserve.api.wire import (
     SERVICE_TIERS,
     TIER_ALIASES,
     ChatCompletionRequest,
+    CompletionRequest,
+    GenerationFields,
     Message,
     StreamOptions,
     TextPart,
 )
 from flexserve.backends.base import Backend, ChatMessage, SamplingParams
 from flexserve.config import Settings
-from flexserve.errors import ContextLengthExceeded, InvalidRequest, TierNotAllowed
-from flexserve.runtime import ServedModel
+from flexserve.errors import (
+    ContextLengthExceeded,
+    InvalidRequest,
+    TierNotAllowed,
+    UnsupportedValue,
+)
+from flexserve.runtime import ServedModel, Submission
 from flexserve.scheduling.tiers import PREEMPTIBLE, Tier
 from flexserve.store import KeyRecord
 
@@ -117,6 +124,23 @@ class ValidChat:
     continuous_usage: bool
     """vLLM's `continuous_usage_stats`: usage in every chunk."""
     max_wait: float
+    prompt_text: str | None = None
+    """The raw prompt of a completions request (no chat template)."""
+
+    def submission(self, request_id: str, tenant: str, served: ServedModel) -> Submission:
+        """This request as a job for `served`'s runtime."""
+        return Submission(
+            request_id=request_id,
+            tenant=tenant,
+            tier=self.tier,
+            model=served.name,
+            prompt_tokens=self.prompt_tokens,
+            sampling=self.sampling,
+            max_wait=self.max_wait,
+            stream=self.stream,
+            messages=self.messages,
+            prompt_text=self.prompt_text,
+        )
 
 
 def validate_chat(
@@ -129,22 +153,72 @@ def validate_chat(
     """`served` is the model `wire.model` names (the handler looked it up: 404 if none)."""
     backend = served.backend
     reject_unsupported(wire)
+    _check_stream_options(wire)
+    tier = resolve_tier(wire.service_tier, key)
+    _check_offered(tier, served)
+    messages = tuple(ChatMessage(m.role, m.text()) for m in wire.messages)
+    prompt = _truncated(_encode(messages, backend), wire.truncate_prompt_tokens, backend)
+    return _valid(wire, tier, prompt, backend, settings, headers, messages=messages)
+
+
+def validate_completion(
+    wire: CompletionRequest,
+    key: KeyRecord,
+    served: ServedModel,
+    settings: Settings,
+    headers: dict[str, str],
+) -> ValidChat:
+    """A completions request: one raw prompt, tokenized without a chat template."""
+    backend = served.backend
+    reject_unsupported_completion(wire)
+    _check_stream_options(wire)
+    text = _one_prompt(wire.prompt)
+    tier = resolve_tier(wire.service_tier, key)
+    _check_offered(tier, served)
+    prompt = _truncated(backend.encode_text(text), wire.truncate_prompt_tokens, backend)
+    return _valid(wire, tier, prompt, backend, settings, headers, prompt_text=text, default_max=16)
+
+
+def _check_stream_options(wire: GenerationFields) -> None:
     if wire.stream_options is not None and not wire.stream:
         raise InvalidRequest(
             "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
             param="stream_options",
         )
-    tier = resolve_tier(wire.service_tier, key)
-    _check_offered(tier, served)
-    messages = tuple(ChatMessage(m.role, m.text()) for m in wire.messages)
-    prompt = _truncated(_encode(messages, backend), wire.truncate_prompt_tokens, backend)
+
+
+def _one_prompt(prompt: str | list[str] | list[int]) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    if all(isinstance(item, str) for item in prompt):
+        raise UnsupportedValue(
+            "Only one prompt per request is supported; send the prompts one by one.",
+            param="prompt",
+        )
+    raise UnsupportedValue("The prompt must be text, not token ids.", param="prompt")
+
+
+def _valid(
+    wire: GenerationFields,
+    tier: Tier,
+    prompt: tuple[int, ...],
+    backend: Backend,
+    settings: Settings,
+    headers: dict[str, str],
+    *,
+    messages: tuple[ChatMessage, ...] = (),
+    prompt_text: str | None = None,
+    default_max: int | None = None,
+) -> ValidChat:
     options = wire.stream_options or StreamOptions()
     return ValidChat(
         tier=tier,
         reported_tier=wire.service_tier if wire.service_tier in TIER_ALIASES else tier,
         prompt_tokens=prompt,
         messages=messages,
-        sampling=_sampling(wire, len(prompt), backend.context_length, settings),
+        sampling=_sampling(wire, len(prompt), backend.context_length, settings, default_max),
         stream=bool(wire.stream),
         include_usage=options.include_usage,
         # as vLLM: usage in every chunk only together with include_usage
@@ -152,6 +226,7 @@ def validate_chat(
         max_wait=min(
             _max_wait(tier, headers, settings), _client_patience(headers, settings, wire.stream)
         ),
+        prompt_text=prompt_text,
     )
 
 
@@ -203,9 +278,13 @@ def _truncated(prompt: tuple[int, ...], keep: int | None, backend: Backend) -> t
 
 
 def _sampling(
-    wire: ChatCompletionRequest, prompt_len: int, context: int, settings: Settings
+    wire: GenerationFields,
+    prompt_len: int,
+    context: int,
+    settings: Settings,
+    default_max: int | None = None,
 ) -> SamplingParams:
-    max_tokens = _max_tokens(wire, prompt_len, context, settings)
+    max_tokens = _max_tokens(wire, prompt_len, context, settings, default_max)
     min_tokens = wire.min_tokens or 0
     if min_tokens > max_tokens:
         raise InvalidRequest(
@@ -229,7 +308,11 @@ def _sampling(
 
 
 def _max_tokens(
-    wire: ChatCompletionRequest, prompt_len: int, context: int, settings: Settings
+    wire: GenerationFields,
+    prompt_len: int,
+    context: int,
+    settings: Settings,
+    default_max: int | None = None,
 ) -> int:
     """The output cap; asking for more than the context leaves is a 400, as OpenAI and vLLM."""
     if prompt_len >= context:
@@ -239,10 +322,12 @@ def _max_tokens(
             param="messages",
         )
     room = context - prompt_len
-    param = "max_completion_tokens" if wire.max_completion_tokens else "max_tokens"
-    asked = wire.max_completion_tokens or wire.max_tokens
+    newer = getattr(wire, "max_completion_tokens", None)  # chat's newer name
+    param = "max_completion_tokens" if newer else "max_tokens"
+    asked = newer or wire.max_tokens
     if asked is None:  # the default cap, raised to min_tokens if the client asked for more
-        return min(max(settings.scheduler.default_max_tokens, wire.min_tokens or 0), room)
+        default = default_max or settings.scheduler.default_max_tokens
+        return min(max(default, wire.min_tokens or 0), room)
     if asked > room:
         raise ContextLengthExceeded(
             f"This model's maximum context length is {context} tokens. However, you "

@@ -95,20 +95,16 @@ class VllmExtensions(BaseModel):
     structured_outputs: dict[str, Any] | None = None
 
 
-class ChatCompletionRequest(VllmExtensions):
-    """Every parameter the official client can send; `ValidChat` decides what we honour."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
+class GenerationFields(VllmExtensions):
+    """What chat and text completions share: the model, streaming, tier and sampling."""
 
     model: str
-    messages: list[Message] = Field(min_length=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     service_tier: Annotated[str, Field(json_schema_extra={"enum": list(SERVICE_TIERS)})] | None = (
         None
     )
     max_tokens: TokenCount | None = None
-    max_completion_tokens: TokenCount | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
@@ -116,12 +112,21 @@ class ChatCompletionRequest(VllmExtensions):
     frequency_penalty: Penalty | None = None
     presence_penalty: Penalty | None = None
     n: Annotated[int, Field(ge=1, le=128)] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
+
+
+class ChatCompletionRequest(GenerationFields):
+    """Every parameter the official client can send; `ValidChat` decides what we honour."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: TokenCount | None = None
     store: bool | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -130,3 +135,93 @@ class ChatCompletionRequest(VllmExtensions):
     safety_identifier: str | None = None
     modalities: list[str] | None = None
     reasoning_effort: str | None = None
+
+
+class CompletionRequest(GenerationFields):
+    """POST /v1/completions (the legacy API that eval and load tools still call)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1)]
+        | Annotated[list[TokenId], Field(min_length=1)]
+    )
+    suffix: str | None = None
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+
+
+class InputText(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+
+
+class InputMessage(BaseModel):
+    """A message item of a response's `input` (other item types are refused by name)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    type: Literal["message"] | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[InputText]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ResponsesRequest(BaseModel):
+    """POST /v1/responses (text): every field the official client sends for text."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    input: str | Annotated[list[InputMessage], Field(min_length=1)]
+    instructions: str | None = None
+    max_output_tokens: TokenCount | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    service_tier: Annotated[str, Field(json_schema_extra={"enum": list(SERVICE_TIERS)})] | None = (
+        None
+    )
+    metadata: (
+        Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None
+    ) = None
+    store: bool | None = None
+    previous_response_id: str | None = None
+    stream: bool | None = None
+    stream_options: dict[str, Any] | None = None
+    background: bool | None = None
+    text: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    user: str | None = None
+    reasoning: dict[str, Any] | None = None
+    include: list[str] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    max_tool_calls: Annotated[int, Field(ge=0)] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+
+
+MAX_METADATA_PAIRS = 16
+
+
+class CreateBatchRequest(BaseModel):
+    """POST /v1/batches (OpenAI's fields)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    input_file_id: Annotated[str, Field(min_length=1, max_length=100)]
+    endpoint: Annotated[str, Field(min_length=1, max_length=100)]
+    completion_window: Annotated[str, Field(min_length=1, max_length=16)]
+    metadata: (
+        Annotated[
+            dict[str, Annotated[str, Field(max_length=512)]],
+            Field(max_length=MAX_METADATA_PAIRS),
+        ]
+        | None
+    ) = None

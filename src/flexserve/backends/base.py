@@ -57,6 +57,8 @@ class GenerationRequest:
     """The chat itself, for engines that take messages rather than token ids (upstreams)."""
     tier: str = "default"
     """The service tier, for upstreams that have tiers or priorities of their own."""
+    prompt_text: str | None = None
+    """A raw prompt (completions API), for engines that take text rather than ids."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,16 @@ Chunk = TokenChunk | Finish
 
 class BackendError(Exception):
     """The engine failed this one request (the server goes on)."""
+
+
+class NoBackendAvailable(BackendError):
+    """No engine can take the job now (every backend's circuit breaker is open): not a
+    failure of the job. Flex and batch wait `retry_in` seconds and try again (their
+    deadline still applies); interactive work gets a 503 with that Retry-After."""
+
+    def __init__(self, message: str, retry_in: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_in = retry_in
 
 
 class EngineRefused(Exception):
@@ -125,6 +137,10 @@ class Backend(Protocol):
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> tuple[int, ...]:
         """Apply the model's chat template and tokenize."""
+        ...
+
+    def encode_text(self, text: str) -> tuple[int, ...]:
+        """Tokenize a raw prompt (completions API): no template, the model's BOS if any."""
         ...
 
     def generate(

@@ -166,6 +166,14 @@ class EmbeddedBackend:
                 raise BackendError("backend closed")
             return self._template.encode(messages, self._llama)
 
+    def encode_text(self, text: str) -> tuple[int, ...]:
+        """A raw prompt as the model's own server tokenizes it: its BOS (if it adds one),
+        special-token texts parsed (the prompt is wholly the client's)."""
+        with self._model_lock:
+            if self._llama is None:
+                raise BackendError("backend closed")
+            return tuple(self._llama.bos_prefix() + self._llama.tokenize(text, parse_special=True))
+
     async def start(self) -> None:
         if not self._started:
             await asyncio.to_thread(self._engine.start)

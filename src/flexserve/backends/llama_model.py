@@ -107,6 +107,12 @@ class LlamaModel:
         eos = int(llama_cpp.llama_vocab_eos(self.vocab))
         return self.token_text(bos), self.token_text(eos)
 
+    def bos_prefix(self) -> list[int]:
+        """[BOS] if the model's vocabulary asks for one at the start of a prompt."""
+        if not llama_cpp.llama_vocab_get_add_bos(self.vocab):
+            return []
+        return [int(llama_cpp.llama_vocab_bos(self.vocab))]
+
     def chat_template(self) -> str | None:
         template = llama_cpp.llama_model_chat_template(self.handle, None)
         return bytes(template).decode() if template else None

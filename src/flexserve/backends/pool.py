@@ -22,8 +22,10 @@ from flexserve.backends.base import (
     ChatMessage,
     Chunk,
     GenerationRequest,
+    NoBackendAvailable,
     TokenChunk,
 )
+from flexserve.backends.upstream.breaker import CircuitBreaker
 
 FAILED_MEMBER_MEMORY = 600.0
 """Seconds a job remembers which member failed it (its retry goes elsewhere)."""
@@ -49,6 +51,9 @@ class Pool:
     def encode_chat(self, messages: Sequence[ChatMessage]) -> tuple[int, ...]:
         return self.members[0].encode_chat(messages)
 
+    def encode_text(self, text: str) -> tuple[int, ...]:
+        return self.members[0].encode_text(text)
+
     async def generate(
         self, request: GenerationRequest, resume: Sequence[TokenChunk] = ()
     ) -> AsyncIterator[Chunk]:
@@ -68,11 +73,20 @@ class Pool:
         another is healthy. No healthy member: BackendError (the job is requeued)."""
         healthy = [i for i, member in enumerate(self.members) if member.health()]
         if not healthy:
-            raise BackendError(f"no healthy backend for model {self.model}")
+            raise NoBackendAvailable(
+                f"no healthy backend for model {self.model}", retry_in=self._next_probe()
+            )
         failed = self._failed.pop(request_id, None)
         if failed in healthy and len(healthy) > 1:
             healthy.remove(failed)
         return min(healthy, key=self._load)
+
+    def _next_probe(self) -> float:
+        """Seconds until some member may be probed again (its breaker's cooldown)."""
+        now = self._clock()
+        breakers = [getattr(member, "breaker", None) for member in self.members]
+        waits = [b.remaining(now) for b in breakers if isinstance(b, CircuitBreaker)]
+        return max(0.1, min(waits, default=1.0))
 
     def _load(self, index: int) -> float:
         member = self.members[index]
@@ -89,6 +103,13 @@ class Pool:
     async def close(self) -> None:
         for member in self.members:
             await member.close()
+
+    def available_slots(self) -> int:
+        """Slots of the members that take work now: with one of two engines out, the
+        scheduler must not fill the other with twice its jobs (interactive work would
+        queue inside that engine, behind flex, where flexserve cannot preempt it)."""
+        healthy = sum(member.slots for member in self.members if member.health())
+        return healthy or self.slots  # none: jobs wait out the outage in their slots
 
     def health(self) -> bool:
         return any(member.health() for member in self.members)

@@ -12,6 +12,7 @@ from flexserve.backends.pool import Pool
 from flexserve.backends.simulated import SimulatedBackend
 from flexserve.backends.upstream.backend import Capabilities, Endpoint, OpenAIBackend
 from flexserve.backends.upstream.continuation import RenderPrompt
+from flexserve.backends.upstream.prompt_count import prompt_counter
 from flexserve.config import PoolBackendSettings, Settings
 
 
@@ -81,16 +82,20 @@ def _openai(
         upstream_model=entry.upstream_model or model,
         metrics_url=entry.resolved_metrics_url(),
     )
+    render = _renderer(entry.chat_template) if entry.chat_template else None
     return OpenAIBackend(
-        entry.name or urlsplit(entry.base_url).netloc,
+        entry.name or _host_port(entry.base_url),
         model,
         endpoint,
         slots,
         Capabilities(priority, continuation, passthrough),
         context_length=entry.context_length or 131_072,
-        render=_renderer(entry.chat_template) if entry.chat_template else None,
+        render=render,
         stall_timeout=settings.stall_timeout,
         clock=clock,
+        count_prompt=prompt_counter(
+            entry.engine, entry.base_url, endpoint.api_key, endpoint.upstream_model, render
+        ),
     )
 
 
@@ -114,3 +119,9 @@ def _renderer(path: str) -> RenderPrompt:
         return template.render(messages).text
 
     return render
+
+
+def _host_port(url: str) -> str:
+    """A backend's default label: never the `user:password@` a URL may carry."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)

@@ -119,6 +119,12 @@ class SimulatedBackend:
                 tokens.extend(_fault_tokens(message.content))
         return tuple(tokens)
 
+    def encode_text(self, text: str) -> tuple[int, ...]:
+        tokens = [_word_id(word, 0) for word in text.split()] or [_word_id("<empty>", 0)]
+        if self.settings.fault_markers:
+            tokens.extend(_fault_tokens(text))
+        return tuple(tokens)
+
     async def generate(
         self, request: GenerationRequest, resume: Sequence[TokenChunk] = ()
     ) -> AsyncIterator[Chunk]:

@@ -59,6 +59,11 @@ class Submission:
     """The client receives tokens as they come (SSE), so a cut job has delivered them."""
     messages: tuple[ChatMessage, ...] = ()
     """The chat, for upstream engines that tokenize it themselves."""
+    prompt_text: str | None = None
+    """A raw prompt (completions API): engines generate after it, with no chat template."""
+    billed_by_caller: bool = False
+    """The submitter writes the ledger row itself (the batch runner: with the line's
+    result, in one transaction), so settling only counts it."""
 
 
 @dataclass

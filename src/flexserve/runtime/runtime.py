@@ -28,6 +28,7 @@ from flexserve.backends.base import (
     EngineRefused,
     Finish,
     GenerationRequest,
+    NoBackendAvailable,
 )
 from flexserve.config import SchedulerSettings
 from flexserve.errors import (
@@ -49,6 +50,7 @@ from flexserve.scheduling import (
     Snapshot,
     is_interactive,
 )
+from flexserve.scheduling.jobs import Phase
 
 log = logging.getLogger("flexserve.runtime")
 
@@ -87,13 +89,20 @@ class _Cancel:
 
 
 @dataclass(frozen=True)
+class _Retry:
+    """An outage's wait is over: run the job again if it still holds its slot."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
 class _Drain:
     """Shutting down: refuse new work and end jobs (interactive running ones only if cut)."""
 
     cut_interactive: bool
 
 
-_Command = _Arrive | _Produced | _Ended | _Cancel | _Drain
+_Command = _Arrive | _Produced | _Ended | _Cancel | _Drain | _Retry
 
 
 async def _no_settle(handle: JobHandle, outcome: Outcome) -> None:
@@ -226,9 +235,16 @@ class Runtime:
             while command is not None:
                 self._apply(command, now)
                 command = self._commands.get_nowait() if not self._commands.empty() else None
+            self._follow_capacity()
             self._carry_out(self.scheduler.step(now), now)
             if self.draining and not self._handles:
                 self._drained.set()
+
+    def _follow_capacity(self) -> None:
+        """A pool's capacity shrinks while a member is out (and grows back)."""
+        available = getattr(self.backend, "available_slots", None)
+        if available is not None:
+            self.scheduler.slots = max(1, int(available()))
 
     def _die(self, reason: str) -> None:
         self.failure = reason
@@ -254,6 +270,8 @@ class Runtime:
                 self._cancelled(request_id, now)
             case _Drain(cut_interactive):
                 self._drain(cut_interactive, now)
+            case _Retry(request_id):
+                self._retry(request_id)
 
     def _arrive(self, handle: JobHandle, now: float) -> None:
         sub = handle.submission
@@ -334,6 +352,8 @@ class Runtime:
             if finish.prompt_tokens is not None:
                 handle.engine_prompt_tokens = finish.prompt_tokens
             self._finish(handle, Done(finish.reason, finish.text), "completed", now)
+        elif isinstance(error, NoBackendAvailable):
+            self._outage(handle, error, now)
         elif isinstance(error, EngineRefused):
             # The upstream refused on purpose (its own flex 429, a prompt it cannot take):
             # answered the same way, unbilled unless the client already received tokens.
@@ -347,6 +367,31 @@ class Runtime:
         else:
             failure = EngineFailure(f"The engine failed while generating: {error}")
             self._finish(handle, Failed(failure), "failed", now)
+
+    def _outage(self, handle: JobHandle, error: NoBackendAvailable, now: float) -> None:
+        """No engine can run it now. Interactive: 503 with Retry-After. Flex/batch keep
+        their slot and try again when a breaker may probe (an outage is not a failure of
+        the job), unless a job that never produced passes its deadline: then 429."""
+        if is_interactive(handle.submission.tier):
+            busy = Overloaded(f"{error}; retry shortly.", retry_after=error.retry_in)
+            self._finish(
+                handle, Failed(busy), _cut_outcome(handle) if handle.produced else "overloaded", now
+            )
+            return
+        if not handle.produced and now - handle.arrival > handle.submission.max_wait:
+            late = ResourceUnavailable(_busy_message(str(error)), retry_after=error.retry_in)
+            self._finish(handle, Failed(late), "shed", now)
+            return
+        handle.events.put_nowait(Paused())  # a stream keeps its heartbeats meanwhile
+        retry = _Retry(handle.request_id)
+        asyncio.get_running_loop().call_later(error.retry_in, self._commands.put_nowait, retry)
+
+    def _retry(self, request_id: str) -> None:
+        handle = self._handles.get(request_id)
+        job = self.scheduler.job(request_id)
+        running = job is not None and job.phase is Phase.RUNNING
+        if handle is not None and running and request_id not in self._streams:
+            self._run(handle)
 
     def _may_retry(self, handle: JobHandle) -> bool:
         """flex/batch resume (elsewhere, in a pool), interactive retry once; after tokens
@@ -421,6 +466,7 @@ class Runtime:
             background,
             messages=sub.messages,
             tier=sub.tier,
+            prompt_text=sub.prompt_text,
         )
         chunks: AsyncIterator[Chunk] | None = None
         try:

@@ -389,9 +389,9 @@ class Scheduler:
     def _victim(self, among: tuple[Tier, ...] = PREEMPTIBLE) -> str | None:
         """The running flex/batch job that loses least: lowest tier, latest deadline,
         fewest tokens produced. (A scan of the running jobs: at most `slots`.)"""
-        if not self.can_pause:
-            return None
         candidates = [j for j in self._running.values() if j.spec.tier in among]
+        if not self.can_pause:  # a job that produced nothing starts again from scratch
+            candidates = [j for j in candidates if j.produced == 0]
         if not candidates:
             return None
         loser = max(candidates, key=lambda j: (RANK[j.spec.tier], j.spec.deadline, -j.produced))

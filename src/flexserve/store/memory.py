@@ -67,10 +67,10 @@ class MemoryStore:
         rows = [r for r in self._ledger.values() if r.tenant == tenant]
         return sorted(rows, key=lambda r: r.created_at)
 
-    def usage(self, tenant: str, since: float = 0.0) -> list[TierUsage]:
+    def usage(self, tenant: str | None, since: float = 0.0) -> list[TierUsage]:
         totals: dict[str, list[int]] = {}
-        for row in self.ledger(tenant):
-            if row.created_at < since:
+        for row in self._ledger.values():
+            if row.created_at < since or tenant not in (None, row.tenant):
                 continue
             t = totals.setdefault(row.tier, [0, 0, 0, 0, 0])
             for i, value in enumerate(

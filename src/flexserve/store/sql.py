@@ -126,7 +126,7 @@ class SqlStore:
         with self.engine.connect() as conn:
             return [LedgerRow(**row._mapping) for row in conn.execute(query)]
 
-    def usage(self, tenant: str, since: float = 0.0) -> list[TierUsage]:
+    def usage(self, tenant: str | None, since: float = 0.0) -> list[TierUsage]:
         query = (
             select(
                 ledger.c.tier,
@@ -136,10 +136,12 @@ class SqlStore:
                 func.sum(ledger.c.cost_nanos),
                 func.sum(ledger.c.list_cost_nanos),
             )
-            .where(ledger.c.tenant == tenant, ledger.c.created_at >= since)
+            .where(ledger.c.created_at >= since)
             .group_by(ledger.c.tier)
             .order_by(ledger.c.tier)
         )
+        if tenant is not None:
+            query = query.where(ledger.c.tenant == tenant)
         with self.engine.connect() as conn:
             return [
                 TierUsage(*(row[0],), *(int(v) for v in row[1:])) for row in conn.execute(query)
@@ -157,11 +159,12 @@ def _advisory(connection: Connection, function: str) -> None:
 def _engine(url: str, sqlite_busy_timeout: float) -> Engine:
     if not url.startswith("sqlite"):
         timeout = {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
-        return create_engine(url, pool_pre_ping=True, connect_args=timeout)
+        # hide_parameters: an error's log line must not carry prompts, answers or files
+        return create_engine(url, pool_pre_ping=True, connect_args=timeout, hide_parameters=True)
     # A writer waits at most `sqlite_busy_timeout` for another's lock, then fails (the
     # ledger outbox retries); a request never hangs on a long-held lock.
     connect_args = {"check_same_thread": False, "timeout": sqlite_busy_timeout}
-    engine = create_engine(url, connect_args=connect_args)
+    engine = create_engine(url, connect_args=connect_args, hide_parameters=True)
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
@@ -33,12 +33,14 @@ from flexserve.backends.base import (
     EngineRefused,
     Finish,
     GenerationRequest,
+    NoBackendAvailable,
     TokenChunk,
 )
 from flexserve.backends.upstream.breaker import CircuitBreaker
 from flexserve.backends.upstream.continuation import ContinuationStyle, RenderPrompt, build_call
 from flexserve.backends.upstream.engine_load import EngineLoad, parse_engine_load
 from flexserve.backends.upstream.priority import PriorityStyle, priority_fields
+from flexserve.backends.upstream.prompt_count import CountPrompt
 from flexserve.backends.upstream.stream import StreamEnd, TextDelta, stream_call
 from flexserve.scheduling.tiers import TIERS, Tier
 
@@ -96,6 +98,7 @@ class OpenAIBackend:
         metrics_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         breaker: CircuitBreaker | None = None,
+        count_prompt: CountPrompt | None = None,
     ) -> None:
         self.label = label
         self.model = model
@@ -108,6 +111,8 @@ class OpenAIBackend:
         self.in_flight = 0
         self.engine_load: EngineLoad | None = None
         self._render = render
+        self._count_prompt = count_prompt
+        """For an engine whose streams carry no usage: its own count of the prompt."""
         self._clock = clock
         self._metrics_interval = metrics_interval
         self._timeout = aiohttp.ClientTimeout(sock_connect=connect_timeout, sock_read=stall_timeout)
@@ -118,11 +123,18 @@ class OpenAIBackend:
     def encode_chat(self, messages: Sequence[ChatMessage]) -> tuple[int, ...]:
         return (UPSTREAM_TOKEN,) * estimate_prompt_tokens(messages)
 
+    def encode_text(self, text: str) -> tuple[int, ...]:
+        return (UPSTREAM_TOKEN,) * max(1, math.ceil(len(text) / CHARS_PER_TOKEN))
+
     async def generate(
         self, request: GenerationRequest, resume: Sequence[TokenChunk] = ()
     ) -> AsyncIterator[Chunk]:
-        if not self.breaker.allows(self._clock()):
-            raise BackendError(f"backend {self.label} is out (circuit open)")
+        now = self._clock()
+        if not self.breaker.allows(now):
+            raise NoBackendAvailable(
+                f"backend {self.label} is out (circuit open)",
+                retry_in=max(0.1, self.breaker.remaining(now)),
+            )
         call = build_call(
             self.capabilities.continuation,
             model=self.endpoint.upstream_model,
@@ -132,25 +144,33 @@ class OpenAIBackend:
             produced=len(resume),
             extra=self._extra_fields(request.tier),
             render=self._render,
+            prompt_text=request.prompt_text,
         )
         self.in_flight += 1
         self._stats.active_sequences = self.in_flight
         try:
-            async for chunk in self._chunks(call, len(resume)):
+            async for chunk in self._chunks(call, request, len(resume)):
                 yield chunk
         finally:
             self.in_flight -= 1
             self._stats.active_sequences = self.in_flight
 
-    async def _chunks(self, call: Any, resumed: int) -> AsyncIterator[Chunk]:
+    async def _chunks(
+        self, call: Any, request: GenerationRequest, resumed: int
+    ) -> AsyncIterator[Chunk]:
         emitted = 0
+        answered = False
         try:
             async for item in stream_call(self._client(), *self._where(), call):
+                if not answered:  # the engine took the request: it works
+                    answered = True
+                    self.breaker.succeeded()
                 if isinstance(item, TextDelta):
                     emitted += 1
                     yield TokenChunk(UPSTREAM_TOKEN, item.text)
                 else:
-                    for chunk in self._end(item, emitted, resumed):
+                    end = await self._counted(item, request, resumed)
+                    for chunk in self._end(end, emitted, resumed):
                         yield chunk
         except BackendError:
             self.breaker.failed(self._clock())
@@ -158,6 +178,16 @@ class OpenAIBackend:
         except EngineRefused:
             self.breaker.succeeded()  # it answered: refusing is not failing
             raise
+        finally:  # paused or abandoned before any verdict: let another request probe
+            self.breaker.release_probe()
+
+    async def _counted(self, end: StreamEnd, request: GenerationRequest, resumed: int) -> StreamEnd:
+        """`end` with the engine's prompt count, asked for if the stream carried none
+        (as if reported by the call: a resume's prompt holds the partial answer too)."""
+        if end.prompt_tokens is not None or self._count_prompt is None:
+            return end
+        counted = await self._count_prompt(self._client(), request.messages, request.prompt_text)
+        return end if counted is None else replace(end, prompt_tokens=counted + resumed)
 
     def _end(self, end: StreamEnd, emitted: int, resumed: int) -> list[Chunk]:
         self.breaker.succeeded()

@@ -43,6 +43,18 @@ class CircuitBreaker:
             self.state == "open" and now - self.opened_at >= self._current_cooldown
         )
 
+    def remaining(self, now: float) -> float:
+        """Seconds until a probe may go (0 when requests flow)."""
+        if self.state != "open":
+            return 0.0
+        return max(0.0, self.opened_at + self._current_cooldown - now)
+
+    def release_probe(self) -> None:
+        """The probe ended with no verdict (it was paused or its client left): another
+        request may probe, or the breaker would stay half-open for ever."""
+        if self.state == "half_open":
+            self._probe_out = False
+
     def succeeded(self) -> None:
         self.state = "closed"
         self.failures = 0

@@ -49,11 +49,17 @@ def build_call(
     produced: int = 0,
     extra: dict[str, Any] | None = None,
     render: RenderPrompt | None = None,
+    prompt_text: str | None = None,
 ) -> UpstreamCall:
-    """The request that generates (the rest of) an answer, streaming, with usage."""
+    """The request that generates (the rest of) an answer, streaming, with usage.
+
+    A raw prompt (`prompt_text`, the completions API) continues on every engine with raw
+    completions: the prompt plus the partial answer, whatever the style."""
     body: dict[str, Any] = {"model": model, "stream": True, **(extra or {})}
     body["stream_options"] = {"include_usage": True}
     body.update(sampling_fields(sampling, produced))
+    if prompt_text is not None:
+        return UpstreamCall("/completions", {**body, "prompt": prompt_text + partial})
     wire = [{"role": m.role, "content": m.content} for m in messages]
     if not partial:
         return UpstreamCall("/chat/completions", {**body, "messages": wire})

@@ -17,7 +17,8 @@ slower with concurrency), which was most of what flexserve added to a request.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,15 +114,24 @@ async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
     body = _json(text) if text else {}
     message = _message(body) or f"upstream answered {response.status}"
     if response.status in REFUSALS:
-        retry = response.headers.get("retry-after")
         error = body.get("error")
         raise EngineRefused(
             response.status,
             message,
             code=error.get("code") if isinstance(error, dict) else None,
-            retry_after=float(retry) if retry and _is_number(retry) else None,
+            retry_after=_retry_after(response.headers),
         )
     raise BackendError(f"upstream answered {response.status}: {message}")
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait: `retry-after-ms` first (OpenAI and flexserve send it beside the
+    whole seconds of `retry-after`, and clients wait by it), else `retry-after`."""
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds and _is_number(milliseconds):
+        return float(milliseconds) / 1000
+    seconds = headers.get("retry-after")
+    return float(seconds) if seconds and _is_number(seconds) else None
 
 
 def _json(data: str) -> dict[str, Any]:
@@ -140,8 +150,9 @@ def _message(body: dict[str, Any]) -> str:
 
 
 def _is_number(text: str) -> bool:
+    """A finite, non-negative number ("inf" or "nan" would break Retry-After arithmetic)."""
     try:
-        float(text)
+        value = float(text)
     except ValueError:
         return False
-    return True
+    return math.isfinite(value) and value >= 0

@@ -1,0 +1,327 @@
+"""One generation job over HTTP, whatever the API: submit to the model's runtime, then
+answer as JSON or as server-sent events. The API (chat, completions, responses) gives
+a `Shape`: what its JSON body and its events look like.
+
+A job's response headers go out only when it starts (a stream: when its first token,
+pause or end comes), so a flex request shed while queued is a real 429 (with
+Retry-After), also when streaming; so is an upstream engine's own refusal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, Protocol
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from flexserve.api.errors import CLIENT_GONE
+from flexserve.api.keepalive import deliver
+from flexserve.api.retries import Orphan, attempt_key, is_retry, may_be_retried
+from flexserve.api.state import AppState
+from flexserve.api.validation import ValidChat, json_heartbeat
+from flexserve.errors import FlexserveError
+from flexserve.runtime import (
+    Done,
+    Failed,
+    JobEvent,
+    JobHandle,
+    Paused,
+    ServedModel,
+    Started,
+    Token,
+)
+from flexserve.store import KeyRecord
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+"""No cache or proxy (nginx) may hold SSE chunks back."""
+
+
+class Shape(Protocol):
+    """How one API writes an answer (made per job; it may keep ids and counters)."""
+
+    def opening(self) -> Iterable[str]:
+        """SSE lines sent as the stream begins, before any token."""
+        ...
+
+    def delta(self, text: str, tokens: int) -> Iterable[str]:
+        """SSE lines for newly generated text (`tokens`: how many were sent so far)."""
+        ...
+
+    def closing(self, finish_reason: str, usage: dict[str, int]) -> Iterable[str]:
+        """SSE lines after the last token (the job is billed by now)."""
+        ...
+
+    def failure(self, error: FlexserveError) -> Iterable[str]:
+        """SSE lines ending a stream that failed after it began."""
+        ...
+
+    def body(self, text: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+        """The whole answer as one JSON body."""
+        ...
+
+
+ShapeFactory = Callable[[JobHandle], Shape]
+Finished = Callable[[str, str, dict[str, int]], Awaitable[None]]
+"""Called with the whole text, finish reason and usage once a job is done and billed,
+before the answer's last byte (the Responses API stores the response there)."""
+
+
+async def serve_job(
+    request: Request,
+    state: AppState,
+    served: ServedModel,
+    key: KeyRecord,
+    body: bytes,
+    valid: ValidChat,
+    shape: ShapeFactory,
+    finished: Finished | None = None,
+) -> Response:
+    """Admit, submit and answer one validated request."""
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    attempt = Attempt(
+        state,
+        key.key_id,  # retries match per API key: another key of the tenant is another client
+        attempt_key(headers, body),
+        may_be_retried(headers),
+        json_heartbeat(headers, state.settings),
+    )
+    if not valid.stream and is_retry(headers):
+        orphan = state.orphans.adopt(attempt.owner, attempt.key)
+        if orphan is not None:  # this retry takes over the answer its first attempt left
+            request.state.request_id = orphan.request_id  # the answer's ledger key
+            return await deliver(request, orphan.answer, attempt.heartbeat, attempt.leave(orphan))
+    state.limits.admit(request, key, valid)  # 429 rate_limit_exceeded over the key's limits
+    handle = served.runtime.submit(valid.submission(request.state.request_id, key.tenant, served))
+    answer = Answer(state, served, handle, valid, shape(handle), finished)
+    first = await answer.next_event_or_disconnect(request)
+    if valid.stream and isinstance(first, Started):
+        first = await answer.first_output_or_disconnect(request)
+    if isinstance(first, Failed):
+        raise first.error
+    if first is None and (valid.stream or not handle.started):
+        answer.cancel()
+        return Response(status_code=CLIENT_GONE)
+    if valid.stream:
+        return StreamingResponse(answer.sse(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return await _json(request, answer, attempt, client_left=first is None)
+
+
+async def _json(request: Request, answer: Answer, attempt: Attempt, client_left: bool) -> Response:
+    """The job has started: from here a client that may retry and leaves orphans the
+    answer (its job goes on) for its retry to adopt, instead of paying for a second job."""
+    collecting = asyncio.ensure_future(answer.collect())
+    orphan = Orphan(answer.handle.request_id, collecting, lambda: answer.give_up(collecting))
+    if client_left:
+        attempt.leave(orphan)()
+        return Response(status_code=CLIENT_GONE)
+    return await deliver(request, collecting, attempt.heartbeat, attempt.leave(orphan))
+
+
+class Attempt:
+    """One client attempt at a non-streaming request, as the retry registry sees it."""
+
+    def __init__(
+        self, state: AppState, owner: str, key: str, retried: bool, heartbeat: float
+    ) -> None:
+        self.state = state
+        self.owner = owner
+        """The API key's id: only the same key may adopt an answer it left."""
+        self.key = key
+        self.retried = retried
+        """The client may send this request again (else leaving cancels its job)."""
+        self.heartbeat = heartbeat
+
+    def leave(self, orphan: Orphan) -> Callable[[], None]:
+        """What to do when the client leaves: keep the answer for a retry, or give up."""
+        if not self.retried:
+            return orphan.on_unclaimed
+        grace = self.state.settings.retry_grace
+        return lambda: self.state.orphans.leave(self.owner, self.key, orphan, grace)
+
+
+class Answer:
+    """One job's events turned into the API's response shapes."""
+
+    def __init__(
+        self,
+        state: AppState,
+        served: ServedModel,
+        handle: JobHandle,
+        valid: ValidChat,
+        shape: Shape,
+        finished: Finished | None = None,
+    ) -> None:
+        self.state = state
+        self._finished = finished
+        self._text: list[str] = []
+        self.runtime = served.runtime
+        self.handle = handle
+        self.valid = valid
+        self.shape = shape
+        self._tokens_seen = 0
+        self._pending: JobEvent | None = None
+        """An event read before the response began, delivered first by `sse`."""
+
+    async def next_event_or_disconnect(self, request: Request) -> JobEvent | None:
+        """The next event; None if the client went away first (the job goes on)."""
+        task = asyncio.ensure_future(self.handle.events.get())
+        gone = asyncio.ensure_future(_disconnected(request))
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if gone not in done:  # both at once: the client is gone, so is the answer's use
+            return task.result()
+        task.cancel()
+        return None
+
+    async def first_output_or_disconnect(self, request: Request) -> JobEvent | None:
+        """A started stream's first token, pause or end (None: the client left).
+
+        Response headers wait for it, so that a refusal by an upstream engine before any
+        token (another flexserve's flex 429, OpenAI's) reaches the client as that status
+        with its Retry-After, not as an error event in a 200 stream. A pause sends the
+        headers at once, so that heartbeats keep the connection meanwhile.
+        """
+        try:
+            # Bounded: a long prefill or an engine's own queue must not keep a client
+            # without a byte past its read timeout (which admission assumed starts now).
+            async with asyncio.timeout(self.state.settings.paused_heartbeat):
+                while True:
+                    event = await self.next_event_or_disconnect(request)
+                    if not isinstance(event, Started):
+                        self._pending = event
+                        return event
+        except TimeoutError:
+            return Started(resumed=False)  # begin the stream now
+
+    def cancel(self) -> None:
+        """The client left: free the slot, bill what was produced.
+
+        A job that had not started is never billed, but is counted: the runtime applies
+        the cancel before its next plan, so a job not started now never starts (one
+        refused meanwhile was already counted by its settle).
+        """
+        self.runtime.cancel(self.handle.request_id)
+        if not self.handle.started and self.handle.settled is None:
+            self.state.metrics.requests.labels(self.valid.tier, "abandoned").inc()
+
+    def give_up(self, collecting: asyncio.Task[dict[str, Any]]) -> None:
+        """No retry came for the orphaned answer: stop its job (billed for what it made)."""
+        self.cancel()
+        if not collecting.done():
+            collecting.cancel()
+        elif not collecting.cancelled():
+            collecting.exception()  # a failure nobody will read: retrieved, not logged
+
+    async def collect(self) -> dict[str, Any]:
+        """The whole answer as the API's body, once the job is done and billed."""
+        text: list[str] = []
+        while True:
+            event = await self.handle.events.get()
+            if isinstance(event, Token):
+                self._observe_token()
+                text.append(event.chunk.text)
+            elif isinstance(event, Failed):
+                raise event.error
+            elif isinstance(event, Done):
+                text.append(event.text)
+                await self._settled()
+                whole = "".join(text)
+                if self._finished is not None:
+                    await self._finished(whole, event.finish_reason, self.usage())
+                return self.shape.body(whole, event.finish_reason, self.usage())
+
+    async def sse(self) -> AsyncIterator[str]:
+        finished = False
+        try:
+            for line in self.shape.opening():
+                yield line
+            async for event in self._events_with_heartbeat():
+                if event is None:
+                    yield ": paused\n\n"
+                elif isinstance(event, Token):
+                    self._observe_token()
+                    if event.chunk.text:
+                        self._text.append(event.chunk.text)
+                        for line in self.shape.delta(event.chunk.text, self._tokens_seen):
+                            yield line
+                elif isinstance(event, Done):
+                    finished = True
+                    if event.text:
+                        self._text.append(event.text)
+                        for line in self.shape.delta(event.text, self._tokens_seen):
+                            yield line
+                    await self._settled()
+                    if self._finished is not None:
+                        await self._finished("".join(self._text), event.finish_reason, self.usage())
+                    for line in self.shape.closing(event.finish_reason, self.usage()):
+                        yield line
+                    return
+                elif isinstance(event, Failed):
+                    finished = True
+                    for line in self.shape.failure(event.error):
+                        yield line
+                    return
+        finally:
+            if not finished:  # the client went away mid-stream: free the slot now
+                self.runtime.cancel(self.handle.request_id)
+
+    async def _events_with_heartbeat(self) -> AsyncIterator[JobEvent | None]:
+        """Events; None every `paused_heartbeat` seconds while the job is paused."""
+        paused = False
+        heartbeat = self.state.settings.paused_heartbeat
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            paused = isinstance(pending, Paused)
+            yield None if paused else pending
+        while True:
+            try:
+                async with asyncio.timeout(heartbeat if paused else None):
+                    event = await self.handle.events.get()
+            except TimeoutError:
+                yield None
+                continue
+            if isinstance(event, Paused):
+                paused = True
+                yield None
+            elif isinstance(event, Started):
+                paused = False
+            else:
+                yield event
+
+    async def _settled(self) -> None:
+        if self.handle.settled is not None:
+            await asyncio.shield(self.handle.settled)
+
+    def _observe_token(self) -> None:
+        self._tokens_seen += 1
+        if self._tokens_seen == 1:
+            elapsed = self.runtime.clock() - self.handle.arrival
+            self.state.metrics.ttft.labels(self.valid.tier).observe(elapsed)
+
+    def usage(self) -> dict[str, int]:
+        return usage(self.handle)
+
+
+def usage(handle: JobHandle, completion: int | None = None) -> dict[str, int]:
+    """Usage of the whole answer, or (streaming) of the `completion` tokens sent so far."""
+    prompt = handle.prompt_token_count
+    completion = len(handle.produced) if completion is None else completion
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"

