@@ -181,7 +181,8 @@ def flexserve(args: argparse.Namespace, upstream: str) -> Iterator[str]:
     else:
         flags += ["--backend", "simulated"]
     with Server(flags, env, python=args.flexserve_python) as server:
-        server.wait_healthy(60)
+        assert server.proc is not None  # any build: only that /healthz answers is used
+        wait_ready(server.base + "/healthz", 60, server.proc, server.log_path)
         yield server.base
 
 
