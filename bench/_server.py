@@ -40,13 +40,14 @@ class Server:
         *,
         port: int | None = None,
         keep_dir: bool = False,
+        python: str = sys.executable,
     ) -> None:
         self.port = port or free_port()
         self.data_dir = Path(tempfile.mkdtemp(prefix="flexserve-bench-"))
         self.log_path = self.data_dir / "server.log"
         self.keep_dir = keep_dir
         self.cmd = [
-            sys.executable,
+            python,
             "-m",
             "flexserve.cli",
             "serve",

@@ -90,6 +90,23 @@ def test_a_request_is_billed_once(store: Store) -> None:
     assert [r.request_id for r in store.ledger("t1")] == ["req_1"]
 
 
+def test_a_batch_bills_each_request_once(store: Store) -> None:
+    assert store.record(row("req_1"))
+    batch = [row("req_2"), row("req_1"), row("req_3"), row("req_2")]
+    assert store.record_many(batch) == [True, False, True, False]
+    assert sorted(r.request_id for r in store.ledger("t1")) == ["req_1", "req_2", "req_3"]
+    assert store.record_many([]) == []
+
+
+def test_a_sql_batch_with_a_refused_row_stores_none_of_it(store: Store) -> None:
+    if isinstance(store, MemoryStore):
+        pytest.skip("the memory store has no transactions (its record_many says so)")
+    refused = dataclasses.replace(row("req_bad"), tier=None)  # type: ignore[arg-type]
+    with pytest.raises(IntegrityError):
+        store.record_many([row("req_1"), refused, row("req_2")])
+    assert store.ledger("t1") == []
+
+
 def test_usage_groups_per_tier_and_never_crosses_tenants(store: Store) -> None:
     store.record(row("a", tier="flex", created=1.0))
     store.record(row("b", tier="flex", created=2.0))

@@ -32,6 +32,9 @@ class FakeUpstream:
     refuse: tuple[int, dict[str, Any], dict[str, str]] | None = None
     die_after: int | None = None
     received: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    client_ports: list[int] = field(default_factory=list)
+    """The client's port of each request: one port for many means one kept-alive
+    connection."""
     metrics_text: str = ""
     delay: float = 0.0
     """Seconds before each chunk (an engine's time per token)."""
@@ -58,6 +61,7 @@ class FakeUpstream:
     async def _generate(self, request: Request) -> Response:
         body = await request.json()
         self.received.append((request.url.path, body))
+        self.client_ports.append(request.client.port if request.client else 0)
         if self.refuse is not None:
             status, payload, headers = self.refuse
             return JSONResponse(payload, status_code=status, headers=headers)

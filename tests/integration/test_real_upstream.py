@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import openai
 import pytest
@@ -184,7 +185,7 @@ def resumed_equals_greedy(upstream: LlamaServer, cuts: list[int], max_tokens: in
             produced=produced,
             render=render,
         )
-        async with httpx.AsyncClient(timeout=120) as http:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
             items = [i async for i in stream_call(http, upstream.url, None, call)]
         assert isinstance(items[-1], StreamEnd)
         return [i.text for i in items if isinstance(i, TextDelta)]

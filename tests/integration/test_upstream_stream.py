@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
+import aiohttp
 import pytest
 
 from flexserve.backends.base import BackendError, ChatMessage, EngineRefused, SamplingParams
@@ -22,7 +22,7 @@ MESSAGES = (ChatMessage("user", "count"),)
 
 def collect(base_url: str, call: UpstreamCall) -> list[TextDelta | StreamEnd]:
     async def run() -> list[TextDelta | StreamEnd]:
-        async with httpx.AsyncClient(timeout=10) as http:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
             return [item async for item in stream_call(http, base_url, "k", call)]
 
     return asyncio.run(run())
@@ -38,6 +38,22 @@ def test_text_deltas_then_one_end_with_the_upstreams_usage() -> None:
     assert items[-1] == StreamEnd("stop", 7, 3)
     path, body = fake.received[0]
     assert path == "/v1/chat/completions" and body["stream_options"] == {"include_usage": True}
+
+
+def test_calls_one_after_another_reuse_one_connection() -> None:
+    """Read to the stream's end (past `[DONE]`): a response left unread closes its
+    connection, and every call would pay a new TCP connection."""
+    fake = FakeUpstream(answer="a b")
+    call = build_call("vllm", model="m", messages=MESSAGES, sampling=SamplingParams(10))
+
+    async def run(url: str) -> None:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(3):
+                assert [item async for item in stream_call(http, url, "k", call)]
+
+    with serve_fake(fake) as url:
+        asyncio.run(run(url))
+    assert len(fake.client_ports) == 3 and len(set(fake.client_ports)) == 1
 
 
 def test_resume_continues_after_the_partial_answer_without_repeating_it() -> None:

@@ -4,7 +4,7 @@ request it bills, and never loses its row (the outbox keeps it until the store i
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -144,7 +144,7 @@ def test_an_integrity_error_other_than_a_duplicate_keeps_the_row_and_the_rest_fl
 
 
 class BrokenOutbox(Outbox):
-    def put(self, row: LedgerRow) -> None:
+    def put_many(self, rows: Sequence[LedgerRow]) -> None:
         raise OSError("disk full")
 
 
@@ -193,7 +193,7 @@ def test_a_data_error_is_a_refused_row_not_a_store_outage(outbox_path: Path) -> 
 
 
 class UndeletableOutbox(Outbox):
-    def remove(self, request_id: str) -> None:
+    def remove_many(self, request_ids: Sequence[str]) -> None:
         raise OSError("database is locked")
 
 
@@ -202,4 +202,141 @@ def test_a_failed_outbox_delete_after_billing_does_not_fail_the_request(
 ) -> None:
     store = MemoryStore()
     settle_all(Ledger(Settings(), store, UndeletableOutbox(outbox_path)), handle())
+    assert [r.request_id for r in store.ledger("acme")] == ["req_1"]
+
+
+class CountingOutbox(Outbox):
+    """Records each batch it is asked to write; fails batches of more than one row while
+    `fail_batches` is set (as a full disk fails a big write and not a small one)."""
+
+    def __init__(self, path: Path, fail_batches: bool = False) -> None:
+        super().__init__(path)
+        self.batches: list[list[str]] = []
+        self.fail_batches = fail_batches
+
+    def put_many(self, rows: Sequence[LedgerRow]) -> None:
+        self.batches.append([row.request_id for row in rows])
+        if self.fail_batches and len(rows) > 1:
+            raise OSError("disk full")
+        super().put_many(rows)
+
+
+class CountingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.transactions = 0
+
+    def record_many(self, rows: Sequence[LedgerRow]) -> list[bool]:
+        self.transactions += 1
+        return super().record_many(rows)
+
+
+def settle_together(ledger: Ledger, *jobs: JobHandle) -> None:
+    """Settle all jobs at once (as concurrent requests do), then close the ledger."""
+
+    async def run() -> None:
+        await asyncio.gather(*(ledger.settle(job, "completed") for job in jobs))
+        await ledger.close()
+
+    asyncio.run(run())
+
+
+def test_concurrent_settles_share_one_outbox_commit_and_one_store_transaction(
+    outbox_path: Path,
+) -> None:
+    store = CountingStore()
+    outbox = CountingOutbox(outbox_path)
+    jobs = [handle(request_id=f"req_{n}") for n in range(20)]
+    settle_together(Ledger(Settings(), store, outbox), *jobs)
+    assert outbox.batches == [[f"req_{n}" for n in range(20)]]
+    assert store.transactions == 1
+    assert len(store.ledger("acme")) == 20
+    assert len(Outbox(outbox_path)) == 0
+
+
+def test_rows_settled_while_a_batch_is_written_go_in_the_next_batch(outbox_path: Path) -> None:
+    store = CountingStore()
+    outbox = CountingOutbox(outbox_path)
+    ledger = Ledger(Settings(), store, outbox)
+
+    async def run() -> None:
+        first = asyncio.ensure_future(ledger.settle(handle(request_id="req_a"), "completed"))
+        await asyncio.sleep(0)  # the first batch (req_a alone) is now being written
+        await asyncio.gather(
+            first, *(ledger.settle(handle(request_id=f"req_{n}"), "completed") for n in range(3))
+        )
+        await ledger.close()
+
+    asyncio.run(run())
+    assert outbox.batches == [["req_a"], ["req_0", "req_1", "req_2"]]
+    assert sorted(r.request_id for r in store.ledger("acme")) == [
+        "req_0",
+        "req_1",
+        "req_2",
+        "req_a",
+    ]
+
+
+def test_a_failed_batch_write_keeps_each_of_its_rows_on_its_own(outbox_path: Path) -> None:
+    store = FlakyStore(failures=100)  # away: every row must wait in the outbox
+    outbox = CountingOutbox(outbox_path, fail_batches=True)
+    jobs = [handle(request_id=f"req_{n}") for n in range(5)]
+    settle_together(Ledger(Settings(), store, outbox), *jobs)
+    assert outbox.batches[0] == [f"req_{n}" for n in range(5)]  # failed as a whole
+    assert sorted(outbox.batches[1:]) == [[f"req_{n}"] for n in range(5)]  # then one by one
+    assert len(Outbox(outbox_path)) == 5
+
+    back = MemoryStore()
+    settle_all(Ledger(Settings(), back, Outbox(outbox_path)))
+    assert sorted(r.request_id for r in back.ledger("acme")) == [f"req_{n}" for n in range(5)]
+
+
+def test_a_refused_row_in_a_batch_waits_alone_and_nothing_is_billed_twice(
+    outbox_path: Path,
+) -> None:
+    store = RefusingStore("req_bad")  # refuses mid-batch, after storing the rows before it
+    jobs = [handle(request_id=r) for r in ("req_0", "req_1", "req_bad", "req_2")]
+    ledger = Ledger(Settings(), store, Outbox(outbox_path))
+    settle_together(ledger, *jobs)
+    assert sorted(r.request_id for r in store.ledger("acme")) == ["req_0", "req_1", "req_2"]
+    assert [r.request_id for r in Outbox(outbox_path).pending()] == ["req_bad"]
+
+
+def test_a_store_outage_during_a_batch_keeps_every_row_for_the_drainer(
+    outbox_path: Path,
+) -> None:
+    store = FlakyStore(failures=1)  # the batch's transaction fails: the store is away
+    settings = Settings(ledger_retry_interval=0.01)
+    ledger = Ledger(settings, store, Outbox(outbox_path))
+    jobs = [handle(request_id=f"req_{n}") for n in range(4)]
+
+    async def run() -> None:
+        await asyncio.gather(*(ledger.settle(job, "completed") for job in jobs))
+        assert len(ledger.outbox) == 4  # durable before the answers end, store or not
+        await ledger.start()  # the drainer: only now, so that it cannot deliver earlier
+        for _ in range(1000):
+            if not len(ledger.outbox):
+                break
+            await asyncio.sleep(0.01)
+        await ledger.close()
+
+    asyncio.run(run())
+    assert sorted(r.request_id for r in store.ledger("acme")) == [f"req_{n}" for n in range(4)]
+
+
+def test_a_settle_cancelled_while_its_batch_is_written_is_still_billed(
+    outbox_path: Path,
+) -> None:
+    store = MemoryStore()
+    ledger = Ledger(Settings(), store, Outbox(outbox_path))
+
+    async def run() -> None:
+        settling = asyncio.ensure_future(ledger.settle(handle(), "completed"))
+        await asyncio.sleep(0)
+        settling.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await settling
+        await ledger.close()
+
+    asyncio.run(run())
     assert [r.request_id for r in store.ledger("acme")] == ["req_1"]

@@ -89,3 +89,12 @@ def test_jobs_that_never_settle_are_forgotten_once_out_of_the_window() -> None:
         windows.finished(f"r{n}")  # cancelled before starting: never settled
     admit(windows, limits, "late", 1, now=200.0)
     assert len(windows._unsettled) == 1
+
+
+def test_a_settle_after_its_admission_left_the_window_changes_nothing() -> None:
+    windows, limits = Windows(), Limits(tokens_per_minute=100)
+    assert windows.admit("key_1", limits, "a", 10, 80, now=0.0).retry_after is None
+    assert windows.admit("key_1", limits, "b", 10, 90, now=61.0).retry_after is None  # a out
+    windows.settled("a", produced=5)  # "a" no longer counts: its correction must not either
+    assert windows.admit("key_1", limits, "c", 10, 11, now=62.0).retry_after is not None
+    assert windows.admit("key_1", limits, "d", 10, 10, now=62.0).retry_after is None

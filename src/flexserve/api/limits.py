@@ -45,6 +45,9 @@ class _Admitted:
     at: float
     tokens: int
     prompt_tokens: int
+    expired: bool = False
+    """Out of its key's window: a settle no longer corrects the window's tokens. A flag,
+    not a search: a busy key's window holds a minute of admissions (60,000 at 1,000/s)."""
 
 
 @dataclass
@@ -57,7 +60,9 @@ class _KeyWindow:
 
     def expire(self, now: float) -> None:
         while self.admitted and self.admitted[0].at <= now - WINDOW:
-            self.tokens -= self.admitted.popleft().tokens
+            gone = self.admitted.popleft()
+            gone.expired = True
+            self.tokens -= gone.tokens
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,7 @@ class Windows:
             return
         window, admitted = entry
         used = admitted.prompt_tokens + produced
-        if admitted in window.admitted:  # still inside the window
+        if not admitted.expired:  # still inside the window
             window.tokens += used - admitted.tokens
         admitted.tokens = used
 

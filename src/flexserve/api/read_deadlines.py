@@ -1,11 +1,12 @@
 """Deadlines for reading a request, so that stalled half-requests cannot hold sockets.
 
-uvicorn (h11) closes a connection that is idle *between* requests (`timeout_keep_alive`)
+uvicorn closes a connection that is idle *between* requests (`timeout_keep_alive`)
 but has no deadline for receiving one: a client that connects and sends nothing, half a
 request line, or half a body, holds a file descriptor until it goes away (slowloris).
 An ASGI middleware cannot help, since the app is called only once the headers are in. So
-this is a subclass of uvicorn's own h11 protocol that watches h11's state after each read
-and closes the connection when a deadline passes:
+this is a subclass of uvicorn's own httptools protocol (httptools parses in C: the h11
+protocol cost a good share of a request's CPU) that follows the parser's callbacks and
+closes the connection when a deadline passes:
 
 - headers: `header_read_timeout` from the connection's opening, or from the first byte
   of a later request on a kept-alive connection (between requests uvicorn's keep-alive
@@ -24,15 +25,14 @@ import asyncio
 import logging
 from typing import Any, ClassVar, Literal
 
-import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("flexserve.http")
 
 Phase = Literal["headers", "body"]
 
 
-class ReadDeadlineProtocol(H11Protocol):
+class ReadDeadlineProtocol(HttpToolsProtocol):
     header_timeout: ClassVar[float] = 10.0
     body_timeout: ClassVar[float] = 30.0
 
@@ -45,33 +45,27 @@ class ReadDeadlineProtocol(H11Protocol):
         super().connection_made(transport)
         self._arm("headers")
 
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        self._follow_request()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._follow_request()
-
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
 
-    def _follow_request(self) -> None:
-        """Set the deadline that fits where h11 is in reading the client's request."""
-        if self.transport.is_closing():
-            self._disarm()
-            return
-        state = self.conn.their_state
-        if state is h11.IDLE:
-            if self.timeout_keep_alive_task is not None:
-                self._disarm()  # idle between requests: uvicorn's keep-alive timer applies
-            elif self._phase != "headers":
-                self._arm("headers")  # first bytes of a request: its headers' deadline
-        elif state is h11.SEND_BODY:
-            self._arm("body")  # re-armed by every read: the body deadline is idle time
-        else:
-            self._disarm()  # request read (or connection ending): nothing to wait for
+    # Parser callbacks: the parser calls them from `data_received`, in order.
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._phase != "headers":  # a later request's first byte; the first request's
+            self._arm("headers")  # deadline runs from the connection's opening
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._arm("body")  # a request without a body completes at once, just after
+
+    def on_body(self, body: bytes) -> None:
+        super().on_body(body)
+        self._arm("body")  # re-armed by every read: the body deadline is idle time
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._disarm()  # read; until the next request uvicorn's keep-alive timer rules
 
     def _arm(self, phase: Phase) -> None:
         self._disarm()
@@ -98,7 +92,9 @@ class ReadDeadlineProtocol(H11Protocol):
         self.transport.close()
 
 
-def read_deadline_protocol(header_timeout: float, body_timeout: float) -> type[H11Protocol]:
+def read_deadline_protocol(
+    header_timeout: float, body_timeout: float
+) -> type[ReadDeadlineProtocol]:
     """The protocol class for uvicorn's `http=` option, with these deadlines."""
 
     class Configured(ReadDeadlineProtocol):

@@ -98,6 +98,7 @@ def build_server(app: FastAPI, settings: Settings, log_level: str) -> DrainingSe
         port=settings.port,
         log_level=log_level,
         lifespan="on",
+        loop="uvloop",  # its event loop and transports cost a fraction of asyncio's
         http=read_deadline_protocol(settings.header_read_timeout, settings.body_read_timeout),
         timeout_graceful_shutdown=FLUSH_SECONDS,
     )

@@ -4,6 +4,11 @@ Path of a row: the local outbox (on disk before the answer's last byte), then th
 While the store answers, a row is delivered at once, so usage reads see it when the
 answer ends; while it is away, rows wait in the outbox and the drainer delivers them when
 it is back. The request id makes every delivery idempotent.
+
+Group commit: rows of requests that settle while the writer is busy wait for it and go
+to disk together, in one outbox transaction (one fsync) and one store transaction, and
+each request waits for its own batch's commit. One request alone pays one fsync, as
+before; a hundred concurrent ones pay one fsync between them, not a hundred.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ class Ledger:
         self._wake = asyncio.Event()
         self._store_up = True
         self._drainer: asyncio.Task[None] | None = None
+        self._queued: list[tuple[LedgerRow, asyncio.Future[None]]] = []
+        """Rows settled while a batch was being written: the next batch."""
+        self._committer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Deliver what an earlier run (or outage) left in the outbox, and keep doing so."""
@@ -56,6 +64,9 @@ class Ledger:
             self._drainer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._drainer
+        if self._committer is not None:  # rows settled just before: let them reach disk
+            with contextlib.suppress(Exception):
+                await self._committer
         with contextlib.suppress(Exception):  # whatever is left waits for the next start
             await self._in_writer(self.drain)
         await asyncio.to_thread(self._writer.shutdown, True)
@@ -69,18 +80,72 @@ class Ledger:
         except Exception:  # a bad price table must not fail a finished request
             log.exception("cannot price request_id=%s", handle.request_id)
             return
+        committed = asyncio.get_running_loop().create_future()
+        self._queued.append((row, committed))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_queued(), name="ledger-commit")
+        await committed
+
+    async def _commit_queued(self) -> None:
+        """Write batches until no row waits; each batch's waiters resume when it is done."""
+        while self._queued:
+            batch, self._queued = self._queued, []
+            try:
+                needs_drainer = await self._in_writer(self._commit, [row for row, _ in batch])
+            except Exception:  # _commit handles its failures; this is a bug, not an outage
+                log.exception("ledger batch of %d rows failed", len(batch))
+                needs_drainer = True
+            if needs_drainer:
+                self._wake.set()
+            for _, committed in batch:
+                if not committed.done():  # a waiter cancelled: its row is written all the same
+                    committed.set_result(None)
+
+    def _commit(self, rows: list[LedgerRow]) -> bool:
+        """Durably keep the rows, then deliver them unless the store is away. Blocking.
+        True if the drainer has rows to deliver."""
         try:
-            await self._in_writer(self.outbox.put, row)
-        except Exception:  # the local disk failed: the store directly is all that is left
+            self.outbox.put_many(rows)
+        except Exception:  # each row on its own: a failure of one must not lose the rest
+            log.exception("ledger outbox batch write failed, %d rows", len(rows))
+            return any([self._keep(row) for row in rows])
+        if not self._store_up:  # the drainer is retrying: do not make these answers wait
+            return True
+        return not self._deliver_many(rows)
+
+    def _keep(self, row: LedgerRow) -> bool:
+        """One row the batch could not keep: the outbox alone, else the store directly
+        (the local disk failed: it is all that is left). True if it waits in the outbox."""
+        try:
+            self.outbox.put(row)
+        except Exception:
             log.exception("ledger outbox write failed request_id=%s", row.request_id)
-            await self._in_writer(self._record_without_outbox, row)
-            return
-        if not self._store_up:  # the drainer is retrying: do not make this answer wait
-            self._wake.set()
-            return
-        delivery = await self._in_writer(self._deliver, row)
-        if delivery != "billed" and delivery != "already_billed":
-            self._wake.set()
+            self._record_without_outbox(row)
+            return False
+        return True
+
+    def _deliver_many(self, rows: list[LedgerRow]) -> bool:
+        """Store the rows in one transaction, then drop them from the outbox. Blocking.
+        True if all are billed. A row the store refuses fails the whole transaction: then
+        each is delivered on its own, so only that row waits (and is counted refused)."""
+        try:
+            inserted = self.store.record_many(rows)
+        except STORE_AWAY as error:
+            self._store_up = False
+            log.warning("store away (%s): %d rows kept in outbox", error, len(rows))
+            return False
+        except Exception:
+            deliveries = [self._deliver(row) for row in rows]
+            return all(delivery in ("billed", "already_billed") for delivery in deliveries)
+        self._store_up = True
+        try:
+            self.outbox.remove_many([row.request_id for row in rows])
+        except Exception:  # billed already; a later drain re-delivers them, a no-op
+            log.warning("outbox delete failed for %d rows", len(rows))
+            return False
+        for row, new in zip(rows, inserted, strict=True):
+            _log_billed(row, new)
+        return True
 
     def drain(self) -> bool:
         """Deliver outbox rows, oldest first; True when none is left. Blocking."""
@@ -114,15 +179,7 @@ class Ledger:
         except Exception:  # billed already; a later drain re-delivers it, a no-op
             log.warning("outbox delete failed request_id=%s", row.request_id)
             return "not_removed"
-        log.info(
-            "billed request_id=%s tier=%s input=%d output=%d nanos=%d new=%s",
-            row.request_id,
-            row.tier,
-            row.input_tokens,
-            row.output_tokens,
-            row.cost_nanos,
-            inserted,
-        )
+        _log_billed(row, inserted)
         return "billed" if inserted else "already_billed"
 
     def _refused(self, row: LedgerRow, error: Exception) -> None:
@@ -179,3 +236,15 @@ class Ledger:
             preemptions=handle.preemptions,
             created_at=time.time(),
         )
+
+
+def _log_billed(row: LedgerRow, new: bool) -> None:
+    log.info(
+        "billed request_id=%s tier=%s input=%d output=%d nanos=%d new=%s",
+        row.request_id,
+        row.tier,
+        row.input_tokens,
+        row.output_tokens,
+        row.cost_nanos,
+        new,
+    )

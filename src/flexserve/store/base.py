@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol
 
@@ -35,6 +36,13 @@ class Store(Protocol):
         """Insert a ledger row; False (and no change) if its request id is already billed.
 
         Any other failure (another integrity error, the database away) raises."""
+        ...
+
+    def record_many(self, rows: Sequence[LedgerRow]) -> list[bool]:
+        """`record` for each row, in one transaction where the store has them: for each
+        row, False if its request id was already billed. Any other failure raises, and the
+        rows may then be stored in part (a SQL store stores none): recording them again
+        is safe."""
         ...
 
     def ledger(self, tenant: str) -> list[LedgerRow]: ...

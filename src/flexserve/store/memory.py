@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from flexserve.store.records import KeyRecord, LedgerRow, TierUsage
 
@@ -57,6 +57,11 @@ class MemoryStore:
                 return False
             self._ledger[row.request_id] = row
             return True
+
+    def record_many(self, rows: Sequence[LedgerRow]) -> list[bool]:
+        """Row by row (no transactions here): a failure leaves the rows before it stored;
+        the ledger delivers them again, which `record` skips."""
+        return [self.record(row) for row in rows]
 
     def ledger(self, tenant: str) -> list[LedgerRow]:
         rows = [r for r in self._ledger.values() if r.tenant == tenant]

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import httpx
+import aiohttp
 
 from flexserve.backends.base import (
     BackendError,
@@ -51,6 +51,8 @@ UPSTREAM_TOKEN = -1
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4
 """Role markers and separators a chat template adds per message, roughly."""
+READ_BUFFER = 1 << 20
+"""aiohttp reads an SSE line of at most about twice this (its default is 64 KiB)."""
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,8 @@ class OpenAIBackend:
         """For an engine whose streams carry no usage: its own count of the prompt."""
         self._clock = clock
         self._metrics_interval = metrics_interval
-        self._timeout = httpx.Timeout(connect_timeout, read=stall_timeout, pool=None)
-        self._http: httpx.AsyncClient | None = None
+        self._timeout = aiohttp.ClientTimeout(sock_connect=connect_timeout, sock_read=stall_timeout)
+        self._http: aiohttp.ClientSession | None = None
         self._poller: asyncio.Task[None] | None = None
         self._stats = BackendStats()
 
@@ -209,10 +211,13 @@ class OpenAIBackend:
     def _where(self) -> tuple[str, str | None]:
         return self.endpoint.base_url, self.endpoint.api_key
 
-    def _client(self) -> httpx.AsyncClient:
+    def _client(self) -> aiohttp.ClientSession:
+        """Made on first use, inside the event loop that uses it (aiohttp's rule)."""
         if self._http is None:
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=self.slots)
-            self._http = httpx.AsyncClient(timeout=self._timeout, limits=limits)
+            connector = aiohttp.TCPConnector(limit=0)  # the scheduler bounds concurrency
+            self._http = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout, read_bufsize=READ_BUFFER
+            )
         return self._http
 
     def load(self, now: float) -> float:
@@ -232,10 +237,11 @@ class OpenAIBackend:
     async def _poll_metrics(self) -> None:
         assert self.endpoint.metrics_url is not None
         while True:
-            with contextlib.suppress(httpx.HTTPError, ValueError):
-                response = await self._client().get(self.endpoint.metrics_url)
-                if response.status_code == 200:
-                    self.engine_load = parse_engine_load(response.text, self._clock())
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+                async with self._client().get(self.endpoint.metrics_url) as response:
+                    if response.status == 200:
+                        text = await response.text()
+                        self.engine_load = parse_engine_load(text, self._clock())
             await asyncio.sleep(self._metrics_interval)
 
     async def close(self) -> None:
@@ -244,7 +250,7 @@ class OpenAIBackend:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
         if self._http is not None:
-            await self._http.aclose()
+            await self._http.close()
 
     def health(self) -> bool:
         return self.breaker.healthy(self._clock())

@@ -13,13 +13,13 @@ import contextlib
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-import httpx
+import aiohttp
 
 from flexserve.backends.base import ChatMessage
 from flexserve.backends.upstream.continuation import RenderPrompt
 
 CountPrompt = Callable[
-    [httpx.AsyncClient, Sequence[ChatMessage], str | None], Coroutine[Any, Any, int | None]
+    [aiohttp.ClientSession, Sequence[ChatMessage], str | None], Coroutine[Any, Any, int | None]
 ]
 """The engine's token count of a chat's prompt, or of a raw prompt (completions); None
 when it cannot say."""
@@ -39,16 +39,17 @@ def prompt_counter(
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
 
     async def count(
-        http: httpx.AsyncClient, messages: Sequence[ChatMessage], prompt_text: str | None
+        http: aiohttp.ClientSession, messages: Sequence[ChatMessage], prompt_text: str | None
     ) -> int | None:
         # A failed count must not fail an answer already given: the estimate is billed.
         # (ValueError covers a template that refuses the messages, too.)
-        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
+        failures = (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError)
+        with contextlib.suppress(*failures):
             text = prompt_text if prompt_text is not None else render(messages)
             body = {"model": model, "input": text}
-            response = await http.post(url, json=body, headers=headers)
-            if response.status_code == 200:
-                return int(response.json()["count"])
+            async with http.post(url, json=body, headers=headers) as response:
+                if response.status == 200:
+                    return int((await response.json(content_type=None))["count"])
         return None
 
     return count
