@@ -138,6 +138,12 @@ def parse_plan(argv: list[str] | None) -> tuple[Plan, argparse.Namespace]:
         help="run once per latency budget (interactive_slowdown_max; 'off' = none), each on "
         "a server of its own, and print one table (defaults then: 3 pairs of 15 s windows)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --slowdown-budgets: run the list this often, every other time reversed",
+    )
     p.add_argument("--keep-data", action="store_true", help="keep the server's data dir")
     p.add_argument("--dump", type=Path, help="write every request's record (JSON lines) here")
     a = p.parse_args(argv)
@@ -767,16 +773,20 @@ def main(argv: list[str] | None = None) -> int:
         summary, _ = run_once(plan, args, args.dump)
         print(json.dumps(summary, separators=(",", ":")))
         return 0
-    summaries: dict[str, dict[str, Any]] = {}
+    summaries: dict[str, list[dict[str, Any]]] = {}
     capacity: float | None = None  # measured once, so every budget sees the same load
-    for budget in args.slowdown_budgets:
-        label = "off" if budget is None else f"{budget:g}"
-        env = dict(plan.server_env)
-        if budget is not None:
-            env[BUDGET_ENV] = str(budget)
-        dump = args.dump.with_suffix(f".{label}{args.dump.suffix}") if args.dump else None
-        summaries[label], capacity = run_once(replace(plan, server_env=env), args, dump, capacity)
-        print()
+    for round_ in range(args.rounds):  # forward, then backward: drift cancels
+        order = args.slowdown_budgets if round_ % 2 == 0 else args.slowdown_budgets[::-1]
+        for budget in order:
+            label = "off" if budget is None else f"{budget:g}"
+            env = dict(plan.server_env)
+            if budget is not None:
+                env[BUDGET_ENV] = str(budget)
+            suffix = f".{label}.{round_}{args.dump.suffix}" if args.dump else ""
+            dump = args.dump.with_suffix(suffix) if args.dump else None
+            summary, capacity = run_once(replace(plan, server_env=env), args, dump, capacity)
+            summaries.setdefault(label, []).append(summary)
+            print()
     print(json.dumps(budget_report(plan, summaries), separators=(",", ":")))
     return 0
 
@@ -831,43 +841,57 @@ def run_once(
     return summary, capacity
 
 
-def budget_report(plan: Plan, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def budget_report(plan: Plan, summaries: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """One table: per budget, the default tier's p99 TPOT ratio flood/alone (median of
-    the pairs, spread), whether it is within the budget + 10 %, and utilization."""
+    every pair of every round, spread), whether it is within the budget + 10 %, and the
+    utilization of the flood windows."""
+    rounds = max(len(runs) for runs in summaries.values())
     print(
         f"latency budgets (interactive_slowdown_max) — backend {plan.backend}, K={plan.slots}, "
-        f"{plan.pairs} pairs of {plan.window:g} s windows each"
+        f"{rounds} round(s) of {plan.pairs} pairs of {plan.window:g} s windows per budget"
     )
     print(
         f"  {'budget':>6}  {'p99 TPOT ratio (spread)':>25}  {'<= +10%':>7}  {'mean TPOT':>9}  "
         f"{'p99 TTFT':>8}  {'util':>5}  {'flex done':>9}"
     )
     rows: dict[str, dict[str, Any]] = {}
-    for label, s in summaries.items():
-        ratio, low_high = s["p99_tpot_ratio"], s["p99_tpot_ratio_spread"] or [math.nan] * 2
+    for label, runs in summaries.items():
+        tpot = [v for s in runs for v in s["p99_tpot_ratios"]]
+        ttft = [v for s in runs for v in s["p99_ttft_ratios"]]
+        util = statistics.fmean(u for s in runs for u in s["utilization_per_window"])
+        mean_tpot = statistics.fmean(s["mean_tpot_ratio_pooled"] for s in runs)
+        ratio, ttft_ratio = statistics.median(tpot), statistics.median(ttft)
         limit = None if label == "off" else float(label) * 1.1
-        within = "" if limit is None or ratio is None else ("yes" if ratio <= limit else "NO")
+        within = "" if limit is None else ("yes" if ratio <= limit else "NO")
+        done = sum(s["flex_completed"] for s in runs)
         print(
-            f"  {label:>6}  {ratio:>8.3f} ({low_high[0]:.3f}-{low_high[1]:.3f})  {within:>7}  "
-            f"{s['mean_tpot_ratio_pooled']:>9.3f}  {s['p99_ttft_ratio']:>8.3f}  "
-            f"{s['utilization']:>5.3f}  {s['flex_completed']:>9}"
+            f"  {label:>6}  {ratio:>8.3f} ({min(tpot):.3f}-{max(tpot):.3f})  {within:>7}  "
+            f"{mean_tpot:>9.3f}  {ttft_ratio:>8.3f}  {util:>5.3f}  {done:>9}"
         )
         rows[label] = {
-            "p99_tpot_ratio": ratio,
-            "p99_tpot_ratio_spread": s["p99_tpot_ratio_spread"],
-            "p99_tpot_ratios": s["p99_tpot_ratios"],
+            "p99_tpot_ratio": _round(ratio),
+            "p99_tpot_ratio_spread": _minmax(tpot),
+            "p99_tpot_ratios": tpot,
             "within_budget_plus_10pct": None if limit is None else ratio <= limit,
-            "mean_tpot_ratio_pooled": s["mean_tpot_ratio_pooled"],
-            "p99_ttft_ratio": s["p99_ttft_ratio"],
-            "utilization": s["utilization"],
-            "utilization_alone": s["utilization_alone"],
-            "flex_completed": s["flex_completed"],
-            "default_errors": s["default_errors"],
-            "elapsed_s": s["elapsed_s"],
+            "mean_tpot_ratio_pooled": _round(mean_tpot),
+            "p99_ttft_ratio": _round(ttft_ratio),
+            "utilization": _round(util),
+            "utilization_alone": [s["utilization_alone"] for s in runs],
+            "flex_completed": done,
+            "default_errors": sum(s["default_errors"] for s in runs),
+            "elapsed_s": round(sum(s["elapsed_s"] for s in runs), 1),
         }
-    print("  (ratio = default-tier p99 TPOT flood/alone per pair; util = flood windows' busy")
-    print("   slot-s / (K x window); mean TPOT = pooled mean flood/alone; flex done = completed)")
-    return {"backend": plan.backend, "k": plan.slots, "windows": plan.pairs, "budgets": rows}
+    print("  (ratio = default-tier p99 TPOT flood/alone, median over all pairs; util = flood")
+    print("   windows' busy slot-s / (K x window); mean TPOT = pooled mean flood/alone, mean of")
+    print("   the rounds; p99 TTFT = median ratio; flex done = completed)")
+    return {
+        "backend": plan.backend,
+        "k": plan.slots,
+        "rounds": rounds,
+        "pairs": plan.pairs,
+        "window_s": plan.window,
+        "budgets": rows,
+    }
 
 
 def _budgets(text: str) -> list[float | None]:
