@@ -90,6 +90,18 @@ def test_the_baseline_is_measured_again_when_old() -> None:
     assert not budget.probing(now) and budget.width(now) == 2  # and back
 
 
+def test_a_stall_does_not_make_flex_look_cheap() -> None:
+    """One baseline sample 100 x too slow (the machine stalled): the widths measured
+    next are still judged against about the real baseline."""
+    budget = LatencyBudget(budget=1.25, max_width=3)
+    now = feed(budget, "d", 0.0, 0.020, 9, beside=0)
+    now = feed(budget, "e", now, 2.0, 9, beside=0)
+    assert budget.width(now) == 1
+    now = feed(budget, "f", now, 0.040, 9, beside=1)  # twice the real baseline
+
+    assert budget.width(now) == 0
+
+
 def test_it_refuses_a_budget_that_is_no_budget() -> None:
     with pytest.raises(ValueError):
         LatencyBudget(budget=1.0, max_width=2)

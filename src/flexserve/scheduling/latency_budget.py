@@ -45,6 +45,11 @@ SMOOTHING = 0.3
 """Least weight of the newest sample in an estimate (more when the estimate is old)."""
 PROBE_INTERVAL = 15.0
 """Seconds a baseline is trusted before flex is narrowed to 0 to measure it again."""
+BASELINE_MAX_RISE = 1.5
+"""Most a baseline sample may count above the baseline (it is clipped there): a stall
+(the machine's other load, a collection) must not make flex look cheap, while a
+baseline that rises for real still gets there in a few samples, and every width
+measured meanwhile looks slower, which narrows flex: the safe side."""
 STALE_AFTER = 30.0
 """Seconds after which a width found over budget is tried again."""
 
@@ -76,6 +81,7 @@ class LatencyBudget:
     smoothing: float = SMOOTHING
     probe_interval: float = PROBE_INTERVAL
     stale_after: float = STALE_AFTER
+    baseline_max_rise: float = BASELINE_MAX_RISE
     _width: int = 0
     _estimates: dict[int, _Estimate] = field(default_factory=dict)
     _pending: dict[int, _Pending] = field(default_factory=dict)
@@ -137,6 +143,8 @@ class LatencyBudget:
         if estimate is None:
             self._estimates[width] = _Estimate(sample, now)
         else:
+            if width == 0:
+                sample = min(sample, estimate.value * self.baseline_max_rise)
             age = max(0.0, now - estimate.at)
             weight = max(self.smoothing, 1.0 - math.exp(-age / self.probe_interval))
             estimate.value += weight * (sample - estimate.value)
