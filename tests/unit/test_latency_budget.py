@@ -44,7 +44,7 @@ def test_it_starts_conservative_until_a_baseline_is_measured() -> None:
     assert budget.width(0.16) == 1  # then one step at a time
 
 
-def test_a_width_over_budget_is_left_at_once_and_not_retried_until_stale() -> None:
+def test_a_width_over_budget_is_left_at_once_and_tried_again_ever_more_rarely() -> None:
     budget = LatencyBudget(budget=1.25, max_width=3)
     now = feed(budget, "d", 0.0, 0.020, 9, beside=0)
     assert budget.width(now) == 1
@@ -52,12 +52,14 @@ def test_a_width_over_budget_is_left_at_once_and_not_retried_until_stale() -> No
 
     assert budget.slowdown(1) == pytest.approx(1.5)
     assert budget.width(now) == 0
-    now = feed(budget, "f", now, 0.020, 9, beside=0)  # a fresh baseline: width 1 is known over
-    assert budget.width(now) == 0
-
-    later = now + budget.stale_after + 1.0
-    feed(budget, "g", later, 0.020, 9, beside=0)
-    assert budget.width(later + 0.2) == 1  # tried again
+    failed = now
+    for wait in (budget.retry_after, 2 * budget.retry_after, budget.retry_after_max):
+        now = feed(budget, "f", failed + wait - 1.0, 0.020, 9, beside=0)
+        assert budget.width(now) == 0  # not yet
+        now = feed(budget, "g", failed + wait, 0.020, 9, beside=0)
+        assert budget.width(now) == 1  # tried again ...
+        failed = feed(budget, "h", now, 0.030, 9, beside=1)
+        assert budget.width(failed) == 0  # ... and still over
 
 
 def test_an_interval_that_straddles_a_width_change_is_not_counted() -> None:

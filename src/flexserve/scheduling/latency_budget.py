@@ -14,9 +14,10 @@ and walks an allowed width up and down so that slowdown(width) <= the budget
 (`interactive_slowdown_max`):
 
 - up by one after a fresh sample at the current width that is within budget, unless the
-  next width has a fresh estimate over budget: that one is tried again only once its
-  estimate is stale (`stale_after`), so a width over budget costs one short trial per
-  `stale_after`, and a width that became affordable (a quieter machine) is found again;
+  next width was found over budget: that one is tried again (one sample) only after
+  `retry_after`, doubled after each failed trial up to `retry_after_max`, so a width over
+  budget costs ever rarer short trials, and a width that became affordable (a quieter
+  machine) is still found again;
 - down below any width whose estimate is over budget, at once;
 - a *probe* re-learns the baseline, which drifts (other load on the machine, longer
   contexts): when it is older than `probe_interval`, the width is 0 until one fresh
@@ -50,8 +51,12 @@ BASELINE_MAX_RISE = 1.5
 (the machine's other load, a collection) must not make flex look cheap, while a
 baseline that rises for real still gets there in a few samples, and every width
 measured meanwhile looks slower, which narrows flex: the safe side."""
+RETRY_AFTER = 30.0
+"""Seconds after which a width found over budget is first tried again."""
+RETRY_AFTER_MAX = 120.0
+"""Longest wait before trying again a width found over budget time after time."""
 STALE_AFTER = 30.0
-"""Seconds after which a width found over budget is tried again."""
+"""Seconds after which intervals collected toward a sample are dropped as too old."""
 
 
 @dataclass
@@ -80,12 +85,16 @@ class LatencyBudget:
     sample_tokens: int = SAMPLE_TOKENS
     smoothing: float = SMOOTHING
     probe_interval: float = PROBE_INTERVAL
+    retry_after: float = RETRY_AFTER
+    retry_after_max: float = RETRY_AFTER_MAX
     stale_after: float = STALE_AFTER
     baseline_max_rise: float = BASELINE_MAX_RISE
     _width: int = 0
     _estimates: dict[int, _Estimate] = field(default_factory=dict)
     _pending: dict[int, _Pending] = field(default_factory=dict)
     _last_token: dict[str, tuple[float, int]] = field(default_factory=dict)
+    _blocked_until: dict[int, float] = field(default_factory=dict)
+    _backoff: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.budget <= 1.0:
@@ -152,20 +161,21 @@ class LatencyBudget:
         self._adjust(width, now)
 
     def _adjust(self, width: int, now: float) -> None:
-        """After a sample at `width`: down below it if it is over budget; up by one if it
-        is the current width, within budget, and the next width is not known to be over."""
+        """After a sample at `width`: down below it if it is over budget (and that width
+        blocked for a while); up by one if it is the current width, within budget, and
+        the next width is not blocked."""
         if width > 0 and self._over(width):
             self._width = min(self._width, width - 1)
+            backoff = self._backoff.get(width, self.retry_after)
+            self._blocked_until[width] = now + backoff
+            self._backoff[width] = min(2 * backoff, self.retry_after_max)
             return
+        self._backoff.pop(width, None)
         if width != self._width or self._width >= self.max_width:
             return
-        following = self._estimates.get(width + 1)
-        if following is None or self._stale(following, now) or not self._over(width + 1):
+        if now >= self._blocked_until.get(width + 1, -math.inf):
             self._width += 1
 
     def _over(self, width: int) -> bool:
         slowdown = self.slowdown(width)
         return slowdown is not None and slowdown > self.budget
-
-    def _stale(self, estimate: _Estimate, now: float) -> bool:
-        return now - estimate.at > self.stale_after
