@@ -139,6 +139,12 @@ def parse_plan(argv: list[str] | None) -> tuple[Plan, argparse.Namespace]:
         "a server of its own, and print one table (defaults then: 3 pairs of 15 s windows)",
     )
     p.add_argument(
+        "--capacity",
+        type=float,
+        help="requests/s to take as capacity instead of measuring it at start (a measure "
+        "taken while other processes hog the CPU can be a tenth of the real one)",
+    )
+    p.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -770,11 +776,11 @@ def _minmax(values: list[float]) -> list[float] | None:
 def main(argv: list[str] | None = None) -> int:
     plan, args = parse_plan(argv)
     if args.slowdown_budgets is None:
-        summary, _ = run_once(plan, args, args.dump)
+        summary, _ = run_once(plan, args, args.dump, args.capacity)
         print(json.dumps(summary, separators=(",", ":")))
         return 0
     summaries: dict[str, list[dict[str, Any]]] = {}
-    capacity: float | None = None  # measured once, so every budget sees the same load
+    capacity: float | None = args.capacity  # measured once: every budget, the same load
     for round_ in range(args.rounds):  # forward, then backward: drift cancels
         order = args.slowdown_budgets if round_ % 2 == 0 else args.slowdown_budgets[::-1]
         for budget in order:
