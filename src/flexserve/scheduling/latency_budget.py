@@ -46,6 +46,9 @@ SMOOTHING = 0.3
 """Least weight of the newest sample in an estimate (more when the estimate is old)."""
 PROBE_INTERVAL = 15.0
 """Seconds a baseline is trusted before flex is narrowed to 0 to measure it again."""
+STALL_FACTOR = 10.0
+"""An interval longer than this many baselines is a stall (the machine's other load, a
+collection), not time per token: it is not counted."""
 BASELINE_MAX_RISE = 1.5
 """Most a baseline sample may count above the baseline (it is clipped there): a stall
 (the machine's other load, a collection) must not make flex look cheap, while a
@@ -89,6 +92,7 @@ class LatencyBudget:
     retry_after_max: float = RETRY_AFTER_MAX
     stale_after: float = STALE_AFTER
     baseline_max_rise: float = BASELINE_MAX_RISE
+    stall_factor: float = STALL_FACTOR
     _width: int = 0
     _estimates: dict[int, _Estimate] = field(default_factory=dict)
     _pending: dict[int, _Pending] = field(default_factory=dict)
@@ -111,6 +115,8 @@ class LatencyBudget:
         self._last_token[job_id] = (now, beside)
         if previous is None or previous[1] != beside:
             return  # its first token (that is TTFT, not TPOT), or the width changed
+        if self._stall(now - previous[0], count):
+            return
         pending = self._pending.setdefault(beside, _Pending(since=previous[0]))
         if now - pending.since > self.stale_after:  # old intervals say little about now
             pending.total, pending.count, pending.since = 0.0, 0, previous[0]
@@ -119,6 +125,10 @@ class LatencyBudget:
         if pending.count >= self.sample_tokens:
             del self._pending[beside]
             self._learn(beside, pending.total / pending.count, now)
+
+    def _stall(self, interval: float, count: int) -> bool:
+        baseline = self._estimates.get(0)
+        return baseline is not None and interval > self.stall_factor * baseline.value * count
 
     def forget(self, job_id: str) -> None:
         """The job no longer runs (finished, cancelled, requeued)."""
