@@ -114,6 +114,17 @@ def test_a_stall_between_two_tokens_is_not_time_per_token() -> None:
     assert budget._estimates[0].value == pytest.approx(0.020)
 
 
+def test_an_engine_that_became_much_slower_is_still_learned() -> None:
+    """Twenty times slower for good: stalls at first, then probes learn it, each by at
+    most 1.5 x (too low a baseline only narrows flex meanwhile)."""
+    budget = LatencyBudget(budget=1.25, max_width=3)
+    now = feed(budget, "d", 0.0, 0.020, 9, beside=0)
+    now = feed(budget, "e", now, 0.4, 750, beside=0)  # 5 minutes
+
+    assert budget._estimates[0].value > 0.3
+    assert not budget.probing(now)
+
+
 def test_it_refuses_a_budget_that_is_no_budget() -> None:
     with pytest.raises(ValueError):
         LatencyBudget(budget=1.0, max_width=2)

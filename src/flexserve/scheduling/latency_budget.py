@@ -48,7 +48,8 @@ PROBE_INTERVAL = 15.0
 """Seconds a baseline is trusted before flex is narrowed to 0 to measure it again."""
 STALL_FACTOR = 10.0
 """An interval longer than this many baselines is a stall (the machine's other load, a
-collection), not time per token: it is not counted."""
+collection), not time per token: it is not counted, unless the baseline is due to be
+measured again (else an engine that became ten times slower would never be learned)."""
 BASELINE_MAX_RISE = 1.5
 """Most a baseline sample may count above the baseline (it is clipped there): a stall
 (the machine's other load, a collection) must not make flex look cheap, while a
@@ -115,7 +116,7 @@ class LatencyBudget:
         self._last_token[job_id] = (now, beside)
         if previous is None or previous[1] != beside:
             return  # its first token (that is TTFT, not TPOT), or the width changed
-        if self._stall(now - previous[0], count):
+        if self._stall(now - previous[0], count, now):
             return
         pending = self._pending.setdefault(beside, _Pending(since=previous[0]))
         if now - pending.since > self.stale_after:  # old intervals say little about now
@@ -126,9 +127,11 @@ class LatencyBudget:
             del self._pending[beside]
             self._learn(beside, pending.total / pending.count, now)
 
-    def _stall(self, interval: float, count: int) -> bool:
+    def _stall(self, interval: float, count: int, now: float) -> bool:
         baseline = self._estimates.get(0)
-        return baseline is not None and interval > self.stall_factor * baseline.value * count
+        if baseline is None or self.probing(now):
+            return False
+        return interval > self.stall_factor * baseline.value * count
 
     def forget(self, job_id: str) -> None:
         """The job no longer runs (finished, cancelled, requeued)."""
