@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/tiers.py [--slots K] [--window S] [--pairs N]
                                     [--backend simulated|embedded] [--deep N]
+                                    [--slowdown-budgets 1.1,1.25,1.5,off]
 
 What it does (DESIGN.md, "Benchmarks: what the figures mean"):
 
@@ -41,6 +42,12 @@ What it does (DESIGN.md, "Benchmarks: what the figures mean"):
 - flex: sent, completed (200, whole answer), shed (429 resource_unavailable), errors.
   The flood is drained (bounded) before counting, so every request sent is accounted.
 
+`--slowdown-budgets` runs all of the above once per latency budget
+(`scheduler.interactive_slowdown_max`, "off" = none), each on a fresh server, at the
+same default load (capacity is measured once), and ends with one table: per budget,
+the default tier's p99 TPOT ratio flood/alone (median of the pairs, spread) and the
+utilization of the flood windows, i.e. what each budget costs.
+
 The last line printed is one JSON object with the figures.
 """
 
@@ -56,7 +63,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from queue import Empty
 from typing import Any
@@ -74,6 +81,7 @@ REQUESTS = "flexserve_requests_total"
 PREEMPTIONS = "flexserve_preemptions_total"
 QUEUED = "flexserve_queued_jobs"
 BURST_RPS = 150.0
+BUDGET_ENV = "FLEXSERVE_SCHEDULER__INTERACTIVE_SLOWDOWN_MAX"
 
 
 @dataclass
@@ -104,7 +112,7 @@ def parse_plan(argv: list[str] | None) -> tuple[Plan, argparse.Namespace]:
     p.add_argument("--backend", choices=["simulated", "embedded"], default="simulated")
     p.add_argument("--slots", type=int, help="K (default 8 simulated, 4 embedded)")
     p.add_argument("--window", type=float, help="seconds per window (10 simulated, 30 embedded)")
-    p.add_argument("--pairs", type=int, default=5, help="(alone, flood) window pairs (>= 3)")
+    p.add_argument("--pairs", type=int, help="(alone, flood) window pairs (>= 3; default 5)")
     p.add_argument("--load", type=float, help="default load / capacity (0.40 sim, 0.35 emb)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--natural-tokens", type=int, default=32, help="simulated answer length")
@@ -123,16 +131,36 @@ def parse_plan(argv: list[str] | None) -> tuple[Plan, argparse.Namespace]:
         metavar="NAME=VALUE",
         help="extra FLEXSERVE_* setting for the server (repeatable), for experiments",
     )
+    p.add_argument(
+        "--slowdown-budgets",
+        type=_budgets,
+        metavar="B1,B2,...",
+        help="run once per latency budget (interactive_slowdown_max; 'off' = none), each on "
+        "a server of its own, and print one table (defaults then: 3 pairs of 15 s windows)",
+    )
+    p.add_argument(
+        "--capacity",
+        type=float,
+        help="requests/s to take as capacity instead of measuring it at start (a measure "
+        "taken while other processes hog the CPU can be a tenth of the real one)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --slowdown-budgets: run the list this often, every other time reversed",
+    )
     p.add_argument("--keep-data", action="store_true", help="keep the server's data dir")
     p.add_argument("--dump", type=Path, help="write every request's record (JSON lines) here")
     a = p.parse_args(argv)
     embedded = a.backend == "embedded"
     slots = a.slots or (4 if embedded else 8)
+    budgets = a.slowdown_budgets is not None  # several runs: shorter ones
     plan = Plan(
         backend=a.backend,
         slots=slots,
-        window=a.window or (30.0 if embedded else 8.0),
-        pairs=a.pairs,
+        window=a.window or (15.0 if budgets else 30.0 if embedded else 8.0),
+        pairs=a.pairs or (3 if budgets else 5),
         load=a.load or (0.35 if embedded else 0.40),
         max_tokens=a.max_tokens,
         natural_tokens=a.natural_tokens,
@@ -712,6 +740,7 @@ def report(
         "p99_ttft_ratio_pooled": _round(pooled["ttft"]),
         "p99_tpot_ratio": _round(spread(ratios["tpot"])["median"]) if ratios["tpot"] else None,
         "p99_tpot_ratio_spread": _minmax(ratios["tpot"]),
+        "p99_tpot_ratios": [_round(v) for v in ratios["tpot"]],
         "p99_e2e_ratio": _round(spread(ratios["e2e"])["median"]) if ratios["e2e"] else None,
         "p99_e2e_ratio_spread": _minmax(ratios["e2e"]),
         "p99_tpot_ratio_pooled": _round(pooled["tpot"]),
@@ -746,6 +775,32 @@ def _minmax(values: list[float]) -> list[float] | None:
 
 def main(argv: list[str] | None = None) -> int:
     plan, args = parse_plan(argv)
+    if args.slowdown_budgets is None:
+        summary, _ = run_once(plan, args, args.dump, args.capacity)
+        print(json.dumps(summary, separators=(",", ":")))
+        return 0
+    summaries: dict[str, list[dict[str, Any]]] = {}
+    capacity: float | None = args.capacity  # measured once: every budget, the same load
+    for round_ in range(args.rounds):  # forward, then backward: drift cancels
+        order = args.slowdown_budgets if round_ % 2 == 0 else args.slowdown_budgets[::-1]
+        for budget in order:
+            label = "off" if budget is None else f"{budget:g}"
+            env = dict(plan.server_env)
+            if budget is not None:
+                env[BUDGET_ENV] = str(budget)
+            suffix = f".{label}.{round_}{args.dump.suffix}" if args.dump else ""
+            dump = args.dump.with_suffix(suffix) if args.dump else None
+            summary, capacity = run_once(replace(plan, server_env=env), args, dump, capacity)
+            summaries.setdefault(label, []).append(summary)
+            print()
+    print(json.dumps(budget_report(plan, summaries), separators=(",", ":")))
+    return 0
+
+
+def run_once(
+    plan: Plan, args: argparse.Namespace, dump: Path | None, capacity: float | None = None
+) -> tuple[dict[str, Any], float]:
+    """One server, one interleaved run, its report; returns its summary and capacity."""
     started = time.monotonic()
     load_before = loadavg()
     srv_args, env = server_args(plan)
@@ -754,7 +809,8 @@ def main(argv: list[str] | None = None) -> int:
         model = health["model"]
         t_default = Target("127.0.0.1", server.port, model, DEFAULT_KEY)
         t_flex = Target("127.0.0.1", server.port, model, FLEX_KEY)
-        capacity, calib = calibrate(plan, t_default)
+        measured, calib = calibrate(plan, t_default)
+        capacity = capacity or measured
         rate = plan.load * capacity
         bench = Bench(plan, server, t_default, t_flex, spare_rps=capacity - rate)
         bench.start()
@@ -779,8 +835,8 @@ def main(argv: list[str] | None = None) -> int:
         elapsed,
         (load_before, loadavg()),
     )
-    if args.dump:
-        with args.dump.open("w") as out:
+    if dump:
+        with dump.open("w") as out:
             for r in defaults + flexes:
                 out.write(json.dumps({**asdict(r), "ttft": r.ttft, "e2e": r.e2e}) + "\n")
             for w in bench.windows:
@@ -788,8 +844,75 @@ def main(argv: list[str] | None = None) -> int:
     summary["plan"] = {
         k: v for k, v in asdict(plan).items() if k in ("load", "flood_workers", "deep")
     }
-    print(json.dumps(summary, separators=(",", ":")))
-    return 0
+    return summary, capacity
+
+
+def budget_report(plan: Plan, summaries: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """One table: per budget, the default tier's p99 TPOT ratio flood/alone (median of
+    every pair of every round, spread), whether it is within the budget + 10 %, and the
+    utilization of the flood windows."""
+    rounds = max(len(runs) for runs in summaries.values())
+    print(
+        f"latency budgets (interactive_slowdown_max) — backend {plan.backend}, K={plan.slots}, "
+        f"{rounds} round(s) of {plan.pairs} pairs of {plan.window:g} s windows per budget"
+    )
+    print(
+        f"  {'budget':>6}  {'p99 TPOT ratio (spread)':>25}  {'<= +10%':>7}  {'mean TPOT':>9}  "
+        f"{'p99 TTFT':>8}  {'util':>5}  {'flex done':>9}"
+    )
+    rows: dict[str, dict[str, Any]] = {}
+    for label, runs in summaries.items():
+        tpot = [v for s in runs for v in s["p99_tpot_ratios"]]
+        ttft = [v for s in runs for v in s["p99_ttft_ratios"]]
+        util = statistics.fmean(u for s in runs for u in s["utilization_per_window"])
+        mean_tpot = statistics.fmean(s["mean_tpot_ratio_pooled"] for s in runs)
+        ratio, ttft_ratio = statistics.median(tpot), statistics.median(ttft)
+        limit = None if label == "off" else float(label) * 1.1
+        within = "" if limit is None else ("yes" if ratio <= limit else "NO")
+        done = sum(s["flex_completed"] for s in runs)
+        print(
+            f"  {label:>6}  {ratio:>8.3f} ({min(tpot):.3f}-{max(tpot):.3f})  {within:>7}  "
+            f"{mean_tpot:>9.3f}  {ttft_ratio:>8.3f}  {util:>5.3f}  {done:>9}"
+        )
+        rows[label] = {
+            "p99_tpot_ratio": _round(ratio),
+            "p99_tpot_ratio_spread": _minmax(tpot),
+            "p99_tpot_ratios": tpot,
+            "within_budget_plus_10pct": None if limit is None else ratio <= limit,
+            "mean_tpot_ratio_pooled": _round(mean_tpot),
+            "p99_ttft_ratio": _round(ttft_ratio),
+            "utilization": _round(util),
+            "utilization_alone": [s["utilization_alone"] for s in runs],
+            "flex_completed": done,
+            "default_errors": sum(s["default_errors"] for s in runs),
+            "elapsed_s": round(sum(s["elapsed_s"] for s in runs), 1),
+        }
+    print("  (ratio = default-tier p99 TPOT flood/alone, median over all pairs; util = flood")
+    print("   windows' busy slot-s / (K x window); mean TPOT = pooled mean flood/alone, mean of")
+    print("   the rounds; p99 TTFT = median ratio; flex done = completed)")
+    return {
+        "backend": plan.backend,
+        "k": plan.slots,
+        "rounds": rounds,
+        "pairs": plan.pairs,
+        "window_s": plan.window,
+        "budgets": rows,
+    }
+
+
+def _budgets(text: str) -> list[float | None]:
+    """'1.1,1.25,off' -> [1.1, 1.25, None]."""
+    out: list[float | None] = []
+    for item in text.split(","):
+        item = item.strip()
+        if item == "off":
+            out.append(None)
+            continue
+        value = float(item)
+        if value <= 1.0:
+            raise argparse.ArgumentTypeError(f"a budget must be above 1.0 (got {item})")
+        out.append(value)
+    return out
 
 
 if __name__ == "__main__":

@@ -104,7 +104,15 @@ class SchedulerSettings(BaseModel):
     """Slots never given to flex/batch, for engines that cannot preempt cheaply
     (fewer than `slots`: flex must have at least one)."""
     flex_width_when_busy: int | None = Field(default=None, ge=0)
-    """Most flex/batch sequences beside interactive ones (None = no limit)."""
+    """Most flex/batch sequences beside interactive ones (None = no limit); with
+    `interactive_slowdown_max` set, an upper bound on the width the budget allows."""
+    interactive_slowdown_max: float | None = Field(default=None, gt=1.0)
+    """Latency budget: most interactive time per output token with flex/batch running
+    beside ÷ the same without (e.g. 1.25 = at most 25 % slower). The scheduler measures
+    both from interactive jobs' tokens (re-measuring the baseline every ~15 s by running
+    no flex beside interactive work for a few tokens) and adapts how many flex/batch
+    sequences run beside interactive ones; with no interactive work flex still takes
+    every slot. None = off (only `flex_width_when_busy` limits the width)."""
     cold_start_tokens_per_slot_second: float = Field(default=20.0, gt=0)
     """Service rate assumed before any is measured (output tokens per busy slot-second)."""
     rate_window: float = Field(default=2.0, gt=0)

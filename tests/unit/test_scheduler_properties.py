@@ -99,6 +99,7 @@ def scheduler_settings(draw: st.DrawFn) -> tuple[SchedulerSettings, int]:
         interactive_max_wait=draw(st.sampled_from([0.0, 0.5, 2.0, 5.0])),
         interactive_reserve=draw(edge_biased(0, slots - 1)),
         flex_width_when_busy=draw(st.none() | edge_biased(0, slots + 1)),
+        interactive_slowdown_max=draw(st.none() | st.sampled_from([1.01, 1.25, 3.0])),
         flex_queue_max_jobs=draw(edge_biased(1, 12)),
         flex_queue_max_tokens=draw(st.sampled_from([1, 100, 500, 5000])),
         interactive_queue_max_jobs=draw(edge_biased(1, 12)),
@@ -289,9 +290,8 @@ class Harness:
         free = self.slots - len(running)
         assert free >= 0, "a slot over-committed"
         assert flex_running <= self.slots - self.config.interactive_reserve
-        width = self.config.flex_width_when_busy
-        if width is not None and interactive_running:
-            assert flex_running <= width
+        if interactive_running:
+            assert flex_running <= self.width_beside_interactive()
         if any(s.interactive for s in queued):
             assert flex_running == 0, "interactive waits while flex holds a slot"
             assert free == 0, "interactive waits beside a free slot"
@@ -301,12 +301,22 @@ class Harness:
             assert not any(s.tier == "flex" for s in queued), "batch started before flex"
 
     def flex_could_start(self, free: int, flex_running: int, interactive_running: int) -> bool:
-        width = self.config.flex_width_when_busy
         return (
             free > 0
             and flex_running < self.slots - self.config.interactive_reserve
-            and (width is None or interactive_running == 0 or flex_running < width)
+            and (interactive_running == 0 or flex_running < self.width_beside_interactive())
         )
+
+    def width_beside_interactive(self) -> int:
+        """`flex_width_when_busy` and, if set, the latency budget's width (never more
+        than the slots: with no interactive work neither applies)."""
+        width = self.config.flex_width_when_busy
+        widths = [self.slots if width is None else width]
+        if self.sched.latency_budget is not None:
+            budget = self.sched.latency_budget.width(self.now)
+            assert 0 <= budget <= self.slots - 1
+            widths.append(budget)
+        return min(widths)
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -5,7 +5,8 @@ Policy (DESIGN.md, "Scheduling policy"):
 1. interactive first: start on a free slot, else preempt the flex/batch job that loses
    least, else queue (bounded wait, then `503 overloaded`);
 2. flex and batch fill every idle slot (minus `interactive_reserve`, and at most
-   `flex_width_when_busy` beside interactive work);
+   `flex_width_when_busy` beside interactive work, and, with `interactive_slowdown_max`,
+   at most the width the latency budget allows: `LatencyBudget`);
 3. flex admission is honest: queued only if predicted to start by its deadline;
 4. strict between tiers, token-fair between tenants within one (VTC), then deadline;
 5. preempted jobs keep their tokens and are requeued, never shed;
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from flexserve.scheduling.bounds import FairBound
 from flexserve.scheduling.jobs import JobSpec, JobState, Phase
+from flexserve.scheduling.latency_budget import LatencyBudget
 from flexserve.scheduling.lengths import OutputLengths
 from flexserve.scheduling.plan import Admission, Admitted, Plan, Refusal, Rejected
 from flexserve.scheduling.queues import FairQueue
@@ -72,6 +74,7 @@ class Scheduler:
             smoothing=settings.rate_smoothing,
             _window_start=now,
         )
+        self.latency_budget = _latency_budget(settings, slots)
 
     # ---- events ---------------------------------------------------------------------
 
@@ -99,6 +102,8 @@ class Scheduler:
             return
         job.produced += count
         self.rate.observe_tokens(count)
+        if self.latency_budget is not None and job.spec.interactive:
+            self.latency_budget.token(job_id, now, self._running_preemptible(), count)
         self._queues[job.spec.tier].charge(job.spec.tenant, output_tokens=count)
 
     def finish(self, job_id: str, now: float) -> None:
@@ -366,6 +371,8 @@ class Scheduler:
     def _stop_running(self, job: JobState) -> None:
         del self._running[job.spec.job_id]
         self._running_count[job.spec.tier] -= 1
+        if self.latency_budget is not None:
+            self.latency_budget.forget(job.spec.job_id)
 
     def _start(self, job_id: str, start: list[str]) -> None:
         """`job_id` was just popped from its queue."""
@@ -420,12 +427,17 @@ class Scheduler:
         return self._running_preemptible() < self._flex_limit()
 
     def _flex_limit(self) -> int:
-        """Most flex/batch jobs that may run now: all slots but the reserve, and at most
-        `flex_width_when_busy` beside interactive work."""
+        """Most flex/batch jobs that may run now: all slots but the reserve, and beside
+        interactive work at most `flex_width_when_busy` and what the latency budget
+        allows (as of the newest event: the budget changes only with events)."""
         limit = self.slots - self.settings.interactive_reserve
+        if self._running_interactive() == 0:
+            return limit
         width = self.settings.flex_width_when_busy
-        if width is not None and self._running_interactive() > 0:
+        if width is not None:
             limit = min(limit, width)
+        if self.latency_budget is not None:
+            limit = min(limit, self.latency_budget.width(self._last))
         return limit
 
     def _running_interactive(self) -> int:
@@ -433,6 +445,17 @@ class Scheduler:
 
     def _running_preemptible(self) -> int:
         return self._running_count["flex"] + self._running_count["batch"]
+
+
+def _latency_budget(settings: SchedulerSettings, slots: int) -> LatencyBudget | None:
+    """The controller of flex width beside interactive work, if a budget is set."""
+    budget = settings.interactive_slowdown_max
+    if budget is None:
+        return None
+    widest = slots - max(1, settings.interactive_reserve)  # an interactive job holds one
+    if settings.flex_width_when_busy is not None:
+        widest = min(widest, settings.flex_width_when_busy)
+    return LatencyBudget(budget=budget, max_width=max(0, widest))
 
 
 def _bound_tokens(job: JobState) -> int:
