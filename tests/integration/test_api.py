@@ -433,3 +433,25 @@ def test_a_partial_price_table_keeps_the_default_multipliers(serve: Serve) -> No
     prompt = rows["flex"].input_tokens
     assert rows["priority"].cost_nanos == round((prompt * 1.0 + 4 * 2.0) * 2.0 * 1000)
     assert rows["flex"].cost_nanos == round((prompt * 1.0 + 4 * 2.0) * 0.3 * 1000)
+
+
+def test_a_stream_whose_first_token_comes_after_the_heartbeat_loses_nothing(
+    serve: Serve,
+) -> None:
+    """Headers go out at most `paused_heartbeat` after the job starts; the event being
+    awaited then must not be lost (before: the first token vanished, or the stream hung
+    when it was the end)."""
+    server = serve(paused_heartbeat=0.3, simulated={"ttft_ms": 900, "tpot_ms": 2})
+    c = client(server)
+    reference = ask(c, content="slow start", max_tokens=5).choices[0].message.content  # type: ignore[attr-defined]
+    stream = c.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "slow start"}],
+        max_tokens=5,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == reference
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5

@@ -761,3 +761,22 @@ def test_a_backend_that_cannot_pause_yields_only_jobs_that_produced_nothing() ->
     assert plan.preempt == ("prefilling",) and plan.start == ("urgent",)
     admit(sched, make_spec("urgent-2", "default", now=0.3))
     assert sched.step(0.3) == Plan()  # the answering job keeps its slot: urgent-2 waits
+
+
+def test_capacity_shrinking_below_the_running_jobs_never_starts_more() -> None:
+    """A pool that loses a member shrinks `slots` under jobs already running: nothing
+    more may start without a preemption (before: free slots went negative, read as free)."""
+    sched = Scheduler(settings(), slots=8)
+    for n in range(6):
+        admit(sched, make_spec(f"d{n}", "default"))
+    admit(sched, make_spec("f0"))
+    admit(sched, make_spec("f1"))
+    assert len(sched.step(0.0).start) == 8
+    sched.slots = 4
+    admit(sched, make_spec("d6", "default", now=0.1))
+    admit(sched, make_spec("f2", now=0.1))
+    plan = sched.step(0.1)
+    running = len(sched.running_ids())
+    assert running <= 8 and "f2" not in plan.start
+    assert set(plan.preempt) == {"f0", "f1"}  # flex yields to the shrunk capacity
+    assert running == 6 + ("d6" in plan.start)

@@ -39,6 +39,13 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 """No cache or proxy (nginx) may hold SSE chunks back."""
 
 
+class _NoEventYet:
+    """A wait for the job's next event timed out (not an event: nothing was read)."""
+
+
+NO_EVENT_YET = _NoEventYet()
+
+
 class Shape(Protocol):
     """How one API writes an answer (made per job; it may keep ids and counters)."""
 
@@ -165,16 +172,26 @@ class Answer:
         self._pending: JobEvent | None = None
         """An event read before the response began, delivered first by `sse`."""
 
-    async def next_event_or_disconnect(self, request: Request) -> JobEvent | None:
-        """The next event; None if the client went away first (the job goes on)."""
+    async def next_event_or_disconnect(
+        self, request: Request, within: float | None = None
+    ) -> JobEvent | _NoEventYet | None:
+        """The next event; None if the client went away first (the job goes on);
+        NO_EVENT_YET if `within` seconds passed first (no event is lost: the read is
+        undone)."""
         task = asyncio.ensure_future(self.handle.events.get())
         gone = asyncio.ensure_future(_disconnected(request))
-        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-        gone.cancel()
-        if gone not in done:  # both at once: the client is gone, so is the answer's use
-            return task.result()
-        task.cancel()
-        return None
+        try:
+            done, _ = await asyncio.wait(
+                {task, gone}, timeout=within, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:  # also when this await itself is cancelled: no read left behind
+            gone.cancel()
+            task.cancel()
+        if gone in done:  # the client is gone, so is the answer's use
+            return None
+        if task.cancelled() or not task.done():
+            return NO_EVENT_YET
+        return task.result()
 
     async def first_output_or_disconnect(self, request: Request) -> JobEvent | None:
         """A started stream's first token, pause or end (None: the client left).
@@ -184,17 +201,18 @@ class Answer:
         with its Retry-After, not as an error event in a 200 stream. A pause sends the
         headers at once, so that heartbeats keep the connection meanwhile.
         """
-        try:
-            # Bounded: a long prefill or an engine's own queue must not keep a client
-            # without a byte past its read timeout (which admission assumed starts now).
-            async with asyncio.timeout(self.state.settings.paused_heartbeat):
-                while True:
-                    event = await self.next_event_or_disconnect(request)
-                    if not isinstance(event, Started):
-                        self._pending = event
-                        return event
-        except TimeoutError:
-            return Started(resumed=False)  # begin the stream now
+        # Bounded: a long prefill or an engine's own queue must not keep a client
+        # without a byte past its read timeout (which admission assumed starts now).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.state.settings.paused_heartbeat
+        while True:
+            left = max(0.0, deadline - loop.time())
+            event = await self.next_event_or_disconnect(request, within=left)
+            if isinstance(event, _NoEventYet):
+                return Started(resumed=False)  # begin the stream now
+            if not isinstance(event, Started):
+                self._pending = event
+                return event
 
     def cancel(self) -> None:
         """The client left: free the slot, bill what was produced.

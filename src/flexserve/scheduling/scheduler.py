@@ -419,7 +419,8 @@ class Scheduler:
         return None
 
     def _free_slots(self) -> int:
-        return self.slots - len(self._running)
+        """Never below 0: a pool's capacity can shrink under jobs already running."""
+        return max(0, self.slots - len(self._running))
 
     def _flex_may_start(self) -> bool:
         if self._interactive_queue() is not None or self._free_slots() == 0:
@@ -433,6 +434,8 @@ class Scheduler:
         limit = self.slots - self.settings.interactive_reserve
         if self._running_interactive() == 0:
             return limit
+        # what interactive work leaves (less than the rest when capacity shrank under it)
+        limit = min(limit, max(0, self.slots - self._running_interactive()))
         width = self.settings.flex_width_when_busy
         if width is not None:
             limit = min(limit, width)
