@@ -445,3 +445,20 @@ def test_batch_lines_waiting_for_room_are_not_counted_as_refused_requests(
     assert done.request_counts.completed == 4  # type: ignore[union-attr]
     metrics = httpx.get(server.base_url + "/metrics").text
     assert 'flexserve_requests_total{outcome="shed",tier="batch"}' not in metrics
+
+
+def test_a_line_that_breaks_the_engine_fails_alone_instead_of_running_until_expiry(
+    serve: Serve, clients: Callable[..., openai.OpenAI]
+) -> None:
+    server = serve(simulated={**FAST, "fault_markers": True})
+    c = clients(server)
+    lines = [line("good"), line("poison", "[sim:error@0] boom"), line("good-2")]
+    batch = c.batches.create(
+        input_file_id=upload(c, jsonl(lines)).id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    done = wait_for(c, batch.id, ("completed",))
+    assert (done.request_counts.completed, done.request_counts.failed) == (2, 1)  # type: ignore[union-attr]
+    errors = read_lines(c, done.error_file_id)
+    assert [(e["custom_id"], e["response"]["status_code"]) for e in errors] == [("poison", 500)]

@@ -59,14 +59,20 @@ class Pool:
     ) -> AsyncIterator[Chunk]:
         index = self.choose(request.request_id)
         self._in_flight[index] += 1
+        chunks = self.members[index].generate(request, resume)
         try:
-            async for chunk in self.members[index].generate(request, resume):
+            async for chunk in chunks:
                 yield chunk
         except BackendError:
             self._failed[request.request_id] = index
             raise
         finally:
             self._in_flight[index] -= 1
+            # a pause closes the member's stream now, not when the garbage collector
+            # finalizes it (an upstream's HTTP stream, its breaker's probe)
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     def choose(self, request_id: str) -> int:
         """The least-loaded healthy member, not the one that last failed this job if
@@ -86,7 +92,7 @@ class Pool:
         now = self._clock()
         breakers = [getattr(member, "breaker", None) for member in self.members]
         waits = [b.remaining(now) for b in breakers if isinstance(b, CircuitBreaker)]
-        return max(0.1, min(waits, default=1.0))
+        return max(0.5, min(waits, default=1.0))
 
     def _load(self, index: int) -> float:
         member = self.members[index]

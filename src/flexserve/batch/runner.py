@@ -37,6 +37,9 @@ from flexserve.store.batch_records import BatchRecord, ItemClaim, ItemResult
 
 log = logging.getLogger("flexserve.batch")
 
+MAX_LINE_ENGINE_FAILURES = 3
+"""Engine failures (500, after the runtime's own retries) of one line, on one replica,
+before it is written as failed."""
 EXPIRED_ERROR = {
     "code": "batch_expired",
     "message": "This request could not be executed before the completion window expired.",
@@ -86,6 +89,7 @@ class BatchRunner:
         self._wall = wall_clock
         self._work: dict[str, _BatchWork] = {}
         self._task: asyncio.Task[None] | None = None
+        self._engine_failures: dict[tuple[str, int], int] = {}
         self._last_renew = 0.0
         self._wake = asyncio.Event()
         """Set when there is work to claim now (a batch created here, lines finished)."""
@@ -232,7 +236,7 @@ class BatchRunner:
             if isinstance(event, Token):
                 text.append(event.chunk.text)
             elif isinstance(event, Failed):
-                if not _the_requests_fault(event.error):  # no room, an outage, a drain
+                if not self._gives_up(claim, event.error):  # no room, an outage, a drain
                     return None, None  # the line waits its turn (or the next start)
                 return self._error_line(claim, request_id, event.error), None
             elif isinstance(event, Done):
@@ -257,6 +261,17 @@ class BatchRunner:
             prompt_text=valid.prompt_text,
             billed_by_caller=True,
         )
+
+    def _gives_up(self, claim: ItemClaim, error: FlexserveError) -> bool:
+        """The line fails: its request is bad, or the engine failed it (500) again and
+        again here (a line that breaks the engine must not run until its window ends)."""
+        if _the_requests_fault(error):
+            return True
+        if error.status != 500:
+            return False
+        key = (claim.batch_id, claim.line_no)
+        self._engine_failures[key] = self._engine_failures.get(key, 0) + 1
+        return self._engine_failures[key] >= MAX_LINE_ENGINE_FAILURES
 
     def _error_line(self, claim: ItemClaim, request_id: str, error: FlexserveError) -> ItemResult:
         line = _output_line(claim, request_id, error.status, error.body())

@@ -75,6 +75,8 @@ class JobHandle:
     started: bool = False
     preemptions: int = 0
     engine_failures: int = 0
+    outages: int = 0
+    """Times it found no engine to run on (every breaker open) and waited."""
     settled: asyncio.Task[None] | None = None
     """Billing and accounting of the outcome; handlers await it before their last byte."""
     engine_prompt_tokens: int | None = None

@@ -64,6 +64,9 @@ _OVERLOADED = "The server is overloaded with interactive traffic; retry shortly.
 
 Settle = Callable[[JobHandle, Outcome], Coroutine[Any, Any, None]]
 
+MAX_OUTAGE_RETRIES = 600
+"""Waits of a flex/batch job for an engine to come back (each at least 0.5 s: a breaker's
+cooldown), after which it fails (a job with no deadline left must not wait for ever)."""
 MAX_FLEX_ENGINE_RETRIES = 3
 """Resumes of a flex/batch job whose engine failed before it produced anything."""
 
@@ -379,6 +382,11 @@ class Runtime:
             self._finish(
                 handle, Failed(busy), cut_outcome(handle) if handle.produced else "overloaded", now
             )
+            return
+        handle.outages += 1
+        if handle.outages > MAX_OUTAGE_RETRIES:
+            failure = EngineFailure(f"No engine came back in time: {error}")
+            self._finish(handle, Failed(failure), cut_outcome(handle), now)
             return
         if not handle.produced and now - handle.arrival > handle.submission.max_wait:
             late = ResourceUnavailable(busy_message(str(error)), retry_after=error.retry_in)

@@ -439,7 +439,9 @@ class Scheduler:
         width = self.settings.flex_width_when_busy
         if width is not None:
             limit = min(limit, width)
-        if self.latency_budget is not None:
+        if self.latency_budget is not None and self.can_pause:
+            # (a backend that cannot pause could never run interactive work alone to
+            # measure its baseline: the budget would keep flex out for good)
             limit = min(limit, self.latency_budget.width(self._last))
         return limit
 

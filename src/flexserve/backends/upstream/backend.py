@@ -19,7 +19,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -129,12 +129,8 @@ class OpenAIBackend:
     async def generate(
         self, request: GenerationRequest, resume: Sequence[TokenChunk] = ()
     ) -> AsyncIterator[Chunk]:
-        now = self._clock()
-        if not self.breaker.allows(now):
-            raise NoBackendAvailable(
-                f"backend {self.label} is out (circuit open)",
-                retry_in=max(0.1, self.breaker.remaining(now)),
-            )
+        # Built before the breaker hands out a probe: a call that cannot be built (no
+        # continuation, a template that refuses) must not leave the probe taken.
         call = build_call(
             self.capabilities.continuation,
             model=self.endpoint.upstream_model,
@@ -146,18 +142,27 @@ class OpenAIBackend:
             render=self._render,
             prompt_text=request.prompt_text,
         )
+        now = self._clock()
+        if not self.breaker.allows(now):
+            raise NoBackendAvailable(
+                f"backend {self.label} is out (circuit open)",
+                retry_in=max(0.5, self.breaker.remaining(now)),
+            )
         self.in_flight += 1
         self._stats.active_sequences = self.in_flight
         try:
-            async for chunk in self._chunks(call, request, len(resume)):
-                yield chunk
+            # aclosing: a pause closes the upstream stream now, not when the garbage
+            # collector finalizes the generator
+            async with contextlib.aclosing(self._chunks(call, request, len(resume))) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         finally:
             self.in_flight -= 1
             self._stats.active_sequences = self.in_flight
 
     async def _chunks(
         self, call: Any, request: GenerationRequest, resumed: int
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         emitted = 0
         answered = False
         try:
