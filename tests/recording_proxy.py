@@ -10,9 +10,6 @@ engine sees the disconnect just as it would without the proxy.
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,11 +17,12 @@ from typing import Any
 
 import anyio
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
+
+from tests.fakes.upstream import serve_app
 
 HOP_BY_HOP = frozenset({"host", "content-length", "connection", "transfer-encoding"})
 
@@ -118,21 +116,5 @@ def _record(exchange: Exchange, buffer: bytes) -> bytes:
 @contextmanager
 def serve_proxy(proxy: RecordingProxy) -> Iterator[str]:
     """Serve `proxy` on a loopback port; yields its base URL (ending in /v1)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(proxy.app(), host="127.0.0.1", port=port, log_level="critical")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("recording proxy did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serve_app(proxy.app(), "recording proxy") as url:
+        yield url

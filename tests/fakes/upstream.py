@@ -112,18 +112,23 @@ def _sse(payload: dict[str, Any]) -> str:
 @contextmanager
 def serve_fake(fake: FakeUpstream) -> Iterator[str]:
     """Serve `fake` on a loopback port; yields its base URL (ending in /v1)."""
+    with serve_app(fake.app(), "fake upstream") as url:
+        yield url
+
+
+@contextmanager
+def serve_app(app: Any, name: str) -> Iterator[str]:
+    """Serve an ASGI app on a free loopback port, in a thread; yields its /v1 base URL."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(fake.app(), host="127.0.0.1", port=port, log_level="critical")
-    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:
         if time.monotonic() > deadline:
-            raise RuntimeError("fake upstream did not start")
+            raise RuntimeError(f"{name} did not start")
         time.sleep(0.01)
     try:
         yield f"http://127.0.0.1:{port}/v1"
