@@ -17,17 +17,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from flexserve.backends.base import (
     Backend,
     BackendError,
-    Chunk,
     EngineRefused,
     Finish,
-    GenerationRequest,
     NoBackendAvailable,
 )
 from flexserve.config import SchedulerSettings
@@ -37,7 +34,16 @@ from flexserve.errors import (
     Overloaded,
     ResourceUnavailable,
 )
-from flexserve.runtime.events import Done, Failed, JobHandle, Paused, Started, Submission, Token
+from flexserve.runtime.commands import (
+    Arrive,
+    Cancel,
+    Command,
+    Drain,
+    Ended,
+    Produced,
+    Retry,
+)
+from flexserve.runtime.events import Done, Failed, JobHandle, Paused, Started, Submission
 from flexserve.runtime.outcomes import (
     Outcome,
     busy_message,
@@ -46,8 +52,8 @@ from flexserve.runtime.outcomes import (
     runtime_failed,
     shutting_down,
 )
+from flexserve.runtime.stream import stream_job
 from flexserve.scheduling import (
-    RANK,
     Admission,
     JobSpec,
     Plan,
@@ -69,45 +75,6 @@ MAX_OUTAGE_RETRIES = 600
 cooldown), after which it fails (a job with no deadline left must not wait for ever)."""
 MAX_FLEX_ENGINE_RETRIES = 3
 """Resumes of a flex/batch job whose engine failed before it produced anything."""
-
-
-@dataclass(frozen=True)
-class _Arrive:
-    handle: JobHandle
-
-
-@dataclass(frozen=True)
-class _Produced:
-    request_id: str
-
-
-@dataclass(frozen=True)
-class _Ended:
-    request_id: str
-    finish: Finish | None
-    error: BackendError | EngineRefused | None = None
-
-
-@dataclass(frozen=True)
-class _Cancel:
-    request_id: str
-
-
-@dataclass(frozen=True)
-class _Retry:
-    """An outage's wait is over: run the job again if it still holds its slot."""
-
-    request_id: str
-
-
-@dataclass(frozen=True)
-class _Drain:
-    """Shutting down: refuse new work and end jobs (interactive running ones only if cut)."""
-
-    cut_interactive: bool
-
-
-_Command = _Arrive | _Produced | _Ended | _Cancel | _Drain | _Retry
 
 
 async def _no_settle(handle: JobHandle, outcome: Outcome) -> None:
@@ -132,7 +99,7 @@ class Runtime:
         )
         self._settle = settle
         self._stall_timeout = stall_timeout
-        self._commands: asyncio.Queue[_Command] = asyncio.Queue()
+        self._commands: asyncio.Queue[Command] = asyncio.Queue()
         self._handles: dict[str, JobHandle] = {}
         self._streams: dict[str, asyncio.Task[None]] = {}
         self._settling: set[asyncio.Task[None]] = set()
@@ -153,12 +120,12 @@ class Runtime:
         elif self._closing:
             handle.events.put_nowait(Failed(shutting_down()))
         else:
-            self._commands.put_nowait(_Arrive(handle))
+            self._commands.put_nowait(Arrive(handle))
         return handle
 
     def cancel(self, request_id: str) -> None:
         """The client went away: free the slot at once; bill what was produced."""
-        self._commands.put_nowait(_Cancel(request_id))
+        self._commands.put_nowait(Cancel(request_id))
 
     def set_settle(self, settle: Settle) -> None:
         self._settle = settle
@@ -180,13 +147,13 @@ class Runtime:
         if self._loop_task is None or self._loop_task.done():
             await self.close()  # no loop to drain through: end what is left now
             return
-        self._commands.put_nowait(_Drain(cut_interactive=False))
+        self._commands.put_nowait(Drain(cut_interactive=False))
         try:
             async with asyncio.timeout(grace):
                 await self._drained.wait()
         except TimeoutError:
             log.warning("shutdown grace of %.1f s over; ending interactive jobs", grace)
-            self._commands.put_nowait(_Drain(cut_interactive=True))
+            self._commands.put_nowait(Drain(cut_interactive=True))
             await self._drained.wait()
         await asyncio.gather(*self._settling, return_exceptions=True)
 
@@ -212,7 +179,7 @@ class Runtime:
         """Arrivals the loop never saw are jobs like any other: they get an answer too."""
         while not self._commands.empty():
             command = self._commands.get_nowait()
-            if isinstance(command, _Arrive):
+            if isinstance(command, Arrive):
                 self._handles[command.handle.request_id] = command.handle
 
     # ---- the loop -------------------------------------------------------------------
@@ -233,7 +200,7 @@ class Runtime:
     async def _run_loop(self) -> None:
         while True:
             timeout = max(0.0, self.scheduler.next_wakeup() - self.clock())
-            command: _Command | None = None
+            command: Command | None = None
             with contextlib.suppress(TimeoutError):
                 command = await asyncio.wait_for(self._commands.get(), timeout)
             now = self.clock()
@@ -263,19 +230,19 @@ class Runtime:
         self._handles.clear()
         self._drained.set()
 
-    def _apply(self, command: _Command, now: float) -> None:
+    def _apply(self, command: Command, now: float) -> None:
         match command:
-            case _Arrive(handle):
+            case Arrive(handle):
                 self._arrive(handle, now)
-            case _Produced(request_id):
+            case Produced(request_id):
                 self.scheduler.token(request_id, now)
-            case _Ended(request_id, finish, error):
+            case Ended(request_id, finish, error):
                 self._ended(request_id, finish, error, now)
-            case _Cancel(request_id):
+            case Cancel(request_id):
                 self._cancelled(request_id, now)
-            case _Drain(cut_interactive):
+            case Drain(cut_interactive):
                 self._drain(cut_interactive, now)
-            case _Retry(request_id):
+            case Retry(request_id):
                 self._retry(request_id)
 
     def _arrive(self, handle: JobHandle, now: float) -> None:
@@ -322,7 +289,10 @@ class Runtime:
     def _run(self, handle: JobHandle) -> None:
         handle.events.put_nowait(Started(resumed=handle.started))
         handle.started = True
-        task = asyncio.create_task(self._stream(handle), name=f"stream-{handle.request_id}")
+        task = asyncio.create_task(
+            stream_job(self.backend, handle, self._commands.put_nowait, self._stall_timeout),
+            name=f"stream-{handle.request_id}",
+        )
         self._streams[handle.request_id] = task
 
     def _pause(self, handle: JobHandle) -> None:
@@ -393,7 +363,7 @@ class Runtime:
             self._finish(handle, Failed(late), "shed", now)
             return
         handle.events.put_nowait(Paused())  # a stream keeps its heartbeats meanwhile
-        retry = _Retry(handle.request_id)
+        retry = Retry(handle.request_id)
         asyncio.get_running_loop().call_later(error.retry_in, self._commands.put_nowait, retry)
 
     def _retry(self, request_id: str) -> None:
@@ -461,59 +431,3 @@ class Runtime:
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
         handle.settled = task
-
-    # ---- one backend stream ---------------------------------------------------------
-
-    async def _stream(self, handle: JobHandle) -> None:
-        sub = handle.submission
-        priority = len(RANK) - RANK[sub.tier]  # priority 4 ... batch 1
-        background = not is_interactive(sub.tier)
-        request = GenerationRequest(
-            sub.request_id,
-            sub.prompt_tokens,
-            sub.sampling,
-            priority,
-            background,
-            messages=sub.messages,
-            tier=sub.tier,
-            prompt_text=sub.prompt_text,
-        )
-        chunks: AsyncIterator[Chunk] | None = None
-        try:
-            # Inside the try: a `generate` that raises before returning an iterator is an
-            # engine failure of this job like any other (it must not leave the slot held).
-            chunks = self.backend.generate(request, tuple(handle.produced))
-            ended = await self._pump(handle, chunks)
-        except (BackendError, EngineRefused) as error:
-            ended = _Ended(sub.request_id, None, error)
-        except asyncio.CancelledError:
-            await _close(chunks)
-            raise
-        except Exception as error:  # an engine bug must fail one request, not the server
-            log.exception("engine raised request_id=%s", sub.request_id)
-            ended = _Ended(sub.request_id, None, BackendError(type(error).__name__))
-        # Report first: a preemption during a slow close must not lose the finish.
-        self._commands.put_nowait(ended)
-        await _close(chunks)
-
-    async def _pump(self, handle: JobHandle, chunks: AsyncIterator[Chunk]) -> _Ended:
-        while True:
-            try:
-                async with asyncio.timeout(self._stall_timeout):
-                    chunk = await anext(chunks)
-            except StopAsyncIteration:
-                raise BackendError("stream ended without a finish") from None
-            except TimeoutError:
-                raise BackendError(f"no token for {self._stall_timeout:.0f} s") from None
-            if isinstance(chunk, Finish):
-                return _Ended(handle.request_id, chunk)
-            handle.produced.append(chunk)
-            handle.events.put_nowait(Token(chunk))
-            self._commands.put_nowait(_Produced(handle.request_id))
-
-
-async def _close(chunks: AsyncIterator[Chunk] | None) -> None:
-    aclose = getattr(chunks, "aclose", None)
-    if aclose is not None:
-        with contextlib.suppress(Exception):
-            await aclose()
