@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from flexserve.api.auth import authenticate
 from flexserve.api.body import read_body
-from flexserve.api.jobs import serve_job, sse, usage
+from flexserve.api.jobs import lower_headers, serve_job, sse, usage
 from flexserve.api.state import app_state
 from flexserve.api.validation import ValidChat, parse_body, validate_chat
 from flexserve.api.wire import ChatCompletionRequest
@@ -26,7 +26,7 @@ async def chat_completions(request: Request) -> Response:
     key = await authenticate(request, state)
     body = await read_body(request, state.settings.max_body_bytes)
     wire = parse_body(ChatCompletionRequest, body)
-    headers = {k.lower(): v for k, v in request.headers.items()}
+    headers = lower_headers(request)
     served = state.fleet.get(wire.model)
     # Off the event loop: the chat template and tokenizer run over up to max_body_bytes.
     valid = await asyncio.to_thread(validate_chat, wire, key, served, state.settings, headers)
@@ -49,7 +49,7 @@ class ChatShape:
     def delta(self, text: str, tokens: int) -> Iterable[str]:
         yield self._chunk({"content": text}, sent=tokens)
 
-    def closing(self, finish_reason: str, usage: dict[str, int]) -> Iterable[str]:
+    def closing(self, text: str, finish_reason: str, usage: dict[str, int]) -> Iterable[str]:
         sent = usage["completion_tokens"]
         yield self._chunk({}, sent=sent, finish_reason=finish_reason)
         if self.valid.include_usage:

@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from flexserve.api.auth import authenticate
 from flexserve.api.body import read_body
-from flexserve.api.jobs import serve_job, sse
+from flexserve.api.jobs import lower_headers, serve_job, sse
 from flexserve.api.state import app_state
 from flexserve.api.validation import ValidChat, parse_body, validate_completion
 from flexserve.api.wire import CompletionRequest
@@ -27,7 +27,7 @@ async def completions(request: Request) -> Response:
     key = await authenticate(request, state)
     body = await read_body(request, state.settings.max_body_bytes)
     wire = parse_body(CompletionRequest, body)
-    headers = {k.lower(): v for k, v in request.headers.items()}
+    headers = lower_headers(request)
     served = state.fleet.get(wire.model)
     valid = await asyncio.to_thread(validate_completion, wire, key, served, state.settings, headers)
     echo = bool(wire.echo)
@@ -53,7 +53,7 @@ class CompletionShape:
     def delta(self, text: str, tokens: int) -> Iterable[str]:
         yield self._chunk(text)
 
-    def closing(self, finish_reason: str, usage: dict[str, int]) -> Iterable[str]:
+    def closing(self, text: str, finish_reason: str, usage: dict[str, int]) -> Iterable[str]:
         yield self._chunk("", finish_reason)
         if self.valid.include_usage:
             yield sse(self._envelope([], usage=usage))

@@ -57,8 +57,9 @@ class Shape(Protocol):
         """SSE lines for newly generated text (`tokens`: how many were sent so far)."""
         ...
 
-    def closing(self, finish_reason: str, usage: dict[str, int]) -> Iterable[str]:
-        """SSE lines after the last token (the job is billed by now)."""
+    def closing(self, text: str, finish_reason: str, usage: dict[str, int]) -> Iterable[str]:
+        """SSE lines after the last token (the job is billed by now); `text` is the whole
+        answer."""
         ...
 
     def failure(self, error: FlexserveError) -> Iterable[str]:
@@ -87,7 +88,7 @@ async def serve_job(
     finished: Finished | None = None,
 ) -> Response:
     """Admit, submit and answer one validated request."""
-    headers = {k.lower(): v for k, v in request.headers.items()}
+    headers = lower_headers(request)  # the client's own (validation may have dropped some)
     attempt = Attempt(
         state,
         key.key_id,  # retries match per API key: another key of the tenant is another client
@@ -272,9 +273,10 @@ class Answer:
                         for line in self.shape.delta(event.text, self._tokens_seen):
                             yield line
                     await self._settled()
+                    whole = "".join(self._text)
                     if self._finished is not None:
-                        await self._finished("".join(self._text), event.finish_reason, self.usage())
-                    for line in self.shape.closing(event.finish_reason, self.usage()):
+                        await self._finished(whole, event.finish_reason, self.usage())
+                    for line in self.shape.closing(whole, event.finish_reason, self.usage()):
                         yield line
                     return
                 elif isinstance(event, Failed):
@@ -343,3 +345,8 @@ async def _disconnected(request: Request) -> None:
 
 def sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def lower_headers(request: Request) -> dict[str, str]:
+    """The request's headers by lower-case name (what validation and retries read)."""
+    return {k.lower(): v for k, v in request.headers.items()}

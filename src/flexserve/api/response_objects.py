@@ -39,7 +39,7 @@ class ResponseView:
         return "msg_" + self.response_id.removeprefix("resp_")
 
     def item(self, text: str, status: str) -> dict[str, Any]:
-        content = [] if status == "in_progress" else [_text_part(text)]
+        content = [] if status == "in_progress" else [text_part(text)]
         return {
             "type": "message",
             "id": self.item_id,
@@ -111,7 +111,7 @@ def response_object(record: ResponseRecord) -> dict[str, Any]:
     )
 
 
-def _text_part(text: str) -> dict[str, Any]:
+def text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 

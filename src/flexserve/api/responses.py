@@ -21,8 +21,8 @@ from starlette.responses import JSONResponse, Response
 
 from flexserve.api.auth import authenticate
 from flexserve.api.body import read_body
-from flexserve.api.jobs import serve_job
-from flexserve.api.response_objects import ResponseView, response_object
+from flexserve.api.jobs import lower_headers, serve_job
+from flexserve.api.response_objects import ResponseView, response_object, text_part
 from flexserve.api.state import AppState, app_state
 from flexserve.api.validation import READ_TIMEOUT_HEADER, ValidChat, parse_body, validate_chat
 from flexserve.api.wire import ChatCompletionRequest, ResponsesRequest
@@ -48,7 +48,7 @@ async def create_response(request: Request) -> Response:
     previous = await _previous(state, key, wire)
     chat = as_chat(wire, previous)
     served = state.fleet.get(wire.model)
-    headers = {k.lower(): v for k, v in request.headers.items()}
+    headers = lower_headers(request)
     if wire.background:  # no connection waits for it: the client's read timeout is moot
         headers.pop(READ_TIMEOUT_HEADER, None)
     valid = await asyncio.to_thread(validate_chat, chat, key, served, state.settings, headers)
@@ -256,7 +256,6 @@ class ResponsesShape:
     def __init__(self, view: ResponseView) -> None:
         self.view = view
         self.sequence = 0
-        self.text: list[str] = []
 
     def opening(self) -> Iterable[str]:
         yield self._event("response.created", response=self.view.body("in_progress"))
@@ -264,17 +263,15 @@ class ResponsesShape:
         yield self._event(
             "response.output_item.added", output_index=0, item=self.view.item("", "in_progress")
         )
-        yield self._event("response.content_part.added", **self._where(), part=_part(""))
+        yield self._event("response.content_part.added", **self._where(), part=text_part(""))
 
     def delta(self, text: str, tokens: int) -> Iterable[str]:
-        self.text.append(text)
         yield self._event("response.output_text.delta", **self._where(), delta=text, logprobs=[])
 
-    def closing(self, finish_reason: str, usage: dict[str, int]) -> Iterable[str]:
-        text = "".join(self.text)
+    def closing(self, text: str, finish_reason: str, usage: dict[str, int]) -> Iterable[str]:
         status = "incomplete" if finish_reason == "length" else "completed"
         yield self._event("response.output_text.done", **self._where(), text=text, logprobs=[])
-        yield self._event("response.content_part.done", **self._where(), part=_part(text))
+        yield self._event("response.content_part.done", **self._where(), part=text_part(text))
         yield self._event(
             "response.output_item.done", output_index=0, item=self.view.item(text, status)
         )
@@ -296,7 +293,3 @@ class ResponsesShape:
         payload = {"type": kind, "sequence_number": self.sequence, **fields}
         self.sequence += 1
         return f"event: {kind}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
-def _part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}

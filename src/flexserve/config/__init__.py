@@ -203,7 +203,7 @@ class Settings(BaseSettings):
             raise ValueError("upstream: give either `upstream` or `models`, not both")
         if self.upstream and not self.upstream.startswith(("http://", "https://")):
             raise ValueError(
-                f"upstream must be an http(s) URL ending in /v1 (got {self.upstream!r})"
+                f"upstream must be an http(s) URL, its API root (got {self.upstream!r})"
             )
         model_path = self.embedded.model_path
         embedded = self.backend == "embedded" or any(
