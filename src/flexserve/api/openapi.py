@@ -169,6 +169,9 @@ def _authenticated(*statuses: int, **extra: Any) -> RouteDoc:
     }
 
 
+_GENERATION_ERRORS: Final = (400, 403, 404, 413, 429, 500, 503)
+"""What every generation route (chat, completions, responses) may answer besides 401."""
+
 _SSE_EVENT: Final = {
     "type": "object",
     "required": ["data"],
@@ -181,13 +184,7 @@ _SSE_EVENT: Final = {
 }
 """One server-sent event (Open API before 3.2 describes a stream's events one by one)."""
 CHAT: Final[RouteDoc] = _authenticated(
-    400,
-    403,
-    404,
-    413,
-    429,
-    500,
-    503,
+    *_GENERATION_ERRORS,
     summary="Create a chat completion (JSON, or SSE with `stream: true`)",
     openapi_extra={
         "parameters": [
@@ -352,13 +349,7 @@ CANCEL_BATCH: Final[RouteDoc] = _authenticated(
     openapi_extra={"parameters": [_BATCH_ID]},
 )
 COMPLETIONS: Final[RouteDoc] = _authenticated(
-    400,
-    403,
-    404,
-    413,
-    429,
-    500,
-    503,
+    *_GENERATION_ERRORS,
     summary="Create a text completion from one raw prompt (JSON, or SSE with `stream: true`)",
     openapi_extra={
         "parameters": CHAT["openapi_extra"]["parameters"],
@@ -377,13 +368,7 @@ COMPLETIONS: Final[RouteDoc] = _authenticated(
 )
 _RESPONSE_ID: Final = _path("response_id", "Response id")
 CREATE_RESPONSE: Final[RouteDoc] = _authenticated(
-    400,
-    403,
-    404,
-    413,
-    429,
-    500,
-    503,
+    *_GENERATION_ERRORS,
     summary="Create a response (text): JSON, the event stream with `stream: true`, or at "
     "once as `queued` with `background: true`",
     openapi_extra={
