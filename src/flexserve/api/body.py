@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import secrets
+import os
+import random
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -22,6 +23,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+_IDS = random.Random()  # seeded from os.urandom
+"""Request ids need to be unique, not secret (every lookup by id is checked against the
+tenant): a seeded PRNG gives 96 random bits without a getrandom() system call per
+request, which cost 3 % of the event loop's time at full load."""
+os.register_at_fork(after_in_child=_IDS.seed)  # a forked worker must not repeat ids
+
+
+def new_request_id() -> str:
+    return f"req_{_IDS.getrandbits(96):024x}"
+
+
 def _too_large(limit: int) -> RequestTooLarge:
     return RequestTooLarge(f"The request body is larger than this route's limit of {limit} bytes.")
 
@@ -37,7 +49,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         state = scope.setdefault("state", {})
-        state["request_id"] = "req_" + secrets.token_hex(12)
+        state["request_id"] = new_request_id()
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

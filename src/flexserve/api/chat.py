@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -15,7 +14,7 @@ from flexserve.api.auth import authenticate
 from flexserve.api.body import read_body
 from flexserve.api.jobs import lower_headers, serve_job, sse, usage
 from flexserve.api.state import app_state
-from flexserve.api.validation import ValidChat, parse_body, validate_chat
+from flexserve.api.validation import ValidChat, parse_body, run_validation, validate_chat
 from flexserve.api.wire import ChatCompletionRequest
 from flexserve.errors import FlexserveError
 from flexserve.runtime import JobHandle, ServedModel
@@ -29,7 +28,7 @@ async def chat_completions(request: Request) -> Response:
     headers = lower_headers(request)
     served = state.fleet.get(wire.model)
     # Off the event loop: the chat template and tokenizer run over up to max_body_bytes.
-    valid = await asyncio.to_thread(validate_chat, wire, key, served, state.settings, headers)
+    valid = await run_validation(served, validate_chat, wire, key, served, state.settings, headers)
     return await serve_job(
         request, state, served, key, body, valid, lambda h: ChatShape(h, served, valid)
     )

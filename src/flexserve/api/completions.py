@@ -4,7 +4,6 @@ tiers, preemption, billing and job flow as chat (api/jobs.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -16,7 +15,7 @@ from flexserve.api.auth import authenticate
 from flexserve.api.body import read_body
 from flexserve.api.jobs import lower_headers, serve_job, sse
 from flexserve.api.state import app_state
-from flexserve.api.validation import ValidChat, parse_body, validate_completion
+from flexserve.api.validation import ValidChat, parse_body, run_validation, validate_completion
 from flexserve.api.wire import CompletionRequest
 from flexserve.errors import FlexserveError
 from flexserve.runtime import JobHandle, ServedModel
@@ -29,7 +28,9 @@ async def completions(request: Request) -> Response:
     wire = parse_body(CompletionRequest, body)
     headers = lower_headers(request)
     served = state.fleet.get(wire.model)
-    valid = await asyncio.to_thread(validate_completion, wire, key, served, state.settings, headers)
+    valid = await run_validation(
+        served, validate_completion, wire, key, served, state.settings, headers
+    )
     echo = bool(wire.echo)
     return await serve_job(
         request, state, served, key, body, valid, lambda h: CompletionShape(h, served, valid, echo)

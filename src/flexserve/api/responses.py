@@ -24,7 +24,13 @@ from flexserve.api.body import read_body
 from flexserve.api.jobs import lower_headers, serve_job
 from flexserve.api.response_objects import ResponseView, response_object, text_part
 from flexserve.api.state import AppState, app_state
-from flexserve.api.validation import READ_TIMEOUT_HEADER, ValidChat, parse_body, validate_chat
+from flexserve.api.validation import (
+    READ_TIMEOUT_HEADER,
+    ValidChat,
+    parse_body,
+    run_validation,
+    validate_chat,
+)
 from flexserve.api.wire import ChatCompletionRequest, ResponsesRequest
 from flexserve.errors import FlexserveError, InvalidRequest, NotFound, UnsupportedValue
 from flexserve.runtime import ServedModel
@@ -51,7 +57,7 @@ async def create_response(request: Request) -> Response:
     headers = lower_headers(request)
     if wire.background:  # no connection waits for it: the client's read timeout is moot
         headers.pop(READ_TIMEOUT_HEADER, None)
-    valid = await asyncio.to_thread(validate_chat, chat, key, served, state.settings, headers)
+    valid = await run_validation(served, validate_chat, chat, key, served, state.settings, headers)
     record = _record(request.state.request_id, key, served, wire, chat, valid)
     if wire.background:
         assert store is not None

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import Final, ParamSpec, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -33,6 +35,8 @@ from flexserve.scheduling.tiers import PREEMPTIBLE, Tier
 from flexserve.store import KeyRecord
 
 Model = TypeVar("Model", bound=BaseModel)
+P = ParamSpec("P")
+R = TypeVar("R")
 FLEX_MAX_WAIT_HEADER = "x-flex-max-wait"
 READ_TIMEOUT_HEADER = "x-stainless-read-timeout"
 """The official client's read timeout, sent on every request."""
@@ -42,6 +46,18 @@ _UNION_TAGS: Final = frozenset(
     {"str", "int", "float", "bool", "none"}
     | {model.__name__ for model in (Message, StreamOptions, TextPart)}
 )
+
+
+async def run_validation(
+    served: ServedModel, validate: Callable[P, R], *args: P.args, **kwargs: P.kwargs
+) -> R:
+    """Off the event loop where the backend tokenizes for real (chat template and
+    tokenizer over up to max_body_bytes); here where it only estimates token counts (an
+    upstream engine): then the work is a sum of lengths, and a thread hop would cost more
+    than the work itself (and add two context switches to every request's latency)."""
+    if getattr(served.backend, "encodes_inline", False):
+        return validate(*args, **kwargs)
+    return await asyncio.to_thread(validate, *args, **kwargs)
 
 
 def parse_body(model: type[Model], body: bytes) -> Model:

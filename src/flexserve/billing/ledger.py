@@ -1,14 +1,18 @@
 """Turns a settled job into exactly one ledger row, durably, off the event loop.
 
-Path of a row: the local outbox (on disk before the answer's last byte), then the store.
-While the store answers, a row is delivered at once, so usage reads see it when the
-answer ends; while it is away, rows wait in the outbox and the drainer delivers them when
-it is back. The request id makes every delivery idempotent.
+Path of a row: straight to the store while it answers (its commit is the row's
+durability, before the answer's last byte, so usage reads see it when the answer ends);
+while the store is away or refuses, the local outbox (fsync'd) keeps it, and the drainer
+delivers it when the store is back. The request id makes every delivery idempotent.
 
 Group commit: rows of requests that settle while the writer is busy wait for it and go
-to disk together, in one outbox transaction (one fsync) and one store transaction, and
-each request waits for its own batch's commit. One request alone pays one fsync, as
-before; a hundred concurrent ones pay one fsync between them, not a hundred.
+to the store together, in one transaction, and each request waits for its own batch's
+commit: a hundred concurrent requests pay one commit between them, not a hundred.
+
+Durability is the store's: PostgreSQL's commit is on disk; the SQLite store (WAL,
+`synchronous=NORMAL`, like every other record in it) survives a crash of the process,
+not a power cut. The outbox is for outages, so it syncs each commit: a row it keeps may
+wait there for hours.
 """
 
 from __future__ import annotations
@@ -102,16 +106,16 @@ class Ledger:
                     committed.set_result(None)
 
     def _commit(self, rows: list[LedgerRow]) -> bool:
-        """Durably keep the rows, then deliver them unless the store is away. Blocking.
-        True if the drainer has rows to deliver."""
+        """Bill the rows in the store, or keep them in the outbox while it is away or
+        refuses. Blocking. True if the drainer has rows to deliver."""
+        if self._store_up and self._record_many(rows):
+            return False
         try:
             self.outbox.put_many(rows)
         except Exception:  # each row on its own: a failure of one must not lose the rest
             log.exception("ledger outbox batch write failed, %d rows", len(rows))
             return any([self._keep(row) for row in rows])
-        if not self._store_up:  # the drainer is retrying: do not make these answers wait
-            return True
-        return not self._deliver_many(rows)
+        return True
 
     def _keep(self, row: LedgerRow) -> bool:
         """One row the batch could not keep: the outbox alone, else the store directly
@@ -124,24 +128,18 @@ class Ledger:
             return False
         return True
 
-    def _deliver_many(self, rows: list[LedgerRow]) -> bool:
-        """Store the rows in one transaction, then drop them from the outbox. Blocking.
-        True if all are billed. A row the store refuses fails the whole transaction: then
-        each is delivered on its own, so only that row waits (and is counted refused)."""
+    def _record_many(self, rows: list[LedgerRow]) -> bool:
+        """Store the rows in one transaction. Blocking. False if the store is away, or
+        refused the transaction (a row it cannot take fails them all: the drainer then
+        delivers each on its own, so only that row waits and is counted refused)."""
         try:
             inserted = self.store.record_many(rows)
         except STORE_AWAY as error:
             self._store_up = False
             log.warning("store away (%s): %d rows kept in outbox", error, len(rows))
             return False
-        except Exception:
-            deliveries = [self._deliver(row) for row in rows]
-            return all(delivery in ("billed", "already_billed") for delivery in deliveries)
-        self._store_up = True
-        try:
-            self.outbox.remove_many([row.request_id for row in rows])
-        except Exception:  # billed already; a later drain re-delivers them, a no-op
-            log.warning("outbox delete failed for %d rows", len(rows))
+        except Exception as error:
+            log.warning("store refused a batch of %d rows (%s)", len(rows), type(error).__name__)
             return False
         for row, new in zip(rows, inserted, strict=True):
             _log_billed(row, new)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -199,10 +200,7 @@ class Runtime:
 
     async def _run_loop(self) -> None:
         while True:
-            timeout = max(0.0, self.scheduler.next_wakeup() - self.clock())
-            command: Command | None = None
-            with contextlib.suppress(TimeoutError):
-                command = await asyncio.wait_for(self._commands.get(), timeout)
+            command = await self._next_command()
             now = self.clock()
             while command is not None:
                 self._apply(command, now)
@@ -211,6 +209,19 @@ class Runtime:
             self._carry_out(self.scheduler.step(now), now)
             if self.draining and not self._handles:
                 self._drained.set()
+
+    async def _next_command(self) -> Command | None:
+        """The next command, or None when the scheduler's next wakeup comes first.
+
+        Not `asyncio.wait_for`: it wraps the wait in a task of its own, one per wakeup,
+        which at full load was a measurable share of the event loop."""
+        if not self._commands.empty():
+            return self._commands.get_nowait()
+        timeout = max(0.0, self.scheduler.next_wakeup() - self.clock())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout if math.isfinite(timeout) else None):
+                return await self._commands.get()
+        return None
 
     def _follow_capacity(self) -> None:
         """A pool's capacity shrinks while a member is out (and grows back)."""

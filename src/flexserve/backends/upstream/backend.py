@@ -82,6 +82,8 @@ class Endpoint:
 
 class OpenAIBackend:
     name = "openai"
+    encodes_inline = True
+    """Token counts are estimates (a sum of lengths): cheap enough for the event loop."""
 
     def __init__(
         self,
