@@ -25,6 +25,7 @@ from flexserve.api import (
 from flexserve.api import openapi as docs
 from flexserve.api.body import RequestIdMiddleware
 from flexserve.api.draining import DrainGate
+from flexserve.api.hot_routes import HotRoutes
 from flexserve.api.limits import RateLimitMiddleware
 from flexserve.api.state import AppState
 from flexserve.backends import build_models
@@ -38,6 +39,12 @@ from flexserve.scheduling.tiers import TIERS
 from flexserve.store import SqlStore, Store
 
 log = logging.getLogger("flexserve")
+HOT_ROUTES = {
+    "/v1/chat/completions": chat.chat_completions,
+    "/v1/completions": completions.completions,
+    "/v1/responses": responses.create_response,
+}
+"""POST routes served by `HotRoutes`, past FastAPI's router (also registered below)."""
 
 
 def create_app(
@@ -84,6 +91,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.flexserve = state
+    app.add_middleware(HotRoutes, fastapi=app, routes=HOT_ROUTES)  # the innermost
     app.add_middleware(RateLimitMiddleware)
     # The middleware added last runs first: a draining server answers 503 before any
     # rate limit counts the request, and the 503 gets a request id too.
