@@ -8,14 +8,19 @@ Four targets, each its own process, all answering the same zero-delay chat reque
   `--via upstream` in front of the fake (the `openai` backend), with `--via simulated`
   on its simulated backend at zero delay (no upstream hop: the request path alone);
 - litellm: LiteLLM's proxy (one worker, a pinned release from bench/requirements-litellm.txt
-  in a venv of its own) in front of the same fake.
+  in a venv of its own) in front of the same fake;
+- passthrough: the cheapest Python gateway (bench/_passthrough.py: the same uvicorn and
+  aiohttp, relaying bytes with no key check, scheduling or billing) in front of the same
+  fake. Not a competitor: it shows what the HTTP server, event loop and upstream client
+  alone cost on this box, i.e. the least a gateway built this way can add.
 
 The load generator is wrk, its own process: one connection for latency (p50/p99), then
 `--connections` for throughput. Targets are interleaved round by round (`--rounds`), so
 the box's noise falls on all of them alike; medians over rounds are reported, with the
 spread (min..max). The last line is the summary JSON:
 `added_p50_ms`/`added_p99_ms` (flexserve minus direct, one connection), `rps`,
-`litellm_rps`, `rps_ratio`.
+`litellm_rps`, `rps_ratio`, and the passthrough's (`passthrough_added_p50_ms`,
+`passthrough_rps`, `passthrough_rps_ratio`).
 
 flexserve gets `--slots` (64) above the connections, so that nothing queues for a slot:
 what is measured is the request path, not the scheduler's admission. A baseline build
@@ -134,6 +139,13 @@ def fake_upstream(port: int, work: Path) -> Any:
     return process(cmd, dict(os.environ), base + "/healthz", work / "fake.log")
 
 
+def passthrough(port: int, upstream: str, work: Path) -> Any:
+    cmd = [sys.executable, str(HERE / "_passthrough.py"), "--port", str(port)]
+    cmd += ["--upstream", upstream]
+    base = f"http://127.0.0.1:{port}"
+    return process(cmd, dict(os.environ), base + "/healthz", work / "passthrough.log")
+
+
 def litellm_python() -> Path:
     """LiteLLM's own venv, made once from the pinned requirements (its dependencies clash
     with flexserve's, and it is a benchmark-only dependency)."""
@@ -227,6 +239,9 @@ def main() -> None:
             "flexserve": (gateway, False),
             "flexserve-stream": (gateway, True),
         }
+        relay_port = free_port()
+        stack.enter_context(passthrough(relay_port, upstream, work))
+        targets["passthrough"] = (f"http://127.0.0.1:{relay_port}", False)
         if not args.no_litellm:
             port = free_port()
             stack.enter_context(litellm(port, upstream, work))
@@ -280,10 +295,16 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace)
         "rps": round(med("flexserve", "rps"), 1),
         "rps_stream": round(med("flexserve-stream", "rps"), 1),
         "direct_rps": round(med("direct", "rps"), 1),
+        "passthrough_added_p50_ms": round(
+            med("passthrough", "p50_ms") - med("direct", "p50_ms"), 3
+        ),
+        "passthrough_rps": round(med("passthrough", "rps"), 1),
     }
     if "litellm" in table:
         summary["litellm_rps"] = round(med("litellm", "rps"), 1)
         summary["rps_ratio"] = round(summary["rps"] / summary["litellm_rps"], 2)
+        ratio = summary["passthrough_rps"] / summary["litellm_rps"]
+        summary["passthrough_rps_ratio"] = round(ratio, 2)
     print(json.dumps(summary))
 
 
