@@ -15,9 +15,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from flexserve.api.errors import CLIENT_GONE
+from flexserve.api.event_stream import EventStream
 from flexserve.api.keepalive import deliver
 from flexserve.api.retries import Orphan, attempt_key, is_retry, may_be_retried
 from flexserve.api.state import AppState
@@ -113,7 +114,7 @@ async def serve_job(
         answer.cancel()
         return Response(status_code=CLIENT_GONE)
     if valid.stream:
-        return StreamingResponse(answer.sse(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return EventStream(answer.sse(), media_type="text/event-stream", headers=SSE_HEADERS)
     return await _json(request, answer, attempt, client_left=first is None)
 
 
@@ -253,10 +254,10 @@ class Answer:
                 return self.shape.body(whole, event.finish_reason, self.usage())
 
     async def sse(self) -> AsyncIterator[str]:
+        """The answer's events; the lines of one event go out in one write."""
         finished = False
         try:
-            for line in self.shape.opening():
-                yield line
+            yield "".join(self.shape.opening())
             async for event in self._events_with_heartbeat():
                 if event is None:
                     yield ": paused\n\n"
@@ -264,25 +265,23 @@ class Answer:
                     self._observe_token()
                     if event.chunk.text:
                         self._text.append(event.chunk.text)
-                        for line in self.shape.delta(event.chunk.text, self._tokens_seen):
-                            yield line
+                        yield "".join(self.shape.delta(event.chunk.text, self._tokens_seen))
                 elif isinstance(event, Done):
                     finished = True
+                    last = ""
                     if event.text:
                         self._text.append(event.text)
-                        for line in self.shape.delta(event.text, self._tokens_seen):
-                            yield line
+                        last = "".join(self.shape.delta(event.text, self._tokens_seen))
                     await self._settled()
                     whole = "".join(self._text)
                     if self._finished is not None:
                         await self._finished(whole, event.finish_reason, self.usage())
-                    for line in self.shape.closing(whole, event.finish_reason, self.usage()):
-                        yield line
+                    closing = self.shape.closing(whole, event.finish_reason, self.usage())
+                    yield last + "".join(closing)
                     return
                 elif isinstance(event, Failed):
                     finished = True
-                    for line in self.shape.failure(event.error):
-                        yield line
+                    yield "".join(self.shape.failure(event.error))
                     return
         finally:
             if not finished:  # the client went away mid-stream: free the slot now
