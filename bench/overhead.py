@@ -20,7 +20,8 @@ the box's noise falls on all of them alike; medians over rounds are reported, wi
 spread (min..max). The last line is the summary JSON:
 `added_p50_ms`/`added_p99_ms` (flexserve minus direct, one connection), `rps`,
 `litellm_rps`, `rps_ratio`, and the passthrough's (`passthrough_added_p50_ms`,
-`passthrough_rps`, `passthrough_rps_ratio`).
+`passthrough_rps`, `passthrough_rps_ratio`; `rps_share_of_passthrough`: flexserve's
+requests/s over the passthrough's).
 
 flexserve gets `--slots` (64) above the connections, so that nothing queues for a slot:
 what is measured is the request path, not the scheduler's admission. A baseline build
@@ -300,6 +301,7 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace)
         ),
         "passthrough_rps": round(med("passthrough", "rps"), 1),
     }
+    summary["rps_share_of_passthrough"] = round(summary["rps"] / summary["passthrough_rps"], 3)
     if "litellm" in table:
         summary["litellm_rps"] = round(med("litellm", "rps"), 1)
         summary["rps_ratio"] = round(summary["rps"] / summary["litellm_rps"], 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import pytest
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from flexserve.keys import DefaultTierNotAllowed, ensure_config_keys, hash_key, make_key
-from flexserve.store import LedgerRow, MemoryStore, SqlStore, Store
+from flexserve.store import STORE_AWAY, LedgerRow, MemoryStore, SqlStore, Store
 from tests.pg import POSTGRES, fresh_schema, in_schema
 
 
@@ -234,3 +235,17 @@ def test_an_admins_revoke_of_a_config_key_survives_a_restart(store: Store) -> No
 def test_the_shown_prefix_of_a_short_key_does_not_reveal_it() -> None:
     record = make_key("acme", secret="demo1234").record
     assert len(record.prefix) <= 2
+
+
+def test_a_sqlite_file_that_cannot_be_opened_is_an_outage_not_a_refusal(tmp_path: Path) -> None:
+    """The ledger keeps retrying an outage for every row, but sets aside a row the store
+    keeps refusing: a lost data directory must read as the first."""
+    directory = tmp_path / "data"
+    directory.mkdir()
+    store = SqlStore(f"sqlite:///{directory / 'gone.db'}")
+    store.migrate()
+    store.engine.dispose()  # no pooled connection left to reuse
+    shutil.rmtree(directory)
+    with pytest.raises(STORE_AWAY):
+        store.record_many([row("req_1")])
+    store.close()

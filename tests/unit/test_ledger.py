@@ -151,7 +151,7 @@ class BrokenOutbox(Outbox):
 def test_a_failing_outbox_falls_back_to_the_store_and_never_fails_the_request(
     outbox_path: Path,
 ) -> None:
-    store = MemoryStore()
+    store = FlakyStore(failures=1)  # away for the batch: the row must go to the outbox
     settle_all(Ledger(Settings(), store, BrokenOutbox(outbox_path)), handle())
     assert [r.request_id for r in store.ledger("acme")] == ["req_1"]
 
@@ -200,8 +200,11 @@ class UndeletableOutbox(Outbox):
 def test_a_failed_outbox_delete_after_billing_does_not_fail_the_request(
     outbox_path: Path,
 ) -> None:
-    store = MemoryStore()
+    store = FlakyStore(failures=1)  # away for the batch: the drainer delivers the row
     settle_all(Ledger(Settings(), store, UndeletableOutbox(outbox_path)), handle())
+    assert [r.request_id for r in store.ledger("acme")] == ["req_1"]
+    again = Ledger(Settings(), store, Outbox(outbox_path))  # the next start
+    assert len(again.outbox) == 1 and again.drain()  # delivered again: billed once
     assert [r.request_id for r in store.ledger("acme")] == ["req_1"]
 
 

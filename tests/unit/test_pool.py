@@ -31,6 +31,7 @@ class Member:
     slots: int = 2
     context_length: int = 100
     can_pause: bool = True
+    estimates_tokens: bool = True
     healthy: bool = True
     fail: bool = False
     calls: list[str] = field(default_factory=list)
@@ -139,3 +140,9 @@ def test_the_pools_capacity_is_its_healthy_members_slots() -> None:
     assert pool.available_slots() == 6
     down.healthy = up.healthy = False
     assert pool.available_slots() == 6  # none healthy: jobs wait out the outage in slots
+
+
+def test_a_pool_estimates_tokens_only_if_every_member_does() -> None:
+    """Else validation (which tokenizes) must leave the event loop for its members."""
+    assert Pool("m", [Member(), Member()]).estimates_tokens
+    assert not Pool("m", [Member(), Member(estimates_tokens=False)]).estimates_tokens

@@ -304,7 +304,7 @@ class _DownThenUp:
         self.down_calls = down_calls
         self.calls = 0
         self.name, self.model, self.slots = "flaky", "m", 1
-        self.context_length, self.can_pause = 8192, True
+        self.context_length, self.can_pause, self.estimates_tokens = 8192, True, True
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.sim, name)

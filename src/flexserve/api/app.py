@@ -39,12 +39,8 @@ from flexserve.scheduling.tiers import TIERS
 from flexserve.store import SqlStore, Store
 
 log = logging.getLogger("flexserve")
-HOT_ROUTES = {
-    "/v1/chat/completions": chat.chat_completions,
-    "/v1/completions": completions.completions,
-    "/v1/responses": responses.create_response,
-}
-"""POST routes served by `HotRoutes`, past FastAPI's router (also registered below)."""
+HOT_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+"""POST routes `HotRoutes` serves past FastAPI's router (their endpoints: `_routes`)."""
 
 
 def create_app(
@@ -91,7 +87,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.flexserve = state
-    app.add_middleware(HotRoutes, fastapi=app, routes=HOT_ROUTES)  # the innermost
+    app.add_middleware(HotRoutes, fastapi=app, paths=HOT_PATHS)  # the innermost
     app.add_middleware(RateLimitMiddleware)
     # The middleware added last runs first: a draining server answers 503 before any
     # rate limit counts the request, and the 503 gets a request id too.

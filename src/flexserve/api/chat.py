@@ -27,7 +27,6 @@ async def chat_completions(request: Request) -> Response:
     wire = parse_body(ChatCompletionRequest, body)
     headers = lower_headers(request)
     served = state.fleet.get(wire.model)
-    # Off the event loop: the chat template and tokenizer run over up to max_body_bytes.
     valid = await run_validation(served, validate_chat, wire, key, served, state.settings, headers)
     return await serve_job(
         request, state, served, key, body, valid, lambda h: ChatShape(h, served, valid)

@@ -4,8 +4,9 @@ Starlette's StreamingResponse does that too, but under uvicorn (which speaks ASG
 with an anyio task group per response: a second task and cancel scopes for every
 stream, a measurable part of a short streamed answer's cost (bench/overhead.py). Here
 the request's own task writes the stream, and one watcher cancels it when the client's
-`http.disconnect` arrives; the event generator's own cleanup (freeing the job's slot,
-billing what was sent) runs as the cancellation closes it.
+`http.disconnect` arrives. Either way the event generator is closed before this returns,
+so its own cleanup (freeing the job's slot, billing what was sent) runs at once, also
+when the cancellation lands in a write to a slow client rather than in the generator.
 """
 
 from __future__ import annotations
@@ -15,32 +16,44 @@ import asyncio
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from flexserve.api.keepalive import disconnected
+
 
 class EventStream(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        assert self.background is None, "an event stream runs no background task"
+        spec = scope.get("asgi", {}).get("spec_version", "2.0")
+        if tuple(map(int, spec.split("."))) >= (2, 4):  # `send` itself says the client left
+            await super().__call__(scope, receive, send)
+            return
+        try:
+            await self._stream_until_client_leaves(receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def _stream_until_client_leaves(self, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
         assert task is not None
-        streaming = True
+        cancelled_here = False
 
         def client_left(watcher: asyncio.Future[None]) -> None:
-            if streaming and not watcher.cancelled():
+            nonlocal cancelled_here
+            if not streaming_done and not watcher.cancelled() and watcher.exception() is None:
+                cancelled_here = True
                 task.cancel()
 
-        watcher = asyncio.ensure_future(_disconnected(receive))
+        streaming_done = False
+        watcher = asyncio.ensure_future(disconnected(receive))
         watcher.add_done_callback(client_left)
         try:
             await self.stream_response(send)
         except asyncio.CancelledError:
-            if not (watcher.done() and not watcher.cancelled()):
-                raise  # not the client leaving: the server is stopping this task
-            task.uncancel()  # the client left: the end of this stream, nothing more
+            # Ours alone: the end of this stream. Also the server's (it is stopping this
+            # task): that cancellation goes on.
+            if not cancelled_here or task.uncancel() > 0:
+                raise
         finally:
-            streaming = False
+            streaming_done = True
             watcher.cancel()
-
-
-async def _disconnected(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return

@@ -3,33 +3,40 @@
 A POST to /v1/chat/completions, /v1/completions or /v1/responses would otherwise pass
 FastAPI's exception and exit-stack middlewares, its router's match against every route,
 and dependency solving for a handler that takes nothing but the request: about a tenth
-of the request path's CPU at full load (bench/overhead.py, profiled). The handlers are
-the same ones, behind the same middlewares (request id, drain gate, rate limit); their
-errors go through the app's own exception handlers (api/errors.py), so every status and
-body is what the router would have answered. The routes stay registered with FastAPI
-too, for the OpenAPI document.
+of the request path's CPU at full load (bench/overhead.py, profiled). The endpoints are
+the ones registered with FastAPI for these paths (found there, so the two cannot drift
+apart), behind the same middlewares (request id, drain gate, rate limit). A flexserve or
+HTTP error is answered by the app's own handler for it (api/errors.py), so its status
+and body are what the router would have answered; anything else propagates, as it does
+from the router, to the outermost middleware, which logs it and answers 500. Under a
+`root_path` the router's own matching applies (this shortcut stays out of the way).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable
+from functools import cached_property
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPBearer
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[Request, Exception], Awaitable[Response]]
 
 
 class HotRoutes:
     """Added as the innermost middleware, so that the others still wrap these routes."""
 
-    def __init__(self, app: ASGIApp, fastapi: FastAPI, routes: Mapping[str, Endpoint]) -> None:
+    def __init__(self, app: ASGIApp, fastapi: FastAPI, paths: Iterable[str]) -> None:
         self.app = app
         self.fastapi = fastapi
-        """Read for its exception handlers when an error happens (installed after this)."""
-        self.routes = dict(routes)
+        """Its routes and exception handlers are read at the first request (both are
+        registered after this middleware is added)."""
+        self.paths = tuple(paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = self._endpoint(scope)
@@ -40,22 +47,50 @@ class HotRoutes:
         try:
             response = await endpoint(request)
         except Exception as error:
-            response = await self._error_response(request, error)
+            handler = self._handler_for(error)
+            if handler is None:
+                raise
+            response = await handler(request, error)
         await response(scope, receive, send)
 
     def _endpoint(self, scope: Scope) -> Endpoint | None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope.get("root_path"):
-            return None  # under a root path, the router's own matching applies
-        return self.routes.get(scope["path"])
+            return None
+        return self._endpoints.get(scope["path"])
 
-    async def _error_response(self, request: Request, error: Exception) -> Response:
-        """What the app's exception handler for this error answers (by its closest
-        class, as Starlette's ExceptionMiddleware chooses)."""
+    @cached_property
+    def _endpoints(self) -> dict[str, Endpoint]:
+        found: dict[str, Endpoint] = {}
+        for route in self.fastapi.routes:
+            if not isinstance(route, APIRoute) or route.path not in self.paths:
+                continue
+            if "POST" in (route.methods or ()):
+                # A dependency would be skipped here: such a route is not for this shortcut.
+                assert _documents_only(route), f"{route.path} has dependencies"
+                found[route.path] = route.endpoint
+        missing = set(self.paths) - set(found)
+        assert not missing, f"no POST route for {sorted(missing)}"
+        return found
+
+    def _handler_for(self, error: Exception) -> Handler | None:
+        """The app's handler for the error's closest class, as Starlette's
+        ExceptionMiddleware picks it; the catch-all for `Exception` is not one of them
+        (the outermost middleware uses it, and logs the error)."""
         handlers = self.fastapi.exception_handlers
         for kind in type(error).__mro__:
+            if kind is Exception:
+                return None
             handler = handlers.get(kind)
             if handler is not None:
-                response = await handler(request, error)  # type: ignore[misc]
-                assert isinstance(response, Response)
-                return response
-        raise error
+                return handler  # type: ignore[return-value]
+        return None
+
+
+def _documents_only(route: APIRoute) -> bool:
+    """The generation routes' one dependency declares the bearer scheme for the OpenAPI
+    document: with `auto_error` off it never answers on its own (the endpoint checks the
+    key itself), so skipping it changes nothing."""
+    return all(
+        isinstance(depends.dependency, HTTPBearer) and not depends.dependency.auto_error
+        for depends in route.dependencies
+    )

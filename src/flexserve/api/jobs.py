@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from flexserve.api.errors import CLIENT_GONE
 from flexserve.api.event_stream import EventStream
-from flexserve.api.keepalive import deliver
+from flexserve.api.keepalive import deliver, disconnected
 from flexserve.api.retries import Orphan, attempt_key, is_retry, may_be_retried
 from flexserve.api.state import AppState
 from flexserve.api.validation import ValidChat, json_heartbeat
@@ -181,7 +181,7 @@ class Answer:
         NO_EVENT_YET if `within` seconds passed first (no event is lost: the read is
         undone)."""
         task = asyncio.ensure_future(self.handle.events.get())
-        gone = asyncio.ensure_future(_disconnected(request))
+        gone = asyncio.ensure_future(disconnected(request.receive))
         try:
             done, _ = await asyncio.wait(
                 {task, gone}, timeout=within, return_when=asyncio.FIRST_COMPLETED
@@ -268,16 +268,14 @@ class Answer:
                         yield "".join(self.shape.delta(event.chunk.text, self._tokens_seen))
                 elif isinstance(event, Done):
                     finished = True
-                    last = ""
-                    if event.text:
+                    if event.text:  # sent before the bill: the client is billed for it
                         self._text.append(event.text)
-                        last = "".join(self.shape.delta(event.text, self._tokens_seen))
+                        yield "".join(self.shape.delta(event.text, self._tokens_seen))
                     await self._settled()
                     whole = "".join(self._text)
                     if self._finished is not None:
                         await self._finished(whole, event.finish_reason, self.usage())
-                    closing = self.shape.closing(whole, event.finish_reason, self.usage())
-                    yield last + "".join(closing)
+                    yield "".join(self.shape.closing(whole, event.finish_reason, self.usage()))
                     return
                 elif isinstance(event, Failed):
                     finished = True
@@ -333,13 +331,6 @@ def usage(handle: JobHandle, completion: int | None = None) -> dict[str, int]:
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
-
-
-async def _disconnected(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 def sse(payload: dict[str, Any]) -> str:

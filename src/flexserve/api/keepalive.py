@@ -30,7 +30,7 @@ async def deliver(
     request: Request, answer: Answer, heartbeat: float, on_leave: Callable[[], None]
 ) -> Response:
     """`answer` as JSON; `on_leave` runs if the client goes away before it is sent."""
-    gone = asyncio.ensure_future(_disconnected(request.receive))
+    gone = asyncio.ensure_future(disconnected(request.receive))
     watched: list[asyncio.Future[Any]] = [answer, gone]
     try:
         done, _ = await asyncio.wait(
@@ -65,7 +65,7 @@ class _KeepAliveJSON(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        gone = asyncio.ensure_future(_disconnected(receive))
+        gone = asyncio.ensure_future(disconnected(receive))
         watched: list[asyncio.Future[Any]] = [self._answer, gone]
         try:
             while not self._answer.done():
@@ -87,7 +87,8 @@ class _KeepAliveJSON(Response):
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def _disconnected(receive: Receive) -> None:
+async def disconnected(receive: Receive) -> None:
+    """Returns when the client has gone (every other message is a body already read)."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":

@@ -63,7 +63,7 @@ class AppState:
             await self.runner.close()
 
     async def close(self) -> None:
-        """After the runtime closed: its last settles are in the ledger's outbox."""
+        """After the runtime closed: its last settles are in the store or the ledger's outbox."""
         await self.ledger.close()
         self.keys.close()
 

@@ -55,7 +55,7 @@ async def run_validation(
     tokenizer over up to max_body_bytes); here where it only estimates token counts (an
     upstream engine): then the work is a sum of lengths, and a thread hop would cost more
     than the work itself (and add two context switches to every request's latency)."""
-    if getattr(served.backend, "encodes_inline", False):
+    if served.backend.estimates_tokens:
         return validate(*args, **kwargs)
     return await asyncio.to_thread(validate, *args, **kwargs)
 

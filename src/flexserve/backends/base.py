@@ -134,6 +134,9 @@ class Backend(Protocol):
     context_length: int
     can_pause: bool
     """A preempted job resumes from its tokens so far; False = never preempt mid-answer."""
+    estimates_tokens: bool
+    """`encode_chat`/`encode_text` only estimate a count (a sum of lengths; the engine
+    tokenizes for itself): cheap enough to run on the event loop."""
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> tuple[int, ...]:
         """Apply the model's chat template and tokenize."""

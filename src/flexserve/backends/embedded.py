@@ -117,6 +117,7 @@ class EmbeddedBackend:
 
     name = "embedded"
     can_pause = True  # re-prefill of prompt + its own tokens: exact
+    estimates_tokens = False  # the model's chat template and tokenizer
 
     def __init__(
         self,

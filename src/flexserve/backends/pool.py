@@ -44,7 +44,7 @@ class Pool:
         self.slots = sum(member.slots for member in members)
         self.context_length = min(member.context_length for member in members)
         self.can_pause = all(member.can_pause for member in members)
-        self.encodes_inline = all(getattr(m, "encodes_inline", False) for m in members)
+        self.estimates_tokens = all(member.estimates_tokens for member in members)
         self._clock = clock
         self._in_flight = dict.fromkeys(range(len(members)), 0)
         self._failed: TTLCache[str, int] = TTLCache(maxsize=100_000, ttl=FAILED_MEMBER_MEMORY)

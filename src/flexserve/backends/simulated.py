@@ -90,6 +90,7 @@ Sleep = Callable[[float], Awaitable[None]]
 class SimulatedBackend:
     name = "simulated"
     can_pause = True
+    estimates_tokens = False  # it splits words: over a large body, not for the event loop
 
     def __init__(
         self,

@@ -1,4 +1,5 @@
-"""Price table, ledger writes (through a durable local outbox) and usage reports."""
+"""Price table, ledger writes (a durable local outbox for database outages) and usage
+reports."""
 
 from flexserve.billing.ledger import Ledger
 from flexserve.billing.outbox import Outbox

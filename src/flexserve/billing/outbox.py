@@ -1,10 +1,10 @@
 """A durable local outbox for ledger rows: a small SQLite file in data_dir.
 
-A billed request's row is written here (WAL, fsync'd on commit) before the answer's last
-byte goes out, then moved to the store by the ledger's drainer. If the database is away,
-rows wait here, across restarts too, and reach it when it is back. The ledger's request-id
-primary key makes the move idempotent: a row delivered twice (crash between insert and
-delete, two replicas sharing a data_dir) is billed once.
+A billed request's row comes here (WAL, fsync'd on commit: it may wait for hours) only
+when the store cannot take it, away or refusing; the ledger's drainer moves it to the
+store when it can, across restarts too. The ledger's request-id primary key makes the
+move idempotent: a row delivered twice (crash between insert and delete, two replicas
+sharing a data_dir) is billed once.
 
 Calls block on disk: run them off the event loop. The ledger writes rows in batches (one
 transaction, so one fsync, for the rows of all the requests that settled meanwhile).

@@ -82,8 +82,7 @@ class Endpoint:
 
 class OpenAIBackend:
     name = "openai"
-    encodes_inline = True
-    """Token counts are estimates (a sum of lengths): cheap enough for the event loop."""
+    estimates_tokens = True  # the engine counts for itself; billing uses its count
 
     def __init__(
         self,
