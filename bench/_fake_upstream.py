@@ -24,12 +24,7 @@ MODELS = ["smollm2-135m"]
 
 
 async def app(scope: Scope, receive: Any, send: Any) -> None:
-    body = bytearray()
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive)
     if scope["path"].endswith("/chat/completions"):
         await _chat(json.loads(body or b"{}"), send)
     elif scope["path"].endswith("/models"):
@@ -37,6 +32,16 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
         await _json(send, {"object": "list", "data": cards})
     else:
         await _json(send, {"status": "ok"})
+
+
+async def read_body(receive: Any) -> bytes:
+    """The whole request body, from ASGI messages (also used by bench/_passthrough.py)."""
+    body = bytearray()
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return bytes(body)
 
 
 async def _chat(request: dict[str, Any], send: Any) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 import aiohttp
 import uvicorn
 
+from _fake_upstream import read_body
+
 Scope = dict[str, Any]
 UPSTREAM: list[str] = []
 SESSION: list[aiohttp.ClientSession] = []
@@ -27,19 +29,14 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
         await _lifespan(receive, send)
         return
-    body = bytearray()
-    while True:
-        message = await receive()
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
+    body = await read_body(receive)
     if scope["method"] != "POST":
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
         return
     headers = {"content-type": "application/json"}
     url = UPSTREAM[0] + scope["path"]
-    async with SESSION[0].post(url, data=bytes(body), headers=headers) as upstream:
+    async with SESSION[0].post(url, data=body, headers=headers) as upstream:
         kind = upstream.headers.get("content-type", "application/json").encode()
         start = {"type": "http.response.start", "status": upstream.status}
         await send({**start, "headers": [(b"content-type", kind)]})
