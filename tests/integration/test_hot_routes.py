@@ -17,6 +17,7 @@ from tests.conftest import KEY, RunningServer
 GOOD_CHAT = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}]}
 CASES: list[tuple[str, str, dict[str, str], bytes]] = [
     ("POST", "/v1/chat/completions", {}, json.dumps(GOOD_CHAT).encode()),
+    ("POST", "/v1/chat/completions", {}, json.dumps({**GOOD_CHAT, "stream": True}).encode()),
     ("POST", "/v1/chat/completions", {}, b'{"model": '),  # not JSON
     ("POST", "/v1/chat/completions", {}, json.dumps({**GOOD_CHAT, "messages": 3}).encode()),
     ("POST", "/v1/chat/completions", {}, json.dumps({**GOOD_CHAT, "model": "nope"}).encode()),
@@ -43,7 +44,16 @@ def answer(
     sent = {"authorization": f"Bearer {KEY}", "content-type": "application/json", **headers}
     response = httpx.request(method, server.base_url + path, headers=sent, content=body)
     kept = {k: response.headers.get(k) for k in ("content-type", "allow", "retry-after")}
-    return response.status_code, kept, _without_ids(response.json() if response.content else None)
+    return response.status_code, kept, _without_ids(_body(response))
+
+
+def _body(response: httpx.Response) -> Any:
+    if not response.content:
+        return None
+    if response.headers["content-type"].startswith("text/event-stream"):
+        events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+        return [event if event == "[DONE]" else json.loads(event) for event in events]
+    return response.json()
 
 
 def _without_ids(value: Any) -> Any:

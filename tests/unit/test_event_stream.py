@@ -122,13 +122,21 @@ def test_a_server_that_cancels_the_request_is_not_taken_for_the_client_leaving()
     assert asyncio.run(run()).closed
 
 
-def test_a_server_cancel_that_comes_as_the_client_leaves_still_cancels() -> None:
+@pytest.mark.parametrize("turns_between", [0, 1, 2])  # after 3, the stream has ended
+def test_a_server_cancel_that_comes_as_the_client_leaves_still_cancels(
+    turns_between: int,
+) -> None:
+    """In every order: the server's cancel before, with or after the watcher's own."""
+
     async def run() -> None:
         client, events = Client(), Events(asyncio.Event())
         stream = streaming(events, client)
         await client.got_first.wait()
         client.left.set()
-        stream.cancel()  # uvicorn stopping the task at that very moment
+        for _ in range(turns_between):
+            await asyncio.sleep(0)
+        assert not stream.done()
+        stream.cancel()  # uvicorn stopping the task at about that moment
         with pytest.raises(asyncio.CancelledError):
             await stream
 

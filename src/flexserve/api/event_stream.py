@@ -23,11 +23,11 @@ class EventStream(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         assert self.background is None, "an event stream runs no background task"
         spec = scope.get("asgi", {}).get("spec_version", "2.0")
-        if tuple(map(int, spec.split("."))) >= (2, 4):  # `send` itself says the client left
-            await super().__call__(scope, receive, send)
-            return
         try:
-            await self._stream_until_client_leaves(receive, send)
+            if tuple(map(int, spec.split("."))) >= (2, 4):  # `send` says the client left
+                await super().__call__(scope, receive, send)
+            else:
+                await self._stream_until_client_leaves(receive, send)
         finally:
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:

@@ -4,12 +4,13 @@ A POST to /v1/chat/completions, /v1/completions or /v1/responses would otherwise
 FastAPI's exception and exit-stack middlewares, its router's match against every route,
 and dependency solving for a handler that takes nothing but the request: about a tenth
 of the request path's CPU at full load (bench/overhead.py, profiled). The endpoints are
-the ones registered with FastAPI for these paths (found there, so the two cannot drift
-apart), behind the same middlewares (request id, drain gate, rate limit). A flexserve or
-HTTP error is answered by the app's own handler for it (api/errors.py), so its status
-and body are what the router would have answered; anything else propagates, as it does
-from the router, to the outermost middleware, which logs it and answers 500. Under a
-`root_path` the router's own matching applies (this shortcut stays out of the way).
+the ones registered with FastAPI for these paths, found there and checked to take
+nothing but the request (so that nothing FastAPI would resolve is skipped), behind the
+same middlewares (request id, drain gate, rate limit). A flexserve or HTTP error is
+answered by the app's own handler for it (api/errors.py), so its status and body are
+what the router would have answered; anything else propagates, as it does from the
+router, to the outermost middleware, which logs it and answers 500. Under a `root_path`
+the router's own matching applies (this shortcut stays out of the way).
 """
 
 from __future__ import annotations
@@ -65,11 +66,14 @@ class HotRoutes:
             if not isinstance(route, APIRoute) or route.path not in self.paths:
                 continue
             if "POST" in (route.methods or ()):
-                # A dependency would be skipped here: such a route is not for this shortcut.
-                assert _documents_only(route), f"{route.path} has dependencies"
+                if not _takes_only_the_request(route):
+                    raise RuntimeError(f"{route.path}: FastAPI resolves more than the request")
                 found[route.path] = route.endpoint
         missing = set(self.paths) - set(found)
-        assert not missing, f"no POST route for {sorted(missing)}"
+        if missing:
+            raise RuntimeError(f"no POST route for {sorted(missing)}")
+        if any(isinstance(key, int) for key in self.fastapi.exception_handlers):
+            raise RuntimeError("handlers by status code are not looked up here")
         return found
 
     def _handler_for(self, error: Exception) -> Handler | None:
@@ -86,11 +90,20 @@ class HotRoutes:
         return None
 
 
-def _documents_only(route: APIRoute) -> bool:
-    """The generation routes' one dependency declares the bearer scheme for the OpenAPI
-    document: with `auto_error` off it never answers on its own (the endpoint checks the
-    key itself), so skipping it changes nothing."""
-    return all(
-        isinstance(depends.dependency, HTTPBearer) and not depends.dependency.auto_error
-        for depends in route.dependencies
+def _takes_only_the_request(route: APIRoute) -> bool:
+    """Nothing FastAPI would resolve for the endpoint is skipped here: no parameter, no
+    body, and no dependency but the bearer scheme the generation routes declare for the
+    OpenAPI document (with `auto_error` off it never answers on its own: the endpoint
+    checks the key itself)."""
+    dependant = route.dependant
+    parameters = (
+        dependant.path_params,
+        dependant.query_params,
+        dependant.header_params,
+        dependant.cookie_params,
+        dependant.body_params,
+    )
+    return not any(parameters) and all(
+        isinstance(sub.call, HTTPBearer) and not sub.call.auto_error
+        for sub in dependant.dependencies
     )

@@ -257,7 +257,8 @@ class Answer:
         """The answer's events; the lines of one event go out in one write."""
         finished = False
         try:
-            yield "".join(self.shape.opening())
+            if opening := "".join(self.shape.opening()):
+                yield opening
             async for event in self._events_with_heartbeat():
                 if event is None:
                     yield ": paused\n\n"

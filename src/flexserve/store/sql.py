@@ -136,8 +136,8 @@ class SqlStore:
         """The same transaction, its statements run by the driver itself: every billed
         request waits for this commit, and SQLAlchemy's statement execution cost more
         than the insert (0.25 against 0.11 ms a row, one row a transaction, this box).
-        The connection still comes from SQLAlchemy (its errors wrapped, a broken one
-        invalidated, a transaction left open rolled back on return to the pool), and the
+        The connection still comes from SQLAlchemy (a failure to connect raised as its
+        error, a transaction left open rolled back on return to the pool), and the
         driver's errors are raised as SQLAlchemy's, so an outage is still an outage."""
         with self.engine.connect() as conn:
             driver = conn.connection.driver_connection
