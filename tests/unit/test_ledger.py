@@ -193,7 +193,7 @@ def test_a_data_error_is_a_refused_row_not_a_store_outage(outbox_path: Path) -> 
 
 
 class UndeletableOutbox(Outbox):
-    def remove_many(self, request_ids: Sequence[str]) -> None:
+    def remove(self, request_id: str) -> None:
         raise OSError("database is locked")
 
 

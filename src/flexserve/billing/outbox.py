@@ -22,8 +22,6 @@ from pathlib import Path
 from flexserve.store import LedgerRow
 
 FILE_NAME = "ledger-outbox.db"
-MOST_PARAMETERS = 500
-"""Request ids per DELETE statement (SQLite caps the parameters of one statement)."""
 
 
 class Outbox:
@@ -92,18 +90,12 @@ class Outbox:
         return int(count)
 
     def remove(self, request_id: str) -> None:
-        """The row reached the store (or was already there)."""
-        self.remove_many([request_id])
-
-    def remove_many(self, request_ids: Sequence[str]) -> None:
-        """The rows reached the store. Not fsync'd: a delete lost in a power cut only
-        delivers its row again, which the store skips (the request id is its key); the
-        next durable commit (a put) syncs it anyway, WAL frames being written in order."""
+        """The row reached the store (or was already there). Not fsync'd: a delete lost
+        in a power cut only delivers its row again, which the store skips (the request id
+        is its key); the next durable commit (a put) syncs it anyway, WAL frames being
+        written in order."""
         with self._lock, self._unsynced(), self._transaction():
-            for start in range(0, len(request_ids), MOST_PARAMETERS):
-                chunk = request_ids[start : start + MOST_PARAMETERS]
-                marks = ",".join("?" * len(chunk))
-                self._db.execute(f"DELETE FROM outbox WHERE request_id IN ({marks})", chunk)
+            self._db.execute("DELETE FROM outbox WHERE request_id = ?", (request_id,))
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:

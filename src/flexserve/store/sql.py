@@ -13,7 +13,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 
 from flexserve.store.records import KeyRecord, LedgerRow, TierUsage
@@ -39,9 +39,8 @@ class SqlStore:
         self.engine = _engine(url, sqlite_busy_timeout)
         self.is_postgres = self.engine.dialect.name == "postgresql"
         self._local_lock = threading.Lock()
-        insert = postgresql.insert if self.is_postgres else sqlite.insert
-        self._insert_ledger = (
-            insert(ledger)
+        self._insert_ledger = (  # PostgreSQL's (SQLite's inserts: `_record_many_sqlite`)
+            postgresql.insert(ledger)
             .on_conflict_do_nothing(index_elements=[ledger.c.request_id])
             .returning(ledger.c.request_id)
         )
