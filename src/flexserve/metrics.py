@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,13 @@ class Metrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
             registry=self.registry,
         )
+
+        # Each label combination's child, looked up once: `labels()` takes a lock and
+        # checks its arguments on every call, on every request's path.
+        self.request_count = functools.cache(self.requests.labels)
+        self.token_count = functools.cache(self.tokens.labels)
+        self.preemption_count = functools.cache(self.preemptions.labels)
+        self.ttft_of = functools.cache(self.ttft.labels)
 
     def watch(self, fleet: Fleet) -> None:
         self.registry.register(_LiveCollector(fleet))

@@ -13,8 +13,10 @@ from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from flexserve.backends.base import SamplingParams, TokenChunk
 from flexserve.billing import Ledger
 from flexserve.billing.outbox import Outbox
+from flexserve.billing.prices import PriceBook, request_cost
 from flexserve.config import Settings
 from flexserve.runtime import JobHandle, Submission
+from flexserve.scheduling.tiers import TIERS
 from flexserve.store import LedgerRow, MemoryStore
 
 
@@ -344,3 +346,15 @@ def test_a_settle_cancelled_while_its_batch_is_written_is_still_billed(
 
     asyncio.run(run())
     assert [r.request_id for r in store.ledger("acme")] == ["req_1"]
+
+
+def test_the_price_book_prices_every_model_and_tier_as_request_cost_does() -> None:
+    settings = Settings(prices={"m": {"input": 1.0, "output": 3.0, "multipliers": {"flex": 0.25}}})
+    book = PriceBook(settings)
+    for model in ("m", "unpriced"):
+        for tier in TIERS:
+            for tokens in ((7, 0, 11), (1000, 0, 1)):
+                expected = request_cost(settings, model, tier, *tokens)
+                assert book.cost(model, tier, *tokens) == expected  # twice: once cached
+                assert book.cost(model, tier, *tokens) == expected
+    assert book.cost("m", "flex", 4, 0, 4).nanos == 4 * 250 + 4 * 750

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from flexserve.backends.base import ChatMessage, SamplingParams
+from flexserve.backends.base import BackendError, ChatMessage, SamplingParams
 from flexserve.backends.upstream import (
     CannotContinue,
     CircuitBreaker,
@@ -13,6 +13,7 @@ from flexserve.backends.upstream import (
     parse_engine_load,
     priority_fields,
 )
+from flexserve.backends.upstream.stream import MAX_LINE, EventParser
 from flexserve.scheduling.tiers import TIERS
 
 MESSAGES = (ChatMessage("system", "be brief"), ChatMessage("user", "count"))
@@ -153,3 +154,37 @@ def test_a_probe_ended_without_a_verdict_lets_another_request_probe() -> None:
     assert not breaker.allows(now=3.0)
     breaker.release_probe()
     assert breaker.allows(now=3.5) and breaker.remaining(now=3.5) == 0.0
+
+
+STREAM = (
+    b": a comment\r\n"
+    b'data: {"a": 1}\r\n\r\n'
+    b"event: ignored\n"
+    b"data: first line\n"
+    b"data:second line\n\n"
+    + "data: caf\u00e9 \u2603\n\n".encode()
+    + b"data: [DONE]"  # the last event, without its blank line
+)
+EVENTS = ['{"a": 1}', "first line\nsecond line", "caf\u00e9 \u2603", "[DONE]"]
+
+
+def parse(pieces: list[bytes]) -> list[str]:
+    parser = EventParser()
+    events = [data for piece in pieces for data in parser.feed(piece)]
+    return events + parser.end()
+
+
+def test_events_are_the_same_however_the_bytes_are_cut_into_reads() -> None:
+    """A read may end anywhere: inside a line, between \\r and \\n, inside a UTF-8
+    character."""
+    assert parse([STREAM]) == EVENTS
+    assert parse([STREAM[i : i + 1] for i in range(len(STREAM))]) == EVENTS
+    for cut in range(len(STREAM)):
+        assert parse([STREAM[:cut], STREAM[cut:]]) == EVENTS
+
+
+def test_a_line_that_never_ends_is_a_broken_stream() -> None:
+    parser = EventParser()
+    with pytest.raises(BackendError, match="longer than"):
+        for _ in range(MAX_LINE // (1 << 20) + 1):
+            parser.feed(b"x" * (1 << 20))

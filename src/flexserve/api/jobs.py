@@ -225,7 +225,7 @@ class Answer:
         """
         self.runtime.cancel(self.handle.request_id)
         if not self.handle.started and self.handle.settled is None:
-            self.state.metrics.requests.labels(self.valid.tier, "abandoned").inc()
+            self.state.metrics.request_count(self.valid.tier, "abandoned").inc()
 
     def give_up(self, collecting: asyncio.Task[dict[str, Any]]) -> None:
         """No retry came for the orphaned answer: stop its job (billed for what it made)."""
@@ -317,7 +317,7 @@ class Answer:
         self._tokens_seen += 1
         if self._tokens_seen == 1:
             elapsed = self.runtime.clock() - self.handle.arrival
-            self.state.metrics.ttft.labels(self.valid.tier).observe(elapsed)
+            self.state.metrics.ttft_of(self.valid.tier).observe(elapsed)
 
     def usage(self) -> dict[str, int]:
         return usage(self.handle)

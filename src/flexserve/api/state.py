@@ -72,15 +72,15 @@ class AppState:
         tier = handle.submission.tier
         if handle.submission.billed_by_caller and outcome == "shed":
             return  # a batch line with no room yet: it waits in its batch, no one was refused
-        self.metrics.requests.labels(tier, outcome).inc()
+        self.metrics.request_count(tier, outcome).inc()
         if handle.preemptions:
-            self.metrics.preemptions.labels(tier).inc(handle.preemptions)
+            self.metrics.preemption_count(tier).inc(handle.preemptions)
         self.limits.settled(handle.request_id, len(handle.produced))
         if not handle.submission.billed_by_caller:
             await self.ledger.settle(handle, outcome)
         if outcome in ("completed", "cancelled"):
-            self.metrics.tokens.labels(tier, "input").inc(handle.prompt_token_count)
-            self.metrics.tokens.labels(tier, "output").inc(len(handle.produced))
+            self.metrics.token_count(tier, "input").inc(handle.prompt_token_count)
+            self.metrics.token_count(tier, "output").inc(len(handle.produced))
 
 
 def app_state(request: Request) -> AppState:

@@ -22,11 +22,11 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal, TypeVar
 
 from flexserve.billing.outbox import FILE_NAME, Outbox
-from flexserve.billing.prices import request_cost
+from flexserve.billing.prices import PriceBook
 from flexserve.config import Settings
 from flexserve.runtime import JobHandle, Outcome
 from flexserve.store import STORE_AWAY, LedgerRow, Store
@@ -47,6 +47,7 @@ class Ledger:
     def __init__(self, settings: Settings, store: Store, outbox: Outbox | None = None) -> None:
         self.settings = settings
         self.store = store
+        self.prices = PriceBook(settings)
         if outbox is None:
             busy_timeout = settings.sqlite_busy_timeout
             outbox = Outbox(settings.data_dir / FILE_NAME, busy_timeout=busy_timeout)
@@ -57,7 +58,8 @@ class Ledger:
         self._drainer: asyncio.Task[None] | None = None
         self._queued: list[tuple[LedgerRow, asyncio.Future[None]]] = []
         """Rows settled while a batch was being written: the next batch."""
-        self._committer: asyncio.Task[None] | None = None
+        self._writing: asyncio.Future[None] | None = None
+        """Set while a batch is in the writer thread; resolves when none is left."""
 
     async def start(self) -> None:
         """Deliver what an earlier run (or outage) left in the outbox, and keep doing so."""
@@ -68,9 +70,9 @@ class Ledger:
             self._drainer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._drainer
-        if self._committer is not None:  # rows settled just before: let them reach disk
+        if self._writing is not None:  # rows settled just before: let them reach disk
             with contextlib.suppress(Exception):
-                await self._committer
+                await asyncio.shield(self._writing)
         with contextlib.suppress(Exception):  # whatever is left waits for the next start
             await self._in_writer(self.drain)
         await asyncio.to_thread(self._writer.shutdown, True)
@@ -84,26 +86,49 @@ class Ledger:
         except Exception:  # a bad price table must not fail a finished request
             log.exception("cannot price request_id=%s", handle.request_id)
             return
-        committed = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        committed = loop.create_future()
         self._queued.append((row, committed))
-        if self._committer is None or self._committer.done():
-            self._committer = asyncio.create_task(self._commit_queued(), name="ledger-commit")
+        if self._writing is None:  # at the loop's next turn: settles of this turn join
+            self._writing = loop.create_future()
+            loop.call_soon(self._write_queued, loop)
         await committed
 
-    async def _commit_queued(self) -> None:
-        """Write batches until no row waits; each batch's waiters resume when it is done."""
-        while self._queued:
-            batch, self._queued = self._queued, []
-            try:
-                needs_drainer = await self._in_writer(self._commit, [row for row, _ in batch])
-            except Exception:  # _commit handles its failures; this is a bug, not an outage
-                log.exception("ledger batch of %d rows failed", len(batch))
-                needs_drainer = True
-            if needs_drainer:
-                self._wake.set()
-            for _, committed in batch:
-                if not committed.done():  # a waiter cancelled: its row is written all the same
-                    committed.set_result(None)
+    def _write_queued(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand the queued rows to the writer as one batch. Its end comes back as one
+        callback on the loop (no task, no asyncio future between): on the answer's
+        path, each hop was a turn of the event loop before the answer could go out."""
+        batch, self._queued = self._queued, []
+        done = self._writer.submit(self._commit, [row for row, _ in batch])
+
+        def back_on_the_loop(_: Future[bool]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(self._written, loop, batch, done)
+
+        done.add_done_callback(back_on_the_loop)
+
+    def _written(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[tuple[LedgerRow, asyncio.Future[None]]],
+        done: Future[bool],
+    ) -> None:
+        """A batch is written: wake its waiters, then write the rows queued meanwhile."""
+        try:
+            needs_drainer = done.result()
+        except Exception:  # _commit handles its failures; this is a bug, not an outage
+            log.exception("ledger batch of %d rows failed", len(batch))
+            needs_drainer = True
+        if needs_drainer:
+            self._wake.set()
+        for _, committed in batch:
+            if not committed.done():  # a waiter cancelled: its row is written all the same
+                committed.set_result(None)
+        if self._queued:
+            self._write_queued(loop)
+        elif self._writing is not None:
+            self._writing.set_result(None)
+            self._writing = None
 
     def _commit(self, rows: list[LedgerRow]) -> bool:
         """Bill the rows in the store, or keep them in the outbox while it is away or
@@ -219,7 +244,7 @@ class Ledger:
         sub = handle.submission
         input_tokens = handle.prompt_token_count
         output_tokens = len(handle.produced)
-        cost = request_cost(self.settings, sub.model, sub.tier, input_tokens, 0, output_tokens)
+        cost = self.prices.cost(sub.model, sub.tier, input_tokens, 0, output_tokens)
         return LedgerRow(
             request_id=sub.request_id,
             tenant=sub.tenant,

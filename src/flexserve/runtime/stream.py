@@ -72,19 +72,24 @@ async def _pump(
     post: Callable[[Command], None],
     stall_timeout: float,
 ) -> Ended:
-    while True:
-        try:
-            async with asyncio.timeout(stall_timeout):
-                chunk = await anext(chunks)
-        except StopAsyncIteration:
-            raise BackendError("stream ended without a finish") from None
-        except TimeoutError:
-            raise BackendError(f"no token for {stall_timeout:.0f} s") from None
-        if isinstance(chunk, Finish):
-            return Ended(handle.request_id, chunk)
-        handle.produced.append(chunk)
-        handle.events.put_nowait(Token(chunk))
-        post(Produced(handle.request_id))
+    # One timeout moved on at each chunk: entering a new one per chunk cost a share of a
+    # short request's CPU.
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(stall_timeout) as stall:
+            while True:
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    raise BackendError("stream ended without a finish") from None
+                if isinstance(chunk, Finish):
+                    return Ended(handle.request_id, chunk)
+                stall.reschedule(loop.time() + stall_timeout)
+                handle.produced.append(chunk)
+                handle.events.put_nowait(Token(chunk))
+                post(Produced(handle.request_id))
+    except TimeoutError:
+        raise BackendError(f"no token for {stall_timeout:.0f} s") from None
 
 
 async def _close(chunks: AsyncIterator[Chunk] | None) -> None:
