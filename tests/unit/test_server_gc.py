@@ -48,3 +48,15 @@ def test_the_server_tunes_after_its_start_up(
         await server.shutdown()
 
     asyncio.run(start_and_stop())
+
+
+@pytest.mark.parametrize(
+    ("level", "shown"), [("warning", False), ("error", False), ("info", True), ("trace", True)]
+)
+def test_the_access_log_is_on_exactly_when_its_lines_would_show(
+    tmp_path: Path, level: str, shown: bool
+) -> None:
+    """Off above info: uvicorn builds each line's fields before the logger drops it."""
+    settings = make_settings(tmp_path, port=free_port())
+    server = build_server(create_app(settings), settings, level)
+    assert server.config.access_log is shown

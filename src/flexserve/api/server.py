@@ -101,8 +101,17 @@ def build_server(app: FastAPI, settings: Settings, log_level: str) -> DrainingSe
         loop="uvloop",  # its event loop and transports cost a fraction of asyncio's
         http=read_deadline_protocol(settings.header_read_timeout, settings.body_read_timeout),
         timeout_graceful_shutdown=FLUSH_SECONDS,
+        # Off when its lines would be dropped anyway: uvicorn works out each line's
+        # fields before the logger filters it, on every request.
+        access_log=logs_requests(log_level),
     )
     return DrainingServer(config, state.fleet, settings.shutdown_grace)
+
+
+def logs_requests(log_level: str) -> bool:
+    """uvicorn's access log (one line per request) shows at this level."""
+    level = logging.getLevelName(log_level.upper())
+    return not isinstance(level, int) or level <= logging.INFO
 
 
 def run_server(app: FastAPI, settings: Settings, log_level: str) -> int:

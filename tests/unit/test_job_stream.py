@@ -1,0 +1,61 @@
+"""One backend stream of a job (runtime/stream.py): a stall is "no token for
+`stall_timeout`", however long the whole answer takes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+from flexserve.backends.base import (
+    BackendError,
+    Chunk,
+    Finish,
+    GenerationRequest,
+    SamplingParams,
+    TokenChunk,
+)
+from flexserve.runtime import JobHandle, Submission
+from flexserve.runtime.commands import Command, Ended, Produced
+from flexserve.runtime.stream import stream_job
+
+STALL = 0.1
+
+
+class Paced:
+    """Yields one token after each gap (seconds), then the finish."""
+
+    def __init__(self, gaps: list[float]) -> None:
+        self.gaps = gaps
+
+    async def generate(
+        self, request: GenerationRequest, resume: Sequence[TokenChunk] = ()
+    ) -> AsyncIterator[Chunk]:
+        for n, gap in enumerate(self.gaps):
+            await asyncio.sleep(gap)
+            yield TokenChunk(n, f"t{n} ")
+        yield Finish("stop")
+
+
+def run(gaps: list[float]) -> tuple[JobHandle, list[Command]]:
+    sub = Submission("req_1", "t", "default", "m", (1, 2), SamplingParams(max_tokens=99), 60.0)
+    handle = JobHandle(sub, arrival=0.0)
+    posted: list[Command] = []
+    backend = Paced(gaps)
+    asyncio.run(stream_job(backend, handle, posted.append, STALL))  # type: ignore[arg-type]
+    return handle, posted
+
+
+def test_an_answer_longer_than_the_stall_timeout_is_no_stall_while_tokens_keep_coming() -> None:
+    handle, posted = run([STALL * 0.6] * 6)  # 0.36 s in all, never 0.1 s without a token
+    ended = posted[-1]
+    assert isinstance(ended, Ended) and ended.error is None and ended.finish is not None
+    assert len(handle.produced) == 6
+    assert sum(isinstance(c, Produced) for c in posted) == 6
+
+
+def test_no_token_for_the_stall_timeout_ends_the_job_as_an_engine_failure() -> None:
+    handle, posted = run([0.0, 0.0, STALL * 4])
+    (*_, ended) = posted
+    assert isinstance(ended, Ended) and isinstance(ended.error, BackendError)
+    assert "no token" in str(ended.error)
+    assert len(handle.produced) == 2  # what came before the stall is kept
