@@ -242,3 +242,25 @@ def test_a_client_with_a_short_timeout_may_still_queue(serve: Serve) -> None:
     )
     busy.join(timeout=30)
     assert reply.service_tier == "flex" and reply.usage is not None
+
+
+def test_the_heartbeat_counts_from_the_jobs_start_not_from_its_wait_in_the_queue(
+    serve: Serve,
+) -> None:
+    """A job that queued past the heartbeat but runs for less than it is a plain JSON
+    answer (with its content-length and real status), not a committed 200 with spaces."""
+    server = serve(slots=1, paused_heartbeat=0.3, simulated=SLOW)
+    holder = threading.Thread(target=lambda: attempt(server, 0, 30.0))  # ~0.8 s in the slot
+    holder.start()
+    server.wait_until(lambda: bool(server.state.fleet.first.runtime.scheduler.running_ids()))
+    queued = httpx.post(
+        server.url + "/chat/completions",
+        json={**BODY, "max_tokens": 2},  # runs ~0.05 s once it has the slot
+        headers={"authorization": f"Bearer {KEY}"},
+        timeout=30.0,
+    )
+    holder.join(timeout=30)
+    assert queued.status_code == 200
+    assert queued.content.startswith(b"{")  # no keep-alive space went out before it
+    assert int(queued.headers["content-length"]) == len(queued.content)
+    assert queued.json()["usage"]["completion_tokens"] == 2

@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from flexserve.api.errors import CLIENT_GONE
 from flexserve.api.event_stream import EventStream
-from flexserve.api.keepalive import deliver, disconnected
+from flexserve.api.keepalive import KeepAliveJSON, deliver, disconnected
 from flexserve.api.retries import Orphan, attempt_key, is_retry, may_be_retried
 from flexserve.api.state import AppState
 from flexserve.api.validation import ValidChat, json_heartbeat
@@ -105,28 +105,67 @@ async def serve_job(
     state.limits.admit(request, key, valid)  # 429 rate_limit_exceeded over the key's limits
     handle = served.runtime.submit(valid.submission(request.state.request_id, key.tenant, served))
     answer = Answer(state, served, handle, valid, shape(handle), finished)
+    if not valid.stream:
+        return await _json(request, answer, attempt)
     first = await answer.next_event_or_disconnect(request)
-    if valid.stream and isinstance(first, Started):
+    if isinstance(first, Started):
         first = await answer.first_output_or_disconnect(request)
     if isinstance(first, Failed):
         raise first.error
-    if first is None and (valid.stream or not handle.started):
+    if first is None:
         answer.cancel()
         return Response(status_code=CLIENT_GONE)
-    if valid.stream:
-        return EventStream(answer.sse(), media_type="text/event-stream", headers=SSE_HEADERS)
-    return await _json(request, answer, attempt, client_left=first is None)
+    return EventStream(answer.sse(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def _json(request: Request, answer: Answer, attempt: Attempt, client_left: bool) -> Response:
-    """The job has started: from here a client that may retry and leaves orphans the
-    answer (its job goes on) for its retry to adopt, instead of paying for a second job."""
-    collecting = asyncio.ensure_future(answer.collect())
+async def _json(request: Request, answer: Answer, attempt: Attempt) -> Response:
+    """The whole answer as JSON, collected while the client is watched.
+
+    A client that leaves before the job starts cancels it (never billed). Once it has
+    started, a client that may retry and leaves orphans the answer (its job goes on) for
+    its retry to adopt, instead of paying for a second job. A job that runs for
+    `heartbeat` seconds commits its 200 and keeps the connection with spaces; a queued
+    job gets no byte, so that a shed is a real 429.
+
+    One collecting task and one watcher serve the whole wait (a task per event and per
+    phase was a measurable share of a short request's CPU)."""
+    started: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+    collecting = asyncio.ensure_future(answer.collect(started))
+    gone = asyncio.ensure_future(disconnected(request.receive))
+    try:
+        running = await _until_answered(collecting, gone, started, attempt.heartbeat)
+    finally:
+        gone.cancel()
     orphan = Orphan(answer.handle.request_id, collecting, lambda: answer.give_up(collecting))
-    if client_left:
+    if collecting.done():
+        return JSONResponse(collecting.result())  # a failure raises its own status here
+    if running:  # the heartbeat is due: 200 now, spaces until the body
+        return KeepAliveJSON(collecting, attempt.heartbeat, attempt.leave(orphan))
+    if answer.handle.started:
         attempt.leave(orphan)()
-        return Response(status_code=CLIENT_GONE)
-    return await deliver(request, collecting, attempt.heartbeat, attempt.leave(orphan))
+    else:
+        answer.give_up(collecting)
+    return Response(status_code=CLIENT_GONE)
+
+
+async def _until_answered(
+    collecting: asyncio.Future[Any],
+    gone: asyncio.Future[None],
+    started: asyncio.Future[float],
+    heartbeat: float,
+) -> bool:
+    """Wait until the answer is collected or the client left (False), or the job has run
+    for `heartbeat` seconds (True)."""
+    loop = asyncio.get_running_loop()
+    while not (collecting.done() or gone.done()):
+        if not started.done():
+            await asyncio.wait((collecting, gone, started), return_when=asyncio.FIRST_COMPLETED)
+            continue
+        left = heartbeat - (loop.time() - started.result())
+        if left <= 0:
+            return True
+        await asyncio.wait((collecting, gone), timeout=left, return_when=asyncio.FIRST_COMPLETED)
+    return False
 
 
 class Attempt:
@@ -235,12 +274,16 @@ class Answer:
         elif not collecting.cancelled():
             collecting.exception()  # a failure nobody will read: retrieved, not logged
 
-    async def collect(self) -> dict[str, Any]:
-        """The whole answer as the API's body, once the job is done and billed."""
+    async def collect(self, started: asyncio.Future[float] | None = None) -> dict[str, Any]:
+        """The whole answer as the API's body, once the job is done and billed; `started`
+        gets the loop's time when the job first starts."""
         text: list[str] = []
         while True:
             event = await self.handle.events.get()
-            if isinstance(event, Token):
+            if isinstance(event, Started):
+                if started is not None and not started.done():
+                    started.set_result(asyncio.get_running_loop().time())
+            elif isinstance(event, Token):
                 self._observe_token()
                 text.append(event.chunk.text)
             elif isinstance(event, Failed):

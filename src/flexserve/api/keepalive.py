@@ -43,10 +43,10 @@ async def deliver(
         return Response(status_code=CLIENT_GONE)
     if answer in done:
         return JSONResponse(answer.result())  # a failure raises its own status here
-    return _KeepAliveJSON(answer, heartbeat, on_leave)
+    return KeepAliveJSON(answer, heartbeat, on_leave)
 
 
-class _KeepAliveJSON(Response):
+class KeepAliveJSON(Response):
     """200 now, a space every `heartbeat` seconds, then the body.
 
     If the job fails after the status went out, the body is left incomplete: the
