@@ -10,16 +10,16 @@ Retry-After), also when streaming; so is an upstream engine's own refusal.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
+import orjson
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from flexserve.api.errors import CLIENT_GONE
 from flexserve.api.event_stream import EventStream
-from flexserve.api.keepalive import KeepAliveJSON, deliver, disconnected
+from flexserve.api.keepalive import AnswerJSON, KeepAliveJSON, deliver, disconnected
 from flexserve.api.retries import Orphan, attempt_key, is_retry, may_be_retried
 from flexserve.api.state import AppState
 from flexserve.api.validation import ValidChat, json_heartbeat
@@ -138,7 +138,7 @@ async def _json(request: Request, answer: Answer, attempt: Attempt) -> Response:
         gone.cancel()
     orphan = Orphan(answer.handle.request_id, collecting, lambda: answer.give_up(collecting))
     if collecting.done():
-        return JSONResponse(collecting.result())  # a failure raises its own status here
+        return AnswerJSON(collecting.result())  # a failure raises its own status here
     if running:  # the heartbeat is due: 200 now, spaces until the body
         return KeepAliveJSON(collecting, attempt.heartbeat, attempt.leave(orphan))
     if answer.handle.started:
@@ -378,7 +378,7 @@ def usage(handle: JobHandle, completion: int | None = None) -> dict[str, int]:
 
 
 def sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+    return f"data: {orjson.dumps(payload).decode()}\n\n"
 
 
 def lower_headers(request: Request) -> dict[str, str]:

