@@ -348,3 +348,25 @@ def test_interactive_work_with_no_healthy_backend_is_a_503_with_retry_after() ->
     last = asyncio.run(run())[-1]
     assert isinstance(last, Failed) and isinstance(last.error, Overloaded)
     assert last.error.retry_after is not None and last.error.retry_after > 0
+
+
+def test_a_settle_that_raises_at_once_fails_no_other_job_and_keeps_the_loop() -> None:
+    """The app's settle is a plain function now (it returns the bill's future): if it
+    raised on the runtime's task, every job would fail with the loop."""
+
+    def broken_settle(handle: JobHandle, outcome: Outcome) -> asyncio.Future[None]:
+        raise RuntimeError("a bug in counting")
+
+    async def run() -> tuple[list[JobEvent], list[JobEvent], str | None]:
+        sim = SimulatedBackend("m", 1, FAST)
+        runtime = Runtime(sim, SchedulerSettings(), settle=broken_settle)
+        await runtime.start()
+        first = await drain(runtime.submit(submission(sim, "a", "default", "one", max_tokens=3)))
+        second = await drain(runtime.submit(submission(sim, "b", "default", "two", max_tokens=3)))
+        failure = runtime.failure
+        await runtime.close()
+        return first, second, failure
+
+    first, second, failure = asyncio.run(run())
+    assert isinstance(first[-1], Done) and isinstance(second[-1], Done)
+    assert failure is None

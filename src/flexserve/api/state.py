@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -67,20 +68,30 @@ class AppState:
         await self.ledger.close()
         self.keys.close()
 
-    async def settle(self, handle: JobHandle, outcome: Outcome) -> None:
-        """Called once per job by the runtime: count it, and bill it if billable."""
+    def settle(self, handle: JobHandle, outcome: Outcome) -> asyncio.Future[None]:
+        """Called once per job by the runtime: count it now, and bill it if billable; the
+        future is done when its bill is committed (what the answer's last byte waits for)."""
         tier = handle.submission.tier
         if handle.submission.billed_by_caller and outcome == "shed":
-            return  # a batch line with no room yet: it waits in its batch, no one was refused
+            return (
+                _done()
+            )  # a batch line with no room yet: it waits in its batch, no one was refused
         self.metrics.request_count(tier, outcome).inc()
         if handle.preemptions:
             self.metrics.preemption_count(tier).inc(handle.preemptions)
         self.limits.settled(handle.request_id, len(handle.produced))
-        if not handle.submission.billed_by_caller:
-            await self.ledger.settle(handle, outcome)
         if outcome in ("completed", "cancelled"):
             self.metrics.token_count(tier, "input").inc(handle.prompt_token_count)
             self.metrics.token_count(tier, "output").inc(len(handle.produced))
+        if handle.submission.billed_by_caller:
+            return _done()  # the batch runner writes the row with the line's result
+        return self.ledger.bill(handle, outcome)
+
+
+def _done() -> asyncio.Future[None]:
+    done = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    return done
 
 
 def app_state(request: Request) -> AppState:

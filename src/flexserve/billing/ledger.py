@@ -79,20 +79,29 @@ class Ledger:
         self.outbox.close()
 
     async def settle(self, handle: JobHandle, outcome: Outcome) -> None:
+        """Bill the job and wait until its row is committed (or kept for the drainer)."""
+        await self.bill(handle, outcome)
+
+    def bill(self, handle: JobHandle, outcome: Outcome) -> asyncio.Future[None]:
+        """Queue the job's row, if billable; the future is done once it is committed
+        (or kept in the outbox). Not a coroutine, so that the runtime needs no task per
+        settled job: the answer waits on this future itself."""
+        loop = asyncio.get_running_loop()
+        committed = loop.create_future()
         if outcome not in BILLED:
-            return
+            committed.set_result(None)
+            return committed
         try:
             row = self.row(handle, outcome)
         except Exception:  # a bad price table must not fail a finished request
             log.exception("cannot price request_id=%s", handle.request_id)
-            return
-        loop = asyncio.get_running_loop()
-        committed = loop.create_future()
+            committed.set_result(None)
+            return committed
         self._queued.append((row, committed))
         if self._writing is None:  # at the loop's next turn: settles of this turn join
             self._writing = loop.create_future()
             loop.call_soon(self._write_queued, loop)
-        await committed
+        return committed
 
     def _write_queued(self, loop: asyncio.AbstractEventLoop) -> None:
         """Hand the queued rows to the writer as one batch. Its end comes back as one

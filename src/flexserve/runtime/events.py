@@ -77,7 +77,7 @@ class JobHandle:
     engine_failures: int = 0
     outages: int = 0
     """Times it found no engine to run on (every breaker open) and waited."""
-    settled: asyncio.Task[None] | None = None
+    settled: asyncio.Future[None] | None = None
     """Billing and accounting of the outcome; handlers await it before their last byte."""
     engine_prompt_tokens: int | None = None
     """The prompt's length as an upstream engine counted it (its usage), when it said."""

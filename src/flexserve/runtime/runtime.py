@@ -18,8 +18,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from flexserve.backends.base import (
     Backend,
@@ -69,7 +68,9 @@ log = logging.getLogger("flexserve.runtime")
 
 _OVERLOADED = "The server is overloaded with interactive traffic; retry shortly."
 
-Settle = Callable[[JobHandle, Outcome], Coroutine[Any, Any, None]]
+Settle = Callable[[JobHandle, Outcome], Awaitable[None]]
+"""Counts and bills a job's outcome. A future it returns is the job's `settled` as is (the
+app's: no task per job); a coroutine runs as a task."""
 
 MAX_OUTAGE_RETRIES = 600
 """Waits of a flex/batch job for an engine to come back (each at least 0.5 s: a breaker's
@@ -103,7 +104,7 @@ class Runtime:
         self._commands: asyncio.Queue[Command] = asyncio.Queue()
         self._handles: dict[str, JobHandle] = {}
         self._streams: dict[str, asyncio.Task[None]] = {}
-        self._settling: set[asyncio.Task[None]] = set()
+        self._settling: set[asyncio.Future[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
         self._drained = asyncio.Event()
@@ -438,7 +439,13 @@ class Runtime:
         self._spawn_settle(handle, cut_outcome(handle) if handle.started else "overloaded")
 
     def _spawn_settle(self, handle: JobHandle, outcome: Outcome) -> None:
-        task = asyncio.create_task(self._settle(handle, outcome))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
-        handle.settled = task
+        settled: asyncio.Future[None]
+        try:
+            settled = asyncio.ensure_future(self._settle(handle, outcome))
+        except Exception:  # a settle that fails at once must not take the loop down
+            log.exception("settling failed request_id=%s", handle.request_id)
+            settled = asyncio.get_running_loop().create_future()
+            settled.set_result(None)
+        self._settling.add(settled)
+        settled.add_done_callback(self._settling.discard)
+        handle.settled = settled
