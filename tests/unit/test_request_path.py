@@ -1,4 +1,5 @@
-"""Small pieces of the request path: where validation runs, and request ids."""
+"""Small pieces of the request path: where validation runs, request ids, and how a
+stream's events are written."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from types import SimpleNamespace
 from typing import Any
 
 from flexserve.api.body import new_request_id
+from flexserve.api.jobs import Answer
 from flexserve.api.validation import run_validation
+from flexserve.backends.base import SamplingParams, TokenChunk
+from flexserve.runtime import Done, JobHandle, Submission, Token
 
 
 def thread_that_validates(estimates_tokens: bool) -> int:
@@ -45,3 +49,56 @@ def test_a_forked_process_does_not_repeat_its_parents_ids() -> None:
     os.close(read)
     os.waitpid(pid, 0)
     assert child != new_request_id()
+
+
+class Shape:
+    """Each token an event of its own, as every API writes them."""
+
+    def opening(self) -> list[str]:
+        return ["data: open\n\n"]
+
+    def delta(self, text: str, tokens: int) -> list[str]:
+        return [f"data: {text}\n\n"]
+
+    def closing(self, text: str, finish_reason: str, usage: dict[str, int]) -> list[str]:
+        return ["data: [DONE]\n\n"]
+
+    def failure(self, error: Exception) -> list[str]:
+        return ["data: error\n\n"]
+
+
+def answer_of(handle: JobHandle) -> Answer:
+    state: Any = SimpleNamespace(
+        settings=SimpleNamespace(paused_heartbeat=30.0),
+        metrics=SimpleNamespace(ttft_of=lambda tier: SimpleNamespace(observe=lambda s: None)),
+    )
+    served: Any = SimpleNamespace(runtime=SimpleNamespace(clock=lambda: 0.0, cancel=print))
+    valid: Any = SimpleNamespace(tier="default")
+    return Answer(state, served, handle, valid, Shape())  # type: ignore[arg-type]
+
+
+def test_tokens_waiting_together_go_out_in_one_write_each_its_own_event() -> None:
+    async def run() -> list[str]:
+        sub = Submission("req_1", "t", "default", "m", (1,), SamplingParams(max_tokens=9), 60.0)
+        handle = JobHandle(sub, arrival=0.0)
+        events = answer_of(handle).sse()
+        writes = [await anext(events)]  # the opening
+        for text in ("a", "b", "c"):  # arrived in one read from the engine
+            handle.events.put_nowait(Token(TokenChunk(0, text)))
+        writes.append(await anext(events))
+        later = asyncio.ensure_future(anext(events))
+        await asyncio.sleep(0.01)
+        assert not later.done()  # nothing waits to be written: the stream waits
+        handle.events.put_nowait(Token(TokenChunk(0, "d")))  # a token alone: written alone
+        writes.append(await later)
+        handle.events.put_nowait(Done("stop", ""))
+        writes.extend([chunk async for chunk in events])
+        return writes
+
+    writes = asyncio.run(run())
+    assert writes == [
+        "data: open\n\n",
+        "data: a\n\ndata: b\n\ndata: c\n\n",
+        "data: d\n\n",
+        "data: [DONE]\n\n",
+    ]

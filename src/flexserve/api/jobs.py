@@ -297,60 +297,81 @@ class Answer:
                 return self.shape.body(whole, event.finish_reason, self.usage())
 
     async def sse(self) -> AsyncIterator[str]:
-        """The answer's events; the lines of one event go out in one write."""
+        """The answer's events. Those already waiting go out in one write, each still its
+        own event (a write, a system call, per token was most of a long stream's CPU);
+        the lines of one event always do."""
         finished = False
         try:
             if opening := "".join(self.shape.opening()):
                 yield opening
-            async for event in self._events_with_heartbeat():
-                if event is None:
-                    yield ": paused\n\n"
-                elif isinstance(event, Token):
-                    self._observe_token()
-                    if event.chunk.text:
-                        self._text.append(event.chunk.text)
-                        yield "".join(self.shape.delta(event.chunk.text, self._tokens_seen))
-                elif isinstance(event, Done):
-                    finished = True
-                    if event.text:  # sent before the bill: the client is billed for it
-                        self._text.append(event.text)
-                        yield "".join(self.shape.delta(event.text, self._tokens_seen))
-                    await self._settled()
-                    whole = "".join(self._text)
-                    if self._finished is not None:
-                        await self._finished(whole, event.finish_reason, self.usage())
-                    yield "".join(self.shape.closing(whole, event.finish_reason, self.usage()))
-                    return
-                elif isinstance(event, Failed):
-                    finished = True
-                    yield "".join(self.shape.failure(event.error))
-                    return
+            async for batch in self._event_batches():
+                ready: list[str] = []
+                for event in batch:
+                    if event is None:
+                        ready.append(": paused\n\n")
+                    elif isinstance(event, Token):
+                        self._observe_token()
+                        if event.chunk.text:
+                            self._text.append(event.chunk.text)
+                            ready.extend(self.shape.delta(event.chunk.text, self._tokens_seen))
+                    elif isinstance(event, Done):
+                        finished = True
+                        if event.text:  # sent before the bill: the client is billed for it
+                            self._text.append(event.text)
+                            ready.extend(self.shape.delta(event.text, self._tokens_seen))
+                        if ready:
+                            yield "".join(ready)
+                        await self._settled()
+                        whole = "".join(self._text)
+                        if self._finished is not None:
+                            await self._finished(whole, event.finish_reason, self.usage())
+                        yield "".join(self.shape.closing(whole, event.finish_reason, self.usage()))
+                        return
+                    elif isinstance(event, Failed):
+                        finished = True
+                        ready.extend(self.shape.failure(event.error))
+                        yield "".join(ready)
+                        return
+                if ready:
+                    yield "".join(ready)
         finally:
             if not finished:  # the client went away mid-stream: free the slot now
                 self.runtime.cancel(self.handle.request_id)
 
-    async def _events_with_heartbeat(self) -> AsyncIterator[JobEvent | None]:
-        """Events; None every `paused_heartbeat` seconds while the job is paused."""
+    async def _event_batches(self) -> AsyncIterator[list[JobEvent | None]]:
+        """The events that are ready, in order, as one list; None stands for a pause, and
+        comes every `paused_heartbeat` seconds while the job stays paused."""
         paused = False
         heartbeat = self.state.settings.paused_heartbeat
         pending, self._pending = self._pending, None
         if pending is not None:
             paused = isinstance(pending, Paused)
-            yield None if paused else pending
+            yield [None if paused else pending]
+        queue = self.handle.events
         while True:
-            try:
-                async with asyncio.timeout(heartbeat if paused else None):
-                    event = await self.handle.events.get()
-            except TimeoutError:
-                yield None
-                continue
-            if isinstance(event, Paused):
-                paused = True
-                yield None
-            elif isinstance(event, Started):
-                paused = False
+            if paused:  # a timeout only then: entering one per token cost CPU for nothing
+                try:
+                    async with asyncio.timeout(heartbeat):
+                        event = await queue.get()
+                except TimeoutError:
+                    yield [None]
+                    continue
             else:
-                yield event
+                event = await queue.get()
+            batch: list[JobEvent | None] = []
+            while True:
+                if isinstance(event, Paused):
+                    paused = True
+                    batch.append(None)
+                elif isinstance(event, Started):
+                    paused = False
+                else:
+                    batch.append(event)
+                if queue.empty():
+                    break
+                event = queue.get_nowait()
+            if batch:
+                yield batch
 
     async def _settled(self) -> None:
         if self.handle.settled is not None:
