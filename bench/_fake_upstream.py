@@ -3,7 +3,8 @@
 Plain ASGI, no framework: the "direct" baseline should cost as little as a Python HTTP
 server can, so that what a gateway in front of it adds stands out. It answers
 `/v1/chat/completions` at once, as JSON or (with `"stream": true`) as SSE, with one word,
-and usage; it records nothing (tests/fakes/upstream.py is the recording fake for tests).
+and usage; a stream with `max_tokens` n > 1 has n words, one event each, sent at once. It
+records nothing (tests/fakes/upstream.py is the recording fake for tests).
 
     python bench/_fake_upstream.py --port 9000
 """
@@ -59,8 +60,11 @@ async def _chat(request: dict[str, Any], send: Any) -> None:
         )
         return
     chunk = {**envelope, "object": "chat.completion.chunk"}
+    words = max(1, int(request.get("max_tokens") or 1))
+    usage = {"prompt_tokens": 5, "completion_tokens": words, "total_tokens": 5 + words}
     events = [
         {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": WORD}}]},
+        *[{**chunk, "choices": [{"index": 0, "delta": {"content": WORD}}]}] * (words - 1),
         {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]},
     ]
     if (request.get("stream_options") or {}).get("include_usage"):

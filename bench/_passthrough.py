@@ -2,7 +2,7 @@
 
 Plain ASGI on the same uvicorn (uvloop, httptools) as flexserve, one shared aiohttp
 session to the upstream: it reads the request, forwards the bytes as they came, and
-relays the upstream's answer (JSON, or SSE line by line). No key check, no validation,
+relays the upstream's answer as its bytes arrive (JSON or SSE). No key check, no validation,
 no scheduling, no billing, no metrics. What it adds over direct is what the HTTP server,
 the event loop and the upstream client cost on this box, so it bounds from below what
 any gateway written this way can add: flexserve's figures read against it.
@@ -40,8 +40,8 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
         kind = upstream.headers.get("content-type", "application/json").encode()
         start = {"type": "http.response.start", "status": upstream.status}
         await send({**start, "headers": [(b"content-type", kind)]})
-        async for line in upstream.content:  # SSE relayed as it comes; JSON is one line
-            await send({"type": "http.response.body", "body": line, "more_body": True})
+        async for data in upstream.content.iter_any():  # relayed as it comes
+            await send({"type": "http.response.body", "body": data, "more_body": True})
     await send({"type": "http.response.body", "body": b""})
 
 

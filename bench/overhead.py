@@ -21,7 +21,10 @@ spread (min..max). The last line is the summary JSON:
 `added_p50_ms`/`added_p99_ms` (flexserve minus direct, one connection), `rps`,
 `litellm_rps`, `rps_ratio`, and the passthrough's (`passthrough_added_p50_ms`,
 `passthrough_rps`, `passthrough_rps_ratio`; `rps_share_of_passthrough`: flexserve's
-requests/s over the passthrough's).
+requests/s over the passthrough's). With `--via upstream`, direct, flexserve and the
+passthrough also relay streams of `--long-tokens` (64) tokens, one event each, all sent
+by the fake at once: `*_long_tokens_per_s` (requests/s times the tokens) and
+`long_tokens_share_of_passthrough` show what each streamed token costs a gateway.
 
 flexserve gets `--slots` (64) above the connections, so that nothing queues for a slot:
 what is measured is the request path, not the scheduler's admission. A baseline build
@@ -57,6 +60,8 @@ MODEL = "smollm2-135m"
 LITELLM_VERSION = "1.80.17"
 """Never 1.82.7 or 1.82.8 (malicious releases)."""
 LITELLM_VENV = Path.home() / ".cache" / "flexserve-bench" / f"litellm-{LITELLM_VERSION}"
+LONG_NAMES = ("direct", "flexserve", "passthrough")
+"""The targets that also relay long streams (`--long-tokens`)."""
 ZERO_DELAY = {
     "FLEXSERVE_SIMULATED__TTFT_MS": "0",
     "FLEXSERVE_SIMULATED__TPOT_MS": "0",
@@ -78,11 +83,11 @@ end
 """
 
 
-def body(stream: bool) -> str:
+def body(stream: bool, max_tokens: int = 1) -> str:
     request = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "hi"}],
-        "max_tokens": 1,
+        "max_tokens": max_tokens,
         "stream": stream,
     }
     return json.dumps(request, separators=(",", ":"))
@@ -220,52 +225,63 @@ def main() -> None:
         help="the Python that runs flexserve (another venv: a baseline build)",
     )
     parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM")
+    parser.add_argument(
+        "--long-tokens",
+        type=int,
+        default=64,
+        help="also relay streams of this many tokens (direct, flexserve, passthrough); 0: not",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (Debian: apt-get install -y wrk)")
     work = Path(tempfile.mkdtemp(prefix="flexserve-overhead-"))
+    requests = {"json": body(False), "stream": body(True), "long": body(True, args.long_tokens)}
     scripts = {}
-    for stream in (False, True):
-        path = work / f"chat-{'stream' if stream else 'json'}.lua"
-        path.write_text(WRK_SCRIPT % {"key": KEY, "body": body(stream)})
-        scripts[stream] = path
+    for kind, request in requests.items():
+        path = work / f"chat-{kind}.lua"
+        path.write_text(WRK_SCRIPT % {"key": KEY, "body": request})
+        scripts[kind] = path
     with ExitStack() as stack:
         upstream_port = free_port()
         upstream = f"http://127.0.0.1:{upstream_port}"
         stack.enter_context(fake_upstream(upstream_port, work))
         gateway = stack.enter_context(flexserve(args, upstream))
-        targets: dict[str, tuple[str, bool]] = {
-            "direct": (upstream, False),
-            "direct-stream": (upstream, True),
-            "flexserve": (gateway, False),
-            "flexserve-stream": (gateway, True),
-        }
         relay_port = free_port()
         stack.enter_context(passthrough(relay_port, upstream, work))
-        targets["passthrough"] = (f"http://127.0.0.1:{relay_port}", False)
+        relay = f"http://127.0.0.1:{relay_port}"
+        targets: dict[str, tuple[str, str]] = {
+            "direct": (upstream, "json"),
+            "direct-stream": (upstream, "stream"),
+            "flexserve": (gateway, "json"),
+            "flexserve-stream": (gateway, "stream"),
+            "passthrough": (relay, "json"),
+        }
+        if args.long_tokens > 0 and args.via == "upstream":  # what a stream's tokens cost
+            bases = dict(zip(LONG_NAMES, (upstream, gateway, relay), strict=True))
+            targets |= {f"{name}-long": (base, "long") for name, base in bases.items()}
         if not args.no_litellm:
             port = free_port()
             stack.enter_context(litellm(port, upstream, work))
-            targets["litellm"] = (f"http://127.0.0.1:{port}", False)
+            targets["litellm"] = (f"http://127.0.0.1:{port}", "json")
         results = measure(targets, scripts, args, lambda line: print(line, flush=True))
     shutil.rmtree(work, ignore_errors=True)
     report(results, args)
 
 
 def measure(
-    targets: dict[str, tuple[str, bool]],
-    scripts: dict[bool, Path],
+    targets: dict[str, tuple[str, str]],
+    scripts: dict[str, Path],
     args: argparse.Namespace,
     say: Callable[[str], None],
 ) -> dict[str, list[dict[str, float]]]:
     results: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
-    for base, stream in targets.values():  # warm-up: lazy imports, caches, connections
-        wrk(base + "/v1/chat/completions", scripts[stream], 4, 1)
+    for base, kind in targets.values():  # warm-up: lazy imports, caches, connections
+        wrk(base + "/v1/chat/completions", scripts[kind], 4, 1)
     for round_ in range(args.rounds):
-        for name, (base, stream) in targets.items():
+        for name, (base, kind) in targets.items():
             url = base + "/v1/chat/completions"
-            latency = wrk(url, scripts[stream], 1, args.seconds)
-            load = wrk(url, scripts[stream], args.connections, args.seconds)
+            latency = wrk(url, scripts[kind], 1, args.seconds)
+            load = wrk(url, scripts[kind], args.connections, args.seconds)
             row = {"p50_ms": latency["p50_ms"], "p99_ms": latency["p99_ms"], "rps": load["rps"]}
             row["p50_ms_loaded"] = load["p50_ms"]
             results[name].append(row)
@@ -302,6 +318,12 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace)
         "passthrough_rps": round(med("passthrough", "rps"), 1),
     }
     summary["rps_share_of_passthrough"] = round(summary["rps"] / summary["passthrough_rps"], 3)
+    if "flexserve-long" in table:  # tokens relayed per second in streams of long_tokens
+        tokens = {name: med(f"{name}-long", "rps") * args.long_tokens for name in LONG_NAMES}
+        summary["long_tokens"] = args.long_tokens
+        summary |= {f"{name}_long_tokens_per_s": round(tokens[name]) for name in LONG_NAMES}
+        share = tokens["flexserve"] / tokens["passthrough"]
+        summary["long_tokens_share_of_passthrough"] = round(share, 3)
     if "litellm" in table:
         summary["litellm_rps"] = round(med("litellm", "rps"), 1)
         summary["rps_ratio"] = round(summary["rps"] / summary["litellm_rps"], 2)
