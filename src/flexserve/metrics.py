@@ -49,10 +49,10 @@ class Metrics:
 
         # Each label combination's child, looked up once: `labels()` takes a lock and
         # checks its arguments on every call, on every request's path.
-        self.request_count = functools.cache(self.requests.labels)
-        self.token_count = functools.cache(self.tokens.labels)
-        self.preemption_count = functools.cache(self.preemptions.labels)
-        self.ttft_of = functools.cache(self.ttft.labels)
+        self.requests_for = functools.cache(self.requests.labels)
+        self.tokens_for = functools.cache(self.tokens.labels)
+        self.preemptions_for = functools.cache(self.preemptions.labels)
+        self.ttft_for = functools.cache(self.ttft.labels)
 
     def watch(self, fleet: Fleet) -> None:
         self.registry.register(_LiveCollector(fleet))

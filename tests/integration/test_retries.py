@@ -248,7 +248,9 @@ def test_the_heartbeat_counts_from_the_jobs_start_not_from_its_wait_in_the_queue
     serve: Serve,
 ) -> None:
     """A job that queued past the heartbeat but runs for less than it is a plain JSON
-    answer (with its content-length and real status), not a committed 200 with spaces."""
+    answer (with its content-length and real status), not a committed 200 with spaces.
+    (A guard for the one-task collection of JSON answers: timing the heartbeat from the
+    submission instead fails it.)"""
     server = serve(slots=1, paused_heartbeat=0.3, simulated=SLOW)
     holder = threading.Thread(target=lambda: attempt(server, 0, 30.0))  # ~0.8 s in the slot
     holder.start()

@@ -261,3 +261,16 @@ def test_a_probe_paused_mid_stream_closes_the_breaker_once_the_engine_answered()
 
     with serve_fake(FakeUpstream(answer=ANSWER)) as url:
         assert asyncio.run(probe(url)) == "closed"
+
+
+def test_text_beyond_ascii_reaches_the_client_unchanged_as_json_and_as_a_stream(
+    serve: Serve, clients: Callable[[RunningServer], openai.OpenAI]
+) -> None:
+    """Answers are encoded by orjson (raw UTF-8, where the engine sent \\u escapes)."""
+    words = "café ☃ 😀 naïve 東京 \u00e9\u0301"
+    with serve_fake(FakeUpstream(answer=words)) as url:
+        server = serve(models={"m": {"backends": [upstream(url, engine="vllm")]}})
+        c = clients(server)
+        whole = chat(c, "m", "default").choices[0].message.content
+        streamed = "".join(_text(chunk) for chunk in chat(c, "m", "default", stream=True))
+    assert whole == streamed == words

@@ -18,7 +18,7 @@ from flexserve.runtime import JobHandle, Submission
 from flexserve.runtime.commands import Command, Ended, Produced
 from flexserve.runtime.stream import stream_job
 
-STALL = 0.1
+STALL = 0.3
 
 
 class Paced:
@@ -46,7 +46,7 @@ def run(gaps: list[float]) -> tuple[JobHandle, list[Command]]:
 
 
 def test_an_answer_longer_than_the_stall_timeout_is_no_stall_while_tokens_keep_coming() -> None:
-    handle, posted = run([STALL * 0.6] * 6)  # 0.36 s in all, never 0.1 s without a token
+    handle, posted = run([STALL / 2] * 6)  # 0.9 s in all, never 0.3 s without a token
     ended = posted[-1]
     assert isinstance(ended, Ended) and ended.error is None and ended.finish is not None
     assert len(handle.produced) == 6
@@ -54,7 +54,7 @@ def test_an_answer_longer_than_the_stall_timeout_is_no_stall_while_tokens_keep_c
 
 
 def test_no_token_for_the_stall_timeout_ends_the_job_as_an_engine_failure() -> None:
-    handle, posted = run([0.0, 0.0, STALL * 4])
+    handle, posted = run([0.0, 0.0, STALL * 3])
     (*_, ended) = posted
     assert isinstance(ended, Ended) and isinstance(ended.error, BackendError)
     assert "no token" in str(ended.error)

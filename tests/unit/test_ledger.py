@@ -13,7 +13,7 @@ from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from flexserve.backends.base import SamplingParams, TokenChunk
 from flexserve.billing import Ledger
 from flexserve.billing.outbox import Outbox
-from flexserve.billing.prices import PriceBook, request_cost
+from flexserve.billing.prices import PriceCache, request_cost
 from flexserve.config import Settings
 from flexserve.runtime import JobHandle, Submission
 from flexserve.scheduling.tiers import TIERS
@@ -348,9 +348,9 @@ def test_a_settle_cancelled_while_its_batch_is_written_is_still_billed(
     assert [r.request_id for r in store.ledger("acme")] == ["req_1"]
 
 
-def test_the_price_book_prices_every_model_and_tier_as_request_cost_does() -> None:
+def test_the_price_cache_prices_every_model_and_tier_as_request_cost_does() -> None:
     settings = Settings(prices={"m": {"input": 1.0, "output": 3.0, "multipliers": {"flex": 0.25}}})
-    book = PriceBook(settings)
+    book = PriceCache(settings)
     for model in ("m", "unpriced"):
         for tier in TIERS:
             for tokens in ((7, 0, 11), (1000, 0, 1)):
@@ -358,3 +358,21 @@ def test_the_price_book_prices_every_model_and_tier_as_request_cost_does() -> No
                 assert book.cost(model, tier, *tokens) == expected  # twice: once cached
                 assert book.cost(model, tier, *tokens) == expected
     assert book.cost("m", "flex", 4, 0, 4).nanos == 4 * 250 + 4 * 750
+
+
+def test_a_row_billed_after_the_writer_closed_is_still_written_and_answered(
+    outbox_path: Path,
+) -> None:
+    """A settle that comes after `close` (the writer thread is gone) must neither hang its
+    answer nor stop later rows: it is written on the loop."""
+    store = MemoryStore()
+    ledger = Ledger(Settings(), store, Outbox(outbox_path))
+
+    async def run() -> None:
+        await ledger.close()
+        async with asyncio.timeout(5):
+            await ledger.settle(handle(request_id="late_1"), "completed")
+            await ledger.settle(handle(request_id="late_2"), "completed")
+
+    asyncio.run(run())
+    assert sorted(row.request_id for row in store.ledger("acme")) == ["late_1", "late_2"]

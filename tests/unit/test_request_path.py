@@ -67,12 +67,17 @@ class Shape:
         return ["data: error\n\n"]
 
 
+CANCELLED: list[str] = []
+"""Jobs the answer cancelled (a stream that ends with its Done cancels none)."""
+
+
 def answer_of(handle: JobHandle) -> Answer:
     state: Any = SimpleNamespace(
         settings=SimpleNamespace(paused_heartbeat=30.0),
-        metrics=SimpleNamespace(ttft_of=lambda tier: SimpleNamespace(observe=lambda s: None)),
+        metrics=SimpleNamespace(ttft_for=lambda tier: SimpleNamespace(observe=lambda s: None)),
     )
-    served: Any = SimpleNamespace(runtime=SimpleNamespace(clock=lambda: 0.0, cancel=print))
+    runtime = SimpleNamespace(clock=lambda: 0.0, cancel=CANCELLED.append)
+    served: Any = SimpleNamespace(runtime=runtime)
     valid: Any = SimpleNamespace(tier="default")
     return Answer(state, served, handle, valid, Shape())  # type: ignore[arg-type]
 
@@ -96,9 +101,26 @@ def test_tokens_waiting_together_go_out_in_one_write_each_its_own_event() -> Non
         return writes
 
     writes = asyncio.run(run())
+    assert CANCELLED == []
     assert writes == [
         "data: open\n\n",
         "data: a\n\ndata: b\n\ndata: c\n\n",
         "data: d\n\n",
         "data: [DONE]\n\n",
     ]
+
+
+def test_the_opening_goes_out_with_the_first_event_when_it_is_already_there() -> None:
+    """The handler waits for the job's first output before the response begins; that
+    output and the opening are one write."""
+
+    async def run() -> list[str]:
+        sub = Submission("req_2", "t", "default", "m", (1,), SamplingParams(max_tokens=9), 60.0)
+        handle = JobHandle(sub, arrival=0.0)
+        answer = answer_of(handle)
+        answer._pending = Token(TokenChunk(0, "a"))  # read while waiting for first output
+        handle.events.put_nowait(Token(TokenChunk(0, "b")))
+        handle.events.put_nowait(Done("stop", ""))
+        return [chunk async for chunk in answer.sse()]
+
+    assert asyncio.run(run()) == ["data: open\n\ndata: a\n\n", "data: b\n\n", "data: [DONE]\n\n"]

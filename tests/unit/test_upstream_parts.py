@@ -13,6 +13,7 @@ from flexserve.backends.upstream import (
     parse_engine_load,
     priority_fields,
 )
+from flexserve.backends.upstream import stream as upstream_stream
 from flexserve.backends.upstream.stream import MAX_LINE, EventParser
 from flexserve.scheduling.tiers import TIERS
 
@@ -188,3 +189,16 @@ def test_a_line_that_never_ends_is_a_broken_stream() -> None:
     with pytest.raises(BackendError, match="longer than"):
         for _ in range(MAX_LINE // (1 << 20) + 1):
             parser.feed(b"x" * (1 << 20))
+
+
+def test_an_event_that_is_not_utf8_is_a_broken_stream() -> None:
+    with pytest.raises(BackendError, match="UTF-8"):
+        parse([b"data: \xff\xfe\n\n"])
+
+
+def test_a_chunk_python_parses_but_orjson_refuses_is_still_read() -> None:
+    """orjson (the fast path) refuses NaN and lone surrogates; the standard parser takes
+    them, so such an engine's chunks are not counted as failures."""
+    assert upstream_stream._json('{"x": NaN, "t": "\\ud83d"}')["t"] == "\ud83d"
+    with pytest.raises(BackendError, match="not JSON"):
+        upstream_stream._json("{broken")

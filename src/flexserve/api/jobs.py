@@ -133,13 +133,16 @@ async def _json(request: Request, answer: Answer, attempt: Attempt) -> Response:
     collecting = asyncio.ensure_future(answer.collect(started))
     gone = asyncio.ensure_future(disconnected(request.receive))
     try:
-        running = await _until_answered(collecting, gone, started, attempt.heartbeat)
+        heartbeat_due = await _heartbeat_due(collecting, gone, started, attempt.heartbeat)
+    except asyncio.CancelledError:  # the server cancelled the handler: nobody will answer
+        answer.give_up(collecting)
+        raise
     finally:
         gone.cancel()
     orphan = Orphan(answer.handle.request_id, collecting, lambda: answer.give_up(collecting))
     if collecting.done():
         return AnswerJSON(collecting.result())  # a failure raises its own status here
-    if running:  # the heartbeat is due: 200 now, spaces until the body
+    if heartbeat_due:  # 200 now, spaces until the body
         return KeepAliveJSON(collecting, attempt.heartbeat, attempt.leave(orphan))
     if answer.handle.started:
         attempt.leave(orphan)()
@@ -148,14 +151,14 @@ async def _json(request: Request, answer: Answer, attempt: Attempt) -> Response:
     return Response(status_code=CLIENT_GONE)
 
 
-async def _until_answered(
+async def _heartbeat_due(
     collecting: asyncio.Future[Any],
     gone: asyncio.Future[None],
     started: asyncio.Future[float],
     heartbeat: float,
 ) -> bool:
-    """Wait until the answer is collected or the client left (False), or the job has run
-    for `heartbeat` seconds (True)."""
+    """True once the job has run for `heartbeat` seconds; False as soon as the answer is
+    collected or the client left, if that comes first."""
     loop = asyncio.get_running_loop()
     while not (collecting.done() or gone.done()):
         if not started.done():
@@ -264,10 +267,11 @@ class Answer:
         """
         self.runtime.cancel(self.handle.request_id)
         if not self.handle.started and self.handle.settled is None:
-            self.state.metrics.request_count(self.valid.tier, "abandoned").inc()
+            self.state.metrics.requests_for(self.valid.tier, "abandoned").inc()
 
     def give_up(self, collecting: asyncio.Task[dict[str, Any]]) -> None:
-        """No retry came for the orphaned answer: stop its job (billed for what it made)."""
+        """Nobody will take the answer (the client left before its job started, or no
+        retry came for it): stop its job, billed for what it made."""
         self.cancel()
         if not collecting.done():
             collecting.cancel()
@@ -302,10 +306,12 @@ class Answer:
         the lines of one event always do."""
         finished = False
         try:
-            if opening := "".join(self.shape.opening()):
+            opening = "".join(self.shape.opening())
+            if opening and self._pending is None:  # nothing goes with it: it starts the stream
                 yield opening
+                opening = ""
             async for batch in self._event_batches():
-                ready: list[str] = []
+                ready, opening = ([opening] if opening else []), ""
                 for event in batch:
                     if event is None:
                         ready.append(": paused\n\n")
@@ -381,7 +387,7 @@ class Answer:
         self._tokens_seen += 1
         if self._tokens_seen == 1:
             elapsed = self.runtime.clock() - self.handle.arrival
-            self.state.metrics.ttft_of(self.valid.tier).observe(elapsed)
+            self.state.metrics.ttft_for(self.valid.tier).observe(elapsed)
 
     def usage(self) -> dict[str, int]:
         return usage(self.handle)

@@ -73,16 +73,15 @@ class AppState:
         future is done when its bill is committed (what the answer's last byte waits for)."""
         tier = handle.submission.tier
         if handle.submission.billed_by_caller and outcome == "shed":
-            return (
-                _done()
-            )  # a batch line with no room yet: it waits in its batch, no one was refused
-        self.metrics.request_count(tier, outcome).inc()
+            # a batch line with no room yet: it waits in its batch, no one was refused
+            return _done()
+        self.metrics.requests_for(tier, outcome).inc()
         if handle.preemptions:
-            self.metrics.preemption_count(tier).inc(handle.preemptions)
+            self.metrics.preemptions_for(tier).inc(handle.preemptions)
         self.limits.settled(handle.request_id, len(handle.produced))
         if outcome in ("completed", "cancelled"):
-            self.metrics.token_count(tier, "input").inc(handle.prompt_token_count)
-            self.metrics.token_count(tier, "output").inc(len(handle.produced))
+            self.metrics.tokens_for(tier, "input").inc(handle.prompt_token_count)
+            self.metrics.tokens_for(tier, "output").inc(len(handle.produced))
         if handle.submission.billed_by_caller:
             return _done()  # the batch runner writes the row with the line's result
         return self.ledger.bill(handle, outcome)

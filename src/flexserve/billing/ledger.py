@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal, TypeVar
 
 from flexserve.billing.outbox import FILE_NAME, Outbox
-from flexserve.billing.prices import PriceBook
+from flexserve.billing.prices import PriceCache
 from flexserve.config import Settings
 from flexserve.runtime import JobHandle, Outcome
 from flexserve.store import STORE_AWAY, LedgerRow, Store
@@ -47,7 +47,7 @@ class Ledger:
     def __init__(self, settings: Settings, store: Store, outbox: Outbox | None = None) -> None:
         self.settings = settings
         self.store = store
-        self.prices = PriceBook(settings)
+        self.prices = PriceCache(settings)
         if outbox is None:
             busy_timeout = settings.sqlite_busy_timeout
             outbox = Outbox(settings.data_dir / FILE_NAME, busy_timeout=busy_timeout)
@@ -108,7 +108,13 @@ class Ledger:
         callback on the loop (no task, no asyncio future between): on the answer's
         path, each hop was a turn of the event loop before the answer could go out."""
         batch, self._queued = self._queued, []
-        done = self._writer.submit(self._commit, [row for row, _ in batch])
+        rows = [row for row, _ in batch]
+        try:
+            done = self._writer.submit(self._commit, rows)
+        except Exception:  # the writer is gone (a bill after close): write here, blocking
+            log.warning("ledger writer unavailable: %d rows written on the loop", len(rows))
+            self._written(loop, batch, _now(self._commit, rows))
+            return
 
         def back_on_the_loop(_: Future[bool]) -> None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
@@ -268,6 +274,16 @@ class Ledger:
             preemptions=handle.preemptions,
             created_at=time.time(),
         )
+
+
+def _now(function: Callable[[list[LedgerRow]], bool], rows: list[LedgerRow]) -> Future[bool]:
+    """`function(rows)` run here, as a done future (what the writer thread would give)."""
+    done: Future[bool] = Future()
+    try:
+        done.set_result(function(rows))
+    except Exception as error:
+        done.set_exception(error)
+    return done
 
 
 def _log_billed(row: LedgerRow, new: bool) -> None:

@@ -37,7 +37,7 @@ def request_cost(
     )
 
 
-class PriceBook:
+class PriceCache:
     """`request_cost` for one settings, with each (model, tier) price worked out once:
     the ledger prices every request, and building the price objects anew each time was
     a measurable share of a short request's CPU."""

@@ -138,7 +138,8 @@ class Settings(BaseSettings):
     """Seconds running interactive requests may take to finish after SIGTERM; flex and
     batch streams end at once (billed for what was sent), new requests get 503."""
     stall_timeout: float = Field(default=120.0, gt=0)
-    """Seconds without a token before a running stream counts as a failed engine."""
+    """Seconds without a token before a running stream counts as a failed engine (caught
+    within a slack past it: 10 %, at most 1 s)."""
     retry_after_max: float = Field(default=60.0, gt=0)
     """Retry-After above this also sends `x-should-retry: false`."""
     retry_grace: float = Field(default=30.0, gt=0, le=3600)

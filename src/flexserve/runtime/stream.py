@@ -1,9 +1,9 @@
 """One backend stream of a job: generate from prompt + what it produced, deliver each
 token to its handler and report it to the runtime, end with exactly one `Ended`.
 
-A stall (no token for `stall_timeout`), an engine that raises, or a stream that ends
-without a finish is an engine failure of this job, never of the server; a cancel (a
-preemption, the client gone) closes the engine's stream.
+A stall (no token for `stall_timeout`, caught within a small slack), an engine that
+raises, or a stream that ends without a finish is an engine failure of this job, never of
+the server; a cancel (a preemption, the client gone) closes the engine's stream.
 """
 
 from __future__ import annotations
@@ -67,9 +67,10 @@ def _request(handle: JobHandle) -> GenerationRequest:
 
 
 STALL_SLACK = 0.1
-"""A stall is caught between `stall_timeout` and 10 % past it, so that the deadline moves
-at most ten times per `stall_timeout`, not at every token (moving it cost a share of a
-short request's CPU)."""
+MAX_STALL_SLACK = 1.0
+"""A stall is caught between `stall_timeout` and a little past it (10 %, at most 1 s), so
+that the deadline moves at most once per slack, not at every token (moving it cost a
+share of a short request's CPU)."""
 
 
 async def _pump(
@@ -80,7 +81,7 @@ async def _pump(
 ) -> Ended:
     loop = asyncio.get_running_loop()
     moved = loop.time()
-    slack = stall_timeout * STALL_SLACK
+    slack = min(stall_timeout * STALL_SLACK, MAX_STALL_SLACK)
     try:
         async with asyncio.timeout(stall_timeout + slack) as stall:
             while True:

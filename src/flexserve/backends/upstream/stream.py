@@ -16,6 +16,7 @@ slower with concurrency), which was most of what flexserve added to a request.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -108,34 +109,49 @@ async def _sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
 
 
 class EventParser:
-    """Bytes in, each event's data out; a line cut between two reads waits for its end."""
+    """Bytes in, each event's data out. Lines end in LF or CRLF (a lone CR, which the
+    format also allows, is not used by any engine here); a line cut between two reads
+    waits for its end."""
 
     def __init__(self) -> None:
-        self._partial = b""
+        self._partial: list[bytes] = []
+        self._partial_size = 0
         self._data: list[str] = []
 
     def feed(self, received: bytes) -> list[str]:
-        lines = (self._partial + received).split(b"\n")
-        self._partial = lines.pop()  # after the last newline: not a whole line yet
-        if len(self._partial) > MAX_LINE:
-            raise BackendError(f"upstream sent a line longer than {MAX_LINE} bytes")
+        if b"\n" not in received:  # no line ends here: keep it, without re-reading the rest
+            self._keep(received)
+            return []
+        lines = (b"".join(self._partial) + received if self._partial else received).split(b"\n")
+        self._partial, self._partial_size = [], 0
+        self._keep(lines.pop())  # after the last newline: not a whole line yet
         return self._lines(lines)
 
     def end(self) -> list[str]:
         """What is left when the body ends: a last line, or an event without its blank
         line, is still delivered."""
-        last = [self._partial] if self._partial else []
-        self._partial = b""
+        last = [b"".join(self._partial)] if self._partial else []
+        self._partial, self._partial_size = [], 0
         done = self._lines(last)
         if self._data:
             done.append("\n".join(self._data))
             self._data = []
         return done
 
+    def _keep(self, piece: bytes) -> None:
+        if piece:
+            self._partial.append(piece)
+            self._partial_size += len(piece)
+        if self._partial_size > MAX_LINE:
+            raise BackendError(f"upstream sent a line longer than {MAX_LINE} bytes")
+
     def _lines(self, lines: list[bytes]) -> list[str]:
         done: list[str] = []
         for raw in lines:
-            line = raw.decode().rstrip("\r")
+            try:
+                line = raw.removesuffix(b"\r").decode()
+            except UnicodeDecodeError:
+                raise BackendError("upstream sent an event that is not UTF-8") from None
             if not line:
                 if self._data:
                     done.append("\n".join(self._data))
@@ -183,7 +199,10 @@ def _json(data: str) -> dict[str, Any]:
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError:
-        raise BackendError("upstream sent a chunk that is not JSON") from None
+        try:  # what orjson refuses and Python's parser takes: NaN, a lone surrogate
+            value = json.loads(data)
+        except json.JSONDecodeError:
+            raise BackendError("upstream sent a chunk that is not JSON") from None
     return value if isinstance(value, dict) else {}
 
 
