@@ -29,6 +29,8 @@ by the fake at once: `*_long_tokens_per_s` (requests/s times the tokens) and
 flexserve gets `--slots` (64) above the connections, so that nothing queues for a slot:
 what is measured is the request path, not the scheduler's admission. A baseline build
 runs from another venv with `--flexserve-python`; the fake, wrk and LiteLLM stay the same.
+Better on a noisy box, `--baseline-python` runs a baseline build beside it as `baseline`
+targets in the same run, interleaved round by round (`baseline_*`, `*_over_baseline`).
 
     .venv/bin/python bench/overhead.py                  # flexserve in front of the fake
     .venv/bin/python bench/overhead.py --via simulated  # flexserve's own path alone
@@ -191,14 +193,14 @@ def litellm(port: int, upstream: str, work: Path) -> Any:
 
 
 @contextmanager
-def flexserve(args: argparse.Namespace, upstream: str) -> Iterator[str]:
+def flexserve(args: argparse.Namespace, upstream: str, python: str) -> Iterator[str]:
     env = {**ZERO_DELAY, "FLEXSERVE_API_KEYS": json.dumps({KEY: "bench"})}
     flags = ["--log-level", "warning", "--slots", str(args.slots)]
     if args.via == "upstream":
         flags += ["--upstream", upstream + "/v1"]
     else:
         flags += ["--backend", "simulated"]
-    with Server(flags, env, python=args.flexserve_python) as server:
+    with Server(flags, env, python=python) as server:
         assert server.proc is not None  # any build: only that /healthz answers is used
         wait_ready(server.base + "/healthz", 60, server.proc, server.log_path)
         yield server.base
@@ -224,6 +226,11 @@ def main() -> None:
         default=sys.executable,
         help="the Python that runs flexserve (another venv: a baseline build)",
     )
+    parser.add_argument(
+        "--baseline-python",
+        help="also run this Python's flexserve (a baseline build) as `baseline` targets, "
+        "interleaved with the others in the same run",
+    )
     parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM")
     parser.add_argument(
         "--long-tokens",
@@ -245,7 +252,7 @@ def main() -> None:
         upstream_port = free_port()
         upstream = f"http://127.0.0.1:{upstream_port}"
         stack.enter_context(fake_upstream(upstream_port, work))
-        gateway = stack.enter_context(flexserve(args, upstream))
+        gateway = stack.enter_context(flexserve(args, upstream, args.flexserve_python))
         relay_port = free_port()
         stack.enter_context(passthrough(relay_port, upstream, work))
         relay = f"http://127.0.0.1:{relay_port}"
@@ -256,9 +263,14 @@ def main() -> None:
             "flexserve-stream": (gateway, "stream"),
             "passthrough": (relay, "json"),
         }
+        if args.baseline_python:
+            base = stack.enter_context(flexserve(args, upstream, args.baseline_python))
+            targets |= {"baseline": (base, "json"), "baseline-stream": (base, "stream")}
         if args.long_tokens > 0 and args.via == "upstream":  # what a stream's tokens cost
             bases = dict(zip(LONG_NAMES, (upstream, gateway, relay), strict=True))
-            targets |= {f"{name}-long": (base, "long") for name, base in bases.items()}
+            if args.baseline_python:
+                bases["baseline"] = targets["baseline"][0]
+            targets |= {f"{name}-long": (url, "long") for name, url in bases.items()}
         if not args.no_litellm:
             port = free_port()
             stack.enter_context(litellm(port, upstream, work))
@@ -324,12 +336,40 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace)
         summary |= {f"{name}_long_tokens_per_s": round(tokens[name]) for name in LONG_NAMES}
         share = tokens["flexserve"] / tokens["passthrough"]
         summary["long_tokens_share_of_passthrough"] = round(share, 3)
+    if "baseline" in table:
+        summary |= _baseline_summary(table, args)
     if "litellm" in table:
         summary["litellm_rps"] = round(med("litellm", "rps"), 1)
         summary["rps_ratio"] = round(summary["rps"] / summary["litellm_rps"], 2)
         ratio = summary["passthrough_rps"] / summary["litellm_rps"]
         summary["passthrough_rps_ratio"] = round(ratio, 2)
     print(json.dumps(summary))
+
+
+def _baseline_summary(
+    table: dict[str, dict[str, dict[str, float]]], args: argparse.Namespace
+) -> dict[str, float]:
+    """The baseline build's figures from the same run, and the new build's over them."""
+
+    def med(name: str, field: str) -> float:
+        return table[name][field]["median"]
+
+    direct = med("direct", "p50_ms")
+    summary = {
+        "baseline_added_p50_ms": round(med("baseline", "p50_ms") - direct, 3),
+        "baseline_added_p50_ms_stream": round(
+            med("baseline-stream", "p50_ms") - med("direct-stream", "p50_ms"), 3
+        ),
+        "baseline_rps": round(med("baseline", "rps"), 1),
+        "baseline_rps_stream": round(med("baseline-stream", "rps"), 1),
+        "rps_over_baseline": round(med("flexserve", "rps") / med("baseline", "rps"), 3),
+    }
+    if "baseline-long" in table:
+        tokens = med("baseline-long", "rps") * args.long_tokens
+        summary["baseline_long_tokens_per_s"] = round(tokens)
+        ratio = med("flexserve-long", "rps") / med("baseline-long", "rps")
+        summary["long_tokens_over_baseline"] = round(ratio, 3)
+    return summary
 
 
 if __name__ == "__main__":
