@@ -363,6 +363,9 @@ def _baseline_summary(
         "baseline_rps": round(med("baseline", "rps"), 1),
         "baseline_rps_stream": round(med("baseline-stream", "rps"), 1),
         "rps_over_baseline": round(med("flexserve", "rps") / med("baseline", "rps"), 3),
+        "rps_stream_over_baseline": round(
+            med("flexserve-stream", "rps") / med("baseline-stream", "rps"), 3
+        ),
     }
     if "baseline-long" in table:
         tokens = med("baseline-long", "rps") * args.long_tokens

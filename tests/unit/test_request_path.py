@@ -67,26 +67,25 @@ class Shape:
         return ["data: error\n\n"]
 
 
-CANCELLED: list[str] = []
-"""Jobs the answer cancelled (a stream that ends with its Done cancels none)."""
-
-
-def answer_of(handle: JobHandle) -> Answer:
+def answer_of(handle: JobHandle, cancelled: list[str] | None = None) -> Answer:
     state: Any = SimpleNamespace(
         settings=SimpleNamespace(paused_heartbeat=30.0),
         metrics=SimpleNamespace(ttft_for=lambda tier: SimpleNamespace(observe=lambda s: None)),
     )
-    runtime = SimpleNamespace(clock=lambda: 0.0, cancel=CANCELLED.append)
+    cancels = cancelled if cancelled is not None else []
+    runtime = SimpleNamespace(clock=lambda: 0.0, cancel=cancels.append)
     served: Any = SimpleNamespace(runtime=runtime)
     valid: Any = SimpleNamespace(tier="default")
     return Answer(state, served, handle, valid, Shape())  # type: ignore[arg-type]
 
 
 def test_tokens_waiting_together_go_out_in_one_write_each_its_own_event() -> None:
+    cancelled: list[str] = []  # jobs the answer cancelled: one that ends with Done, none
+
     async def run() -> list[str]:
         sub = Submission("req_1", "t", "default", "m", (1,), SamplingParams(max_tokens=9), 60.0)
         handle = JobHandle(sub, arrival=0.0)
-        events = answer_of(handle).sse()
+        events = answer_of(handle, cancelled).sse()
         writes = [await anext(events)]  # the opening
         for text in ("a", "b", "c"):  # arrived in one read from the engine
             handle.events.put_nowait(Token(TokenChunk(0, text)))
@@ -101,7 +100,7 @@ def test_tokens_waiting_together_go_out_in_one_write_each_its_own_event() -> Non
         return writes
 
     writes = asyncio.run(run())
-    assert CANCELLED == []
+    assert cancelled == []
     assert writes == [
         "data: open\n\n",
         "data: a\n\ndata: b\n\ndata: c\n\n",

@@ -112,7 +112,7 @@ class Ledger:
         try:
             done = self._writer.submit(self._commit, rows)
         except Exception:  # the writer is gone (a bill after close): write here, blocking
-            log.warning("ledger writer unavailable: %d rows written on the loop", len(rows))
+            log.warning("ledger writer unavailable: writing %d rows on the loop", len(rows))
             self._written(loop, batch, _now(self._commit, rows))
             return
 
