@@ -23,7 +23,8 @@ class Metrics:
         self.requests = Counter(
             "flexserve_requests",
             "Requests by tier and outcome (completed, cancelled, failed, shed, overloaded, "
-            "abandoned: the client left while the job was queued; never billed).",
+            "abandoned: the client left while the job was queued; rate_limited: refused by "
+            "its API key's limits with 429 rate_limit_exceeded; the last three never billed).",
             ["tier", "outcome"],
             registry=self.registry,
         )

@@ -123,6 +123,9 @@ def test_a_key_over_its_request_limit_gets_429_rate_limit_exceeded(serve: Serve)
     assert 1 <= int(caught.value.response.headers["retry-after"]) <= 60
     assert caught.value.response.headers["x-ratelimit-remaining-requests"] == "0"
     assert len(server.state.store.ledger("newco")) == 2  # the refused one is not billed
+    metrics = httpx.get(server.base_url + "/metrics").text
+    counted = 'flexserve_requests_total{outcome="rate_limited",tier="default"} 1.0'
+    assert counted in metrics.splitlines()  # Prometheus sees the refusal
 
 
 def test_the_config_limit_of_concurrent_requests_frees_when_a_stream_ends(

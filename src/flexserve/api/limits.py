@@ -205,10 +205,17 @@ def key_limits(key: KeyRecord, settings: Settings) -> Limits:
 class RateLimiter:
     """The HTTP side: admits a validated request or raises `RateLimitExceeded`."""
 
-    def __init__(self, settings: Settings, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Callable[[], float],
+        refused: Callable[[str], None] = lambda tier: None,
+    ) -> None:
         self.settings = settings
         self.clock = clock
         self.windows = Windows()
+        self._refused = refused
+        """Called with the tier of each request refused (/metrics counts them)."""
 
     def admit(self, request: Request, key: KeyRecord, valid: ValidChat) -> None:
         request_id: str = request.state.request_id
@@ -218,6 +225,7 @@ class RateLimiter:
         verdict = self.windows.admit(key.key_id, limits, request_id, prompt, tokens, self.clock())
         setattr(request.state, HEADERS_STATE, verdict.headers)
         if verdict.retry_after is not None:
+            self._refused(valid.tier)
             raise RateLimitExceeded(
                 f"Rate limit reached for this API key: {verdict.reason}. "
                 f"Try again in {verdict.retry_after:.1f}s.",

@@ -47,8 +47,11 @@ class AppState:
 
     def __post_init__(self) -> None:
         self.keys = KeyCache(self.store, self.settings)
-        self.limits = RateLimiter(self.settings, self.fleet.clock)
+        self.limits = RateLimiter(self.settings, self.fleet.clock, self._rate_limited)
         self.background = BackgroundResponses(None, self.fleet, self.settings)
+
+    def _rate_limited(self, tier: str) -> None:
+        self.metrics.requests_for(tier, "rate_limited").inc()
 
     async def start(self) -> None:
         await self.ledger.start()
