@@ -139,9 +139,9 @@ async def _json(request: Request, answer: Answer, attempt: Attempt) -> Response:
         raise
     finally:
         gone.cancel()
-    orphan = Orphan(answer.handle.request_id, collecting, lambda: answer.give_up(collecting))
     if collecting.done():
         return AnswerJSON(collecting.result())  # a failure raises its own status here
+    orphan = Orphan(answer.handle.request_id, collecting, lambda: answer.give_up(collecting))
     if heartbeat_due:  # 200 now, spaces until the body
         return KeepAliveJSON(collecting, attempt.heartbeat, attempt.leave(orphan))
     if answer.handle.started:

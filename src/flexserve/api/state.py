@@ -15,7 +15,7 @@ from flexserve.api.retries import Orphans
 from flexserve.billing import Ledger
 from flexserve.config import Settings
 from flexserve.metrics import Metrics
-from flexserve.runtime import Fleet, JobHandle, Outcome
+from flexserve.runtime import Fleet, JobHandle, Outcome, settled_now
 from flexserve.store import Store
 from flexserve.store.responses_sql import ResponseStore
 
@@ -77,7 +77,7 @@ class AppState:
         tier = handle.submission.tier
         if handle.submission.billed_by_caller and outcome == "shed":
             # a batch line with no room yet: it waits in its batch, no one was refused
-            return _done()
+            return settled_now()
         self.metrics.requests_for(tier, outcome).inc()
         if handle.preemptions:
             self.metrics.preemptions_for(tier).inc(handle.preemptions)
@@ -86,14 +86,8 @@ class AppState:
             self.metrics.tokens_for(tier, "input").inc(handle.prompt_token_count)
             self.metrics.tokens_for(tier, "output").inc(len(handle.produced))
         if handle.submission.billed_by_caller:
-            return _done()  # the batch runner writes the row with the line's result
+            return settled_now()  # the batch runner writes the row with the line's result
         return self.ledger.bill(handle, outcome)
-
-
-def _done() -> asyncio.Future[None]:
-    done = asyncio.get_running_loop().create_future()
-    done.set_result(None)
-    return done
 
 
 def app_state(request: Request) -> AppState:

@@ -28,7 +28,7 @@ from typing import Literal, TypeVar
 from flexserve.billing.outbox import FILE_NAME, Outbox
 from flexserve.billing.prices import PriceCache
 from flexserve.config import Settings
-from flexserve.runtime import JobHandle, Outcome
+from flexserve.runtime import JobHandle, Outcome, settled_now
 from flexserve.store import STORE_AWAY, LedgerRow, Store
 
 log = logging.getLogger("flexserve.billing")
@@ -86,17 +86,15 @@ class Ledger:
         """Queue the job's row, if billable; the future is done once it is committed
         (or kept in the outbox). Not a coroutine, so that the runtime needs no task per
         settled job: the answer waits on this future itself."""
-        loop = asyncio.get_running_loop()
-        committed = loop.create_future()
         if outcome not in BILLED:
-            committed.set_result(None)
-            return committed
+            return settled_now()
         try:
             row = self.row(handle, outcome)
         except Exception:  # a bad price table must not fail a finished request
             log.exception("cannot price request_id=%s", handle.request_id)
-            committed.set_result(None)
-            return committed
+            return settled_now()
+        loop = asyncio.get_running_loop()
+        committed = loop.create_future()
         self._queued.append((row, committed))
         if self._writing is None:  # at the loop's next turn: settles of this turn join
             self._writing = loop.create_future()

@@ -9,6 +9,7 @@ from flexserve.runtime.events import (
     Started,
     Submission,
     Token,
+    settled_now,
 )
 from flexserve.runtime.fleet import Fleet, ServedModel
 from flexserve.runtime.outcomes import Outcome, shutting_down
@@ -27,5 +28,6 @@ __all__ = [
     "Started",
     "Submission",
     "Token",
+    "settled_now",
     "shutting_down",
 ]

@@ -92,3 +92,10 @@ class JobHandle:
     @property
     def request_id(self) -> str:
         return self.submission.request_id
+
+
+def settled_now() -> asyncio.Future[None]:
+    """A `settled` with nothing to wait for (nothing to bill, or billed by its caller)."""
+    settled = asyncio.get_running_loop().create_future()
+    settled.set_result(None)
+    return settled

@@ -43,7 +43,15 @@ from flexserve.runtime.commands import (
     Produced,
     Retry,
 )
-from flexserve.runtime.events import Done, Failed, JobHandle, Paused, Started, Submission
+from flexserve.runtime.events import (
+    Done,
+    Failed,
+    JobHandle,
+    Paused,
+    Started,
+    Submission,
+    settled_now,
+)
 from flexserve.runtime.outcomes import (
     Outcome,
     busy_message,
@@ -444,8 +452,7 @@ class Runtime:
             settled = asyncio.ensure_future(self._settle(handle, outcome))
         except Exception:  # a settle that fails at once must not take the loop down
             log.exception("settling failed request_id=%s", handle.request_id)
-            settled = asyncio.get_running_loop().create_future()
-            settled.set_result(None)
+            settled = settled_now()
         self._settling.add(settled)
         settled.add_done_callback(self._settling.discard)
         handle.settled = settled
