@@ -38,13 +38,35 @@ IDS = ("id", "created", "created_at", "system_fingerprint")
 Answer = tuple[int, dict[str, str | None], Any]
 
 
+KEPT_HEADERS = (
+    "content-type",
+    "allow",
+    "retry-after",
+    "connection",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+)
+
+
 def answer(
     server: RunningServer, method: str, path: str, headers: dict[str, str], body: bytes
 ) -> Answer:
     sent = {"authorization": f"Bearer {KEY}", "content-type": "application/json", **headers}
     response = httpx.request(method, server.base_url + path, headers=sent, content=body)
-    kept = {k: response.headers.get(k) for k in ("content-type", "allow", "retry-after")}
+    kept = {k: response.headers.get(k) for k in KEPT_HEADERS}
+    request_id = response.headers.get_list("x-request-id")
+    assert len(request_id) == 1 and request_id[0].startswith("req_"), request_id
     return response.status_code, kept, _without_ids(_body(response))
+
+
+def hot_and_routed(
+    serve: Callable[..., RunningServer], monkeypatch: pytest.MonkeyPatch, **settings: Any
+) -> tuple[RunningServer, RunningServer]:
+    hot = serve(**settings)
+    with monkeypatch.context() as patch:
+        patch.setattr(app_module, "HOT_PATHS", ())
+        routed = serve(**settings)
+    return hot, routed
 
 
 def _body(response: httpx.Response) -> Any:
@@ -67,12 +89,44 @@ def _without_ids(value: Any) -> Any:
 def test_the_hot_path_answers_as_the_router_does(
     serve: Callable[..., RunningServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    hot = serve()
-    monkeypatch.setattr(app_module, "HOT_PATHS", ())
-    routed = serve()
+    """Also the rate limiter's headers and one request id (the key's limit is per minute:
+    both servers count the same requests, in the same order)."""
+    hot, routed = hot_and_routed(serve, monkeypatch, key_requests_per_minute=1000)
+    limits = []
     for method, path, headers, body in CASES:
         expected = answer(routed, method, path, headers, body)
         assert answer(hot, method, path, headers, body) == expected, (method, path, body)
+        limits.append(expected[1]["x-ratelimit-limit-requests"])
+    assert "1000" in limits  # the limiter's headers were there to compare
+
+
+def test_a_draining_server_refuses_on_the_hot_path_as_on_the_router(
+    serve: Callable[..., RunningServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hot, routed = hot_and_routed(serve, monkeypatch)
+    for server in (hot, routed):
+        for served in server.state.fleet:
+            served.runtime.draining = True
+    method, path, headers, body = CASES[0]
+    expected = answer(routed, method, path, headers, body)
+    assert answer(hot, method, path, headers, body) == expected
+    assert expected[0] == 503 and expected[1]["connection"] == "close"
+
+
+def test_an_unexpected_error_is_the_same_500_on_the_hot_path(
+    serve: Callable[..., RunningServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hot, routed = hot_and_routed(serve, monkeypatch)
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("a bug")
+
+    for server in (hot, routed):
+        monkeypatch.setattr(server.state.limits, "admit", broken)
+    method, path, headers, body = CASES[0]
+    expected = answer(routed, method, path, headers, body)
+    assert answer(hot, method, path, headers, body) == expected
+    assert expected[0] == 500 and "a bug" not in json.dumps(expected[2])
 
 
 def test_the_hot_path_is_taken(
@@ -81,14 +135,14 @@ def test_the_hot_path_is_taken(
     """Not a test of speed: that the shortcut is in use at all (else the test above
     compares the router with itself)."""
     taken: list[bool] = []
-    original = HotRoutes._endpoint
+    original = HotRoutes.endpoint
 
     def spy(self: HotRoutes, scope: Any) -> Any:
         endpoint = original(self, scope)
         taken.append(endpoint is not None)
         return endpoint
 
-    monkeypatch.setattr(HotRoutes, "_endpoint", spy)
+    monkeypatch.setattr(HotRoutes, "endpoint", spy)
     server = serve()
     status, _, _ = answer(
         server, "POST", "/v1/chat/completions", {}, json.dumps(GOOD_CHAT).encode()

@@ -25,7 +25,7 @@ from flexserve.api import (
 from flexserve.api import openapi as docs
 from flexserve.api.body import RequestIdMiddleware
 from flexserve.api.draining import DrainGate
-from flexserve.api.hot_routes import HotRoutes
+from flexserve.api.hot_routes import FlexserveApp, HotRoutes
 from flexserve.api.limits import RateLimitMiddleware
 from flexserve.api.state import AppState
 from flexserve.backends import build_models
@@ -40,7 +40,8 @@ from flexserve.store import SqlStore, Store
 
 log = logging.getLogger("flexserve")
 HOT_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
-"""POST routes `HotRoutes` serves past FastAPI's router (their endpoints: `_routes`)."""
+"""POST routes `HotRoutes` serves ahead of FastAPI's middlewares and router (their
+endpoints: `_routes`)."""
 
 
 def create_app(
@@ -78,7 +79,7 @@ def create_app(
             await state.fleet.close_backends()
             store.close()
 
-    app = FastAPI(
+    app = FlexserveApp(
         title="flexserve",
         version=__version__,
         description="OpenAI-compatible LLM server with service tiers.",
@@ -87,7 +88,10 @@ def create_app(
         redoc_url=None,
     )
     app.state.flexserve = state
-    app.add_middleware(HotRoutes, fastapi=app, paths=HOT_PATHS)  # the innermost
+    app.hot_routes = HotRoutes(
+        app, HOT_PATHS, lambda: state.fleet.draining, settings.retry_after_max
+    )
+    # The other routes pass these middlewares (the hot routes do the same on their own).
     app.add_middleware(RateLimitMiddleware)
     # The middleware added last runs first: a draining server answers 503 before any
     # rate limit counts the request, and the 503 gets a request id too.

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from typing import Any
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flexserve.errors import RequestTooLarge
+
+Header = tuple[bytes, bytes]
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -48,6 +52,14 @@ class _RandomIds:
 new_request_id = _RandomIds().new
 
 
+def with_request_id(headers: Iterable[Header], state: dict[str, Any]) -> list[Header]:
+    """A response's headers with the request's id as `x-request-id` (its only one)."""
+    request_id: str = state["request_id"]
+    kept = [(k, v) for k, v in headers if k != b"x-request-id"]
+    kept.append((b"x-request-id", request_id.encode()))
+    return kept
+
+
 def _too_large(limit: int) -> RequestTooLarge:
     return RequestTooLarge(f"The request body is larger than this route's limit of {limit} bytes.")
 
@@ -69,10 +81,7 @@ class RequestIdMiddleware:
             if message["type"] == "http.response.start":
                 # Read at send time: a retry that adopts an earlier attempt's answer
                 # answers under that attempt's id (the ledger key).
-                request_id: str = state["request_id"]
-                headers = [(k, v) for k, v in message.get("headers", []) if k != b"x-request-id"]
-                headers.append((b"x-request-id", request_id.encode()))
-                message["headers"] = headers
+                message["headers"] = with_request_id(message.get("headers", []), state)
             await send(message)
 
         await self.app(scope, receive, send_with_id)

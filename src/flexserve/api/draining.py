@@ -9,6 +9,7 @@ that a load balancer sees the draining state.
 
 from __future__ import annotations
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flexserve.api.errors import error_response
@@ -28,6 +29,12 @@ class DrainGate:
             await self.app(scope, receive, send)
             return
         request_id = scope.get("state", {}).get("request_id", "")
-        response = error_response(shutting_down(), request_id, self.retry_after_max)
-        response.headers["connection"] = "close"  # the client should reconnect elsewhere
-        await response(scope, receive, send)
+        await drain_refusal(request_id, self.retry_after_max)(scope, receive, send)
+
+
+def drain_refusal(request_id: str, retry_after_max: float) -> Response:
+    """503 with Retry-After, and the connection closed: the client should reconnect
+    elsewhere (another replica, or this one restarted)."""
+    response = error_response(shutting_down(), request_id, retry_after_max)
+    response.headers["connection"] = "close"
+    return response

@@ -1,63 +1,124 @@
-"""The generation routes, dispatched without FastAPI's router and per-request machinery.
+"""The generation routes, served ahead of FastAPI's middleware stack and router.
 
 A POST to /v1/chat/completions, /v1/completions or /v1/responses would otherwise pass
-FastAPI's exception and exit-stack middlewares, its router's match against every route,
-and dependency solving for a handler that takes nothing but the request: about a tenth
-of the request path's CPU at full load (bench/overhead.py, profiled). The endpoints are
-the ones registered with FastAPI for these paths, found there and checked to take
-nothing but the request (so that nothing FastAPI would resolve is skipped), behind the
-same middlewares (request id, drain gate, rate limit). A flexserve or HTTP error is
-answered by the app's own handler for it (api/errors.py), so its status and body are
-what the router would have answered; anything else propagates, as it does from the
-router, to the outermost middleware, which logs it and answers 500. Under a `root_path`
-the router's own matching applies (this shortcut stays out of the way).
+FastAPI's telemetry check, its error, telemetry and body-limit middlewares, flexserve's
+three (request id, drain gate, rate limit; each wraps `send` once more), the router's
+match against every route and dependency solving for a handler that takes nothing but
+the request: a fifth of the request path's CPU at full load (bench/overhead.py,
+profiled). `FlexserveApp` (the app `create_app` returns, so tests take this path too)
+hands those requests to `HotRoutes`, which does what those layers do for them, with the
+same functions:
+
+- a request id in the scope's state, returned as `x-request-id` (`with_request_id`);
+- while draining, 503 and the connection closed (`drain_refusal`);
+- the limiter's `x-ratelimit-*` headers (`with_limit_headers`), and its concurrency
+  place freed when the exchange ends however it ends (`exchange_ended`);
+- a flexserve or HTTP error answered by the app's own handler for it (api/errors.py),
+  so its status and body are what the router would have answered; anything else by the
+  app's catch-all handler (logged, 500), unless the response has begun: then it
+  propagates to the server, which closes the connection.
+
+The endpoints are the ones registered with FastAPI for these paths, found there and
+checked to take nothing but the request (so that nothing FastAPI would resolve is
+skipped). Every other request, and every request under a `root_path`, goes through
+FastAPI as usual.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
 from functools import cached_property
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
+
+from flexserve.api.body import new_request_id, with_request_id
+from flexserve.api.draining import drain_refusal
+from flexserve.api.limits import exchange_ended, with_limit_headers
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 Handler = Callable[[Request, Exception], Awaitable[Response]]
 
 
-class HotRoutes:
-    """Added as the innermost middleware, so that the others still wrap these routes."""
+class FlexserveApp(FastAPI):
+    """FastAPI, with the generation routes served by `HotRoutes` ahead of the rest."""
 
-    def __init__(self, app: ASGIApp, fastapi: FastAPI, paths: Iterable[str]) -> None:
-        self.app = app
-        self.fastapi = fastapi
-        """Its routes and exception handlers are read at the first request (both are
-        registered after this middleware is added)."""
-        self.paths = tuple(paths)
+    hot_routes: HotRoutes | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        endpoint = self._endpoint(scope)
+        hot = self.hot_routes
+        endpoint = hot.endpoint(scope) if hot is not None and not self.root_path else None
         if endpoint is None:
-            await self.app(scope, receive, send)
+            await super().__call__(scope, receive, send)
             return
-        request = Request(scope, receive, send)
+        assert hot is not None
+        scope["app"] = self  # what Starlette sets: handlers find the app state there
+        await hot.serve(endpoint, scope, receive, send)
+
+
+class HotRoutes:
+    def __init__(
+        self,
+        fastapi: FastAPI,
+        paths: Iterable[str],
+        draining: Callable[[], bool],
+        retry_after_max: float,
+    ) -> None:
+        self.fastapi = fastapi
+        """Its routes and exception handlers are read at the first request (both are
+        registered after this is made)."""
+        self.paths = tuple(paths)
+        self.draining = draining
+        self.retry_after_max = retry_after_max
+
+    def endpoint(self, scope: Scope) -> Endpoint | None:
+        """The endpoint this request goes to past the router, if it is one of ours."""
+        if scope["type"] != "http" or scope["method"] != "POST" or scope.get("root_path"):
+            return None
+        return self._endpoints.get(scope["path"])
+
+    async def serve(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
+        state: dict[str, Any] = scope.setdefault("state", {})
+        state["request_id"] = new_request_id()
+        started = False
+
+        def send_with_headers(message: Message) -> Awaitable[None]:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                # Read at send time: a retry that adopts an earlier attempt's answer
+                # answers under that attempt's id (the ledger key).
+                headers = with_limit_headers(message.get("headers", []), state)
+                message["headers"] = with_request_id(headers, state)
+            return send(message)
+
+        request = Request(scope, receive, send_with_headers)
         try:
-            response = await endpoint(request)
+            response = await self._respond(endpoint, request)
+            await response(scope, receive, send_with_headers)
+        except Exception as error:
+            if started:
+                raise
+            response = await self._catch_all(request, error)
+            await response(scope, receive, send_with_headers)
+        finally:
+            exchange_ended(scope)
+
+    async def _respond(self, endpoint: Endpoint, request: Request) -> Response:
+        if self.draining():
+            return drain_refusal(request.state.request_id, self.retry_after_max)
+        try:
+            return await endpoint(request)
         except Exception as error:
             handler = self._handler_for(error)
             if handler is None:
                 raise
-            response = await handler(request, error)
-        await response(scope, receive, send)
-
-    def _endpoint(self, scope: Scope) -> Endpoint | None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope.get("root_path"):
-            return None
-        return self._endpoints.get(scope["path"])
+            return await handler(request, error)
 
     @cached_property
     def _endpoints(self) -> dict[str, Endpoint]:
@@ -78,8 +139,7 @@ class HotRoutes:
 
     def _handler_for(self, error: Exception) -> Handler | None:
         """The app's handler for the error's closest class, as Starlette's
-        ExceptionMiddleware picks it; the catch-all for `Exception` is not one of them
-        (the outermost middleware uses it, and logs the error)."""
+        ExceptionMiddleware picks it; not the catch-all for `Exception` (`_catch_all`)."""
         handlers = self.fastapi.exception_handlers
         for kind in type(error).__mro__:
             if kind is Exception:
@@ -88,6 +148,14 @@ class HotRoutes:
             if handler is not None:
                 return handler  # type: ignore[return-value]
         return None
+
+    async def _catch_all(self, request: Request, error: Exception) -> Response:
+        """The app's handler for any other error (it logs it), as Starlette's
+        ServerErrorMiddleware calls it; with none, the error goes to the server."""
+        handler = self.fastapi.exception_handlers.get(Exception)
+        if handler is None:
+            raise error
+        return await handler(request, error)  # type: ignore[no-any-return,misc]
 
 
 def _takes_only_the_request(route: APIRoute) -> bool:

@@ -17,10 +17,12 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from flexserve.api.body import Header
 from flexserve.api.validation import ValidChat
 from flexserve.config import Settings
 from flexserve.errors import RateLimitExceeded
@@ -251,16 +253,27 @@ class RateLimitMiddleware:
         state = scope.setdefault("state", {})
 
         async def send_with_headers(message: Message) -> None:
-            headers = state.get(HEADERS_STATE)
-            if message["type"] == "http.response.start" and headers:
-                raw = [(k.encode(), v.encode()) for k, v in headers.items()]
-                message["headers"] = [*message.get("headers", []), *raw]
+            if message["type"] == "http.response.start":
+                message["headers"] = with_limit_headers(message.get("headers", []), state)
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
-            request_id = state.get(REQUEST_STATE)
-            if request_id is not None:
-                limiter: RateLimiter = scope["app"].state.flexserve.limits
-                limiter.windows.finished(request_id)
+            exchange_ended(scope)
+
+
+def with_limit_headers(headers: list[Header], state: dict[str, Any]) -> list[Header]:
+    """A response's headers with the `x-ratelimit-*` ones the limiter chose, if any."""
+    chosen: dict[str, str] | None = state.get(HEADERS_STATE)
+    if not chosen:
+        return headers
+    return [*headers, *((k.encode(), v.encode()) for k, v in chosen.items())]
+
+
+def exchange_ended(scope: Scope) -> None:
+    """Frees the request's concurrency place, if the limiter gave it one."""
+    request_id = scope["state"].get(REQUEST_STATE)
+    if request_id is not None:
+        limiter: RateLimiter = scope["app"].state.flexserve.limits
+        limiter.windows.finished(request_id)
