@@ -14,7 +14,7 @@ from flexserve.backends.base import (
     SamplingParams,
     TokenChunk,
 )
-from flexserve.runtime import JobHandle, Submission
+from flexserve.runtime import Done, JobHandle, Started, Submission, Token
 from flexserve.runtime.commands import Command, Ended, Produced
 from flexserve.runtime.stream import stream_job
 
@@ -59,3 +59,19 @@ def test_no_token_for_the_stall_timeout_ends_the_job_as_an_engine_failure() -> N
     assert isinstance(ended, Ended) and isinstance(ended.error, BackendError)
     assert "no token" in str(ended.error)
     assert len(handle.produced) == 2  # what came before the stall is kept
+
+
+def test_a_listener_takes_the_queued_events_first_then_each_as_it_is_emitted() -> None:
+    async def scenario() -> tuple[list[object], bool]:
+        sub = Submission("req_1", "t", "default", "m", (1,), SamplingParams(max_tokens=9), 60.0)
+        handle = JobHandle(sub, arrival=0.0)
+        handle.emit(Started(resumed=False))  # before anyone listens: queued
+        taken: list[object] = []
+        handle.listen(taken.append)
+        handle.emit(Token(TokenChunk(7, "x")))
+        handle.emit(Done("stop", ""))
+        return taken, handle.events.empty()
+
+    taken, queue_empty = asyncio.run(scenario())
+    assert [type(event) for event in taken] == [Started, Token, Done]
+    assert queue_empty

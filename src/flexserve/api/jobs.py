@@ -127,10 +127,10 @@ async def _json(request: Request, answer: Answer, attempt: Attempt) -> Response:
     `heartbeat` seconds commits its 200 and keeps the connection with spaces; a queued
     job gets no byte, so that a shed is a real 429.
 
-    One collecting task and one watcher serve the whole wait (a task per event and per
-    phase was a measurable share of a short request's CPU)."""
+    The answer is collected by callbacks and one watcher serves the whole wait (a task
+    per event and per phase was a measurable share of a short request's CPU)."""
     started: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-    collecting = asyncio.ensure_future(answer.collect(started))
+    collecting = answer.collected(started)
     gone = asyncio.ensure_future(disconnected(request.receive))
     try:
         heartbeat_due = await _heartbeat_due(collecting, gone, started, attempt.heartbeat)
@@ -269,7 +269,7 @@ class Answer:
         if not self.handle.started and self.handle.settled is None:
             self.state.metrics.requests_for(self.valid.tier, "abandoned").inc()
 
-    def give_up(self, collecting: asyncio.Task[dict[str, Any]]) -> None:
+    def give_up(self, collecting: asyncio.Future[dict[str, Any]]) -> None:
         """Nobody will take the answer (the client left before its job started, or no
         retry came for it): stop its job, billed for what it made."""
         self.cancel()
@@ -278,27 +278,66 @@ class Answer:
         elif not collecting.cancelled():
             collecting.exception()  # a failure nobody will read: retrieved, not logged
 
-    async def collect(self, started: asyncio.Future[float] | None = None) -> dict[str, Any]:
+    def collected(self, started: asyncio.Future[float]) -> asyncio.Future[dict[str, Any]]:
         """The whole answer as the API's body, once the job is done and billed; `started`
-        gets the loop's time when the job first starts."""
+        gets the loop's time when the job first starts.
+
+        Collected from the job's events as they are emitted, by callback: no task reads
+        them (a task, and a turn of the loop per event, was a measurable share of a short
+        request's CPU). A cancelled answer takes no more events."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[dict[str, Any]] = loop.create_future()
         text: list[str] = []
-        while True:
-            event = await self.handle.events.get()
+
+        def take(event: JobEvent) -> None:
+            if answer.done():
+                return
             if isinstance(event, Started):
-                if started is not None and not started.done():
-                    started.set_result(asyncio.get_running_loop().time())
+                if not started.done():
+                    started.set_result(loop.time())
             elif isinstance(event, Token):
                 self._observe_token()
                 text.append(event.chunk.text)
             elif isinstance(event, Failed):
-                raise event.error
+                answer.set_exception(event.error)
             elif isinstance(event, Done):
                 text.append(event.text)
-                await self._settled()
-                whole = "".join(text)
-                if self._finished is not None:
-                    await self._finished(whole, event.finish_reason, self.usage())
-                return self.shape.body(whole, event.finish_reason, self.usage())
+                # At the loop's next turn: the runtime settles the job just after this.
+                loop.call_soon(self._once_settled, answer, "".join(text), event)
+
+        self.handle.listen(take)
+        return answer
+
+    def _once_settled(self, answer: asyncio.Future[dict[str, Any]], whole: str, done: Done) -> None:
+        settled = self.handle.settled
+        if settled is None or settled.done():
+            self._answer(answer, whole, done, settled)
+        else:
+            settled.add_done_callback(lambda _: self._answer(answer, whole, done, settled))
+
+    def _answer(
+        self,
+        answer: asyncio.Future[dict[str, Any]],
+        whole: str,
+        done: Done,
+        settled: asyncio.Future[None] | None,
+    ) -> None:
+        if answer.done():  # given up meanwhile
+            return
+        if settled is not None and settled.cancelled():
+            answer.cancel()
+        elif settled is not None and settled.exception() is not None:
+            answer.set_exception(settled.exception())  # type: ignore[arg-type]
+        elif self._finished is not None:  # a coroutine (the Responses API stores it)
+            task = asyncio.ensure_future(self._finish_then_answer(whole, done))
+            task.add_done_callback(lambda _: _chain(task, answer))
+        else:
+            answer.set_result(self.shape.body(whole, done.finish_reason, self.usage()))
+
+    async def _finish_then_answer(self, whole: str, done: Done) -> dict[str, Any]:
+        assert self._finished is not None
+        await self._finished(whole, done.finish_reason, self.usage())
+        return self.shape.body(whole, done.finish_reason, self.usage())
 
     async def sse(self) -> AsyncIterator[str]:
         """The answer's events. Those already waiting go out in one write, each still its
@@ -411,3 +450,16 @@ def sse(payload: dict[str, Any]) -> str:
 def lower_headers(request: Request) -> dict[str, str]:
     """The request's headers by lower-case name (what validation and retries read)."""
     return {k.lower(): v for k, v in request.headers.items()}
+
+
+def _chain(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
+    """`target` gets `source`'s outcome, unless it was settled meanwhile (given up)."""
+    if target.done():
+        if not source.cancelled():
+            source.exception()  # retrieved: nobody waits for it any more
+    elif source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())  # type: ignore[arg-type]
+    else:
+        target.set_result(source.result())

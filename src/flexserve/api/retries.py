@@ -18,7 +18,7 @@ from typing import Any
 IDEMPOTENCY_HEADER = "idempotency-key"
 RETRY_COUNT_HEADER = "x-stainless-retry-count"
 
-Answer = asyncio.Task[dict[str, Any]]
+Answer = asyncio.Future[dict[str, Any]]
 """A job's collected answer (the JSON body), or its error."""
 
 

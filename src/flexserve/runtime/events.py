@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flexserve.backends.base import ChatMessage, FinishReason, SamplingParams, TokenChunk
@@ -81,6 +82,22 @@ class JobHandle:
     """Billing and accounting of the outcome; handlers await it before their last byte."""
     engine_prompt_tokens: int | None = None
     """The prompt's length as an upstream engine counted it (its usage), when it said."""
+    listener: Callable[[JobEvent], None] | None = None
+    """Takes the events instead of `events`, as they come (`listen`)."""
+
+    def emit(self, event: JobEvent) -> None:
+        """The runtime's way to hand the job's submitter its next event."""
+        if self.listener is None:
+            self.events.put_nowait(event)
+        else:
+            self.listener(event)
+
+    def listen(self, listener: Callable[[JobEvent], None]) -> None:
+        """From now on `listener` takes each event as it is emitted, those already queued
+        first: a submitter that only collects the answer needs no task to read it."""
+        while not self.events.empty():
+            listener(self.events.get_nowait())
+        self.listener = listener
 
     @property
     def prompt_token_count(self) -> int:

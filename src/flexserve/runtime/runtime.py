@@ -126,9 +126,9 @@ class Runtime:
     def submit(self, submission: Submission) -> JobHandle:
         handle = JobHandle(submission=submission, arrival=self.clock())
         if self.failure is not None:  # no loop would ever answer
-            handle.events.put_nowait(Failed(runtime_failed(self.failure)))
+            handle.emit(Failed(runtime_failed(self.failure)))
         elif self._closing:
-            handle.events.put_nowait(Failed(shutting_down()))
+            handle.emit(Failed(shutting_down()))
         else:
             self._commands.put_nowait(Arrive(handle))
         return handle
@@ -245,7 +245,7 @@ class Runtime:
         for task in self._streams.values():
             task.cancel()
         for handle in self._handles.values():
-            handle.events.put_nowait(Failed(error))
+            handle.emit(Failed(error))
             self._spawn_settle(handle, cut_outcome(handle))
         self._handles.clear()
         self._drained.set()
@@ -307,7 +307,7 @@ class Runtime:
             self._refuse(self._handles.pop(waited.job_id), overloaded, "overloaded")
 
     def _run(self, handle: JobHandle) -> None:
-        handle.events.put_nowait(Started(resumed=handle.started))
+        handle.emit(Started(resumed=handle.started))
         handle.started = True
         task = asyncio.create_task(
             stream_job(self.backend, handle, self._commands.put_nowait, self._stall_timeout),
@@ -320,7 +320,7 @@ class Runtime:
         if task is not None:
             task.cancel()
         handle.preemptions += 1
-        handle.events.put_nowait(Paused())
+        handle.emit(Paused())
         log.info(
             "preempted request_id=%s tier=%s produced=%d",
             handle.request_id,
@@ -329,7 +329,7 @@ class Runtime:
         )
 
     def _refuse(self, handle: JobHandle, error: FlexserveError, outcome: Outcome) -> None:
-        handle.events.put_nowait(Failed(error))
+        handle.emit(Failed(error))
         self._spawn_settle(handle, outcome)
 
     def _ended(
@@ -358,7 +358,7 @@ class Runtime:
             handle.engine_failures += 1
             log.warning("engine failed request_id=%s, requeued", request_id)
             self.scheduler.requeue(request_id, now)
-            handle.events.put_nowait(Paused())  # a stream keeps its heartbeats meanwhile
+            handle.emit(Paused())  # a stream keeps its heartbeats meanwhile
         else:
             failure = EngineFailure(f"The engine failed while generating: {error}")
             self._finish(handle, Failed(failure), "failed", now)
@@ -382,7 +382,7 @@ class Runtime:
             late = ResourceUnavailable(busy_message(str(error)), retry_after=error.retry_in)
             self._finish(handle, Failed(late), "shed", now)
             return
-        handle.events.put_nowait(Paused())  # a stream keeps its heartbeats meanwhile
+        handle.emit(Paused())  # a stream keeps its heartbeats meanwhile
         retry = Retry(handle.request_id)
         asyncio.get_running_loop().call_later(error.retry_in, self._commands.put_nowait, retry)
 
@@ -410,7 +410,7 @@ class Runtime:
         else:
             self.scheduler.cancel(handle.request_id, now)
         self._handles.pop(handle.request_id, None)
-        handle.events.put_nowait(event)
+        handle.emit(event)
         self._spawn_settle(handle, outcome)
 
     def _cancelled(self, request_id: str, now: float) -> None:
@@ -443,7 +443,7 @@ class Runtime:
             task.cancel()
         self.scheduler.cancel(handle.request_id, now)  # a cut answer teaches no length
         self._handles.pop(handle.request_id, None)
-        handle.events.put_nowait(Failed(shutting_down()))
+        handle.emit(Failed(shutting_down()))
         self._spawn_settle(handle, cut_outcome(handle) if handle.started else "overloaded")
 
     def _spawn_settle(self, handle: JobHandle, outcome: Outcome) -> None:

@@ -96,7 +96,7 @@ async def _pump(
                     moved = now
                     stall.reschedule(now + stall_timeout + slack)
                 handle.produced.append(chunk)
-                handle.events.put_nowait(Token(chunk))
+                handle.emit(Token(chunk))
                 post(Produced(handle.request_id))
     except TimeoutError:
         raise BackendError(f"no token for {stall_timeout:.0f} s") from None
