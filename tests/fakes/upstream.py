@@ -40,6 +40,10 @@ class FakeUpstream:
     """Seconds before each chunk (an engine's time per token)."""
     models: tuple[str, ...] = ("fake-model",)
     """What /v1/models lists."""
+    set_cookie: str | None = None
+    """A Set-Cookie header on each answer (as a load balancer's sticky session sets)."""
+    cookies: list[str | None] = field(default_factory=list)
+    """The Cookie header of each generation request (None: it had none)."""
 
     def app(self) -> Starlette:
         return Starlette(
@@ -62,11 +66,13 @@ class FakeUpstream:
         body = await request.json()
         self.received.append((request.url.path, body))
         self.client_ports.append(request.client.port if request.client else 0)
+        self.cookies.append(request.headers.get("cookie"))
         if self.refuse is not None:
             status, payload, headers = self.refuse
             return JSONResponse(payload, status_code=status, headers=headers)
+        cookie = {"set-cookie": self.set_cookie} if self.set_cookie else None
         return StreamingResponse(
-            self._chunks(request.url.path, body), media_type="text/event-stream"
+            self._chunks(request.url.path, body), media_type="text/event-stream", headers=cookie
         )
 
     async def _chunks(self, path: str, body: dict[str, Any]) -> AsyncIterator[str]:

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import RunningServer
+from tests.conftest import OTHER_KEY, RunningServer
 from tests.fakes.upstream import FakeUpstream, serve_fake
 
 Serve = Callable[..., RunningServer]
@@ -55,6 +55,36 @@ def test_tiers_map_to_vllm_lower_first_and_sglang_higher_first(
     assert [b["priority"] for b in sglang] == [3, 2, 1]  # higher runs first in SGLang
     assert all("priority" not in b for b in llamacpp)  # FIFO engine: no field it rejects
     assert all("service_tier" not in b for b in sent)  # only for pass-through upstreams
+
+
+def test_a_cookie_an_upstream_sets_for_one_tenant_is_never_sent_for_another(
+    serve: Serve, clients: Callable[..., openai.OpenAI]
+) -> None:
+    """The backend's HTTP session is shared by every tenant's requests: it keeps no
+    cookies, whatever the upstream (or a load balancer in front of it) sets."""
+    fake = FakeUpstream(answer=ANSWER, set_cookie="session=tenant-a-secret; Path=/")
+    with serve_fake(fake) as url:
+        by_name = url.replace("127.0.0.1", "localhost")  # cookie jars ignore bare IPs
+        server = serve(models={"m": {"backends": [upstream(by_name, engine="vllm")]}})
+        chat(clients(server), "m", "default", max_tokens=2)
+        chat(clients(server, OTHER_KEY), "m", "default", max_tokens=2)
+    assert fake.cookies == [None, None]
+
+
+def test_an_upstream_that_redirects_fails_and_the_prompt_goes_nowhere_else(
+    serve: Serve, clients: Callable[..., openai.OpenAI]
+) -> None:
+    elsewhere = FakeUpstream(answer=ANSWER)
+    with serve_fake(elsewhere) as other_url:
+        location = {"location": other_url + "/chat/completions"}
+        redirecting = FakeUpstream(refuse=(307, {}, location))
+        with serve_fake(redirecting) as url:
+            server = serve(models={"m": {"backends": [upstream(url, engine="vllm")]}})
+            with pytest.raises(openai.InternalServerError):
+                chat(clients(server), "m", "default", max_tokens=2)
+    assert elsewhere.received == []
+    assert len(redirecting.received) == 2  # an interactive job is retried once
+    assert server.state.store.ledger("tenant-a") == []
 
 
 def test_openai_upstream_gets_service_tier_and_its_429_becomes_ours_unbilled(

@@ -222,7 +222,12 @@ class OpenAIBackend:
         if self._http is None:
             connector = aiohttp.TCPConnector(limit=0)  # the scheduler bounds concurrency
             self._http = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, read_bufsize=READ_BUFFER
+                connector=connector,
+                timeout=self._timeout,
+                read_bufsize=READ_BUFFER,
+                # One session serves every tenant: a cookie set on one tenant's answer
+                # (a sticky load balancer's) must never go out with another's request.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._http
 

@@ -65,7 +65,9 @@ async def stream_call(
     try:
         # Bytes, not `json=`: aiohttp's JSON payload object cost more than the encoding.
         body = orjson.dumps(call.body)
-        async with http.post(url, data=body, headers=headers) as response:
+        # No redirects: a configured upstream that redirects a POST is misconfigured (the
+        # status says so), and a redirect could send the prompt elsewhere.
+        async with http.post(url, data=body, headers=headers, allow_redirects=False) as response:
             await _raise_for_status(response)
             async for data in _sse_data(response):
                 if data.strip() == "[DONE]":
@@ -169,8 +171,11 @@ def _choice_text(choice: dict[str, Any]) -> str:
 
 
 async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
-    if response.status < 400:
+    if response.status < 300:
         return
+    if response.status < 400:  # not followed: see `stream_call`
+        where = response.headers.get("location", "nowhere")
+        raise BackendError(f"upstream answered {response.status}, a redirect to {where}")
     text = await response.text(errors="replace")
     body = _json(text) if text else {}
     message = _message(body) or f"upstream answered {response.status}"
