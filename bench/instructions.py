@@ -158,6 +158,16 @@ def main() -> None:
     if args.baseline_python:
         builds["baseline"] = args.baseline_python
     results: dict[str, float] = {}
+    try:
+        measure_all(builds, work, args, results)
+    finally:  # callgrind's files are large
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(summary(results, args.requests)))
+
+
+def measure_all(
+    builds: dict[str, str], work: Path, args: argparse.Namespace, results: dict[str, float]
+) -> None:
     with ExitStack() as stack:
         upstream_port = free_port()
         upstream = f"http://127.0.0.1:{upstream_port}"
@@ -172,8 +182,6 @@ def main() -> None:
             with passthrough(upstream, work) as (port, pid):
                 results["passthrough"] = count(pid, work, port, args, False)
                 print(f"{'passthrough':18s} {results['passthrough'] / 1e6:8.3f} M")
-    shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps(summary(results, args.requests)))
 
 
 def summary(results: dict[str, float], requests: int) -> dict[str, float | int]:

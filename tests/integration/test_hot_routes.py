@@ -3,16 +3,22 @@ every status, error body and header a client reads, for good requests and bad on
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from fastapi.telemetry._asgi import NativeTelemetry
 
 from flexserve.api import app as app_module
-from flexserve.api.hot_routes import HotRoutes
-from tests.conftest import KEY, RunningServer
+from flexserve.api import create_app, jobs
+from flexserve.api.chat import ChatShape
+from flexserve.api.hot_routes import FlexserveApp, HotRoutes
+from tests.conftest import KEY, RunningServer, make_settings
 
 GOOD_CHAT = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}]}
 CASES: list[tuple[str, str, dict[str, str], bytes]] = [
@@ -148,3 +154,71 @@ def test_the_hot_path_is_taken(
         server, "POST", "/v1/chat/completions", {}, json.dumps(GOOD_CHAT).encode()
     )
     assert status == 200 and taken.count(True) == 1  # (the lifespan passes by too)
+
+
+def test_under_a_root_path_the_router_serves_the_generation_routes(tmp_path: Path) -> None:
+    app = create_app(make_settings(tmp_path))
+    assert isinstance(app, FlexserveApp) and app.hot_routes is not None
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions"}
+    assert app.hot_routes.endpoint(scope) is not None
+    assert app.hot_routes.endpoint({**scope, "root_path": "/api"}) is None
+
+
+def test_with_fastapi_telemetry_on_every_request_goes_through_fastapi(
+    serve: Callable[..., RunningServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator who configured OpenTelemetry gets FastAPI's spans and metrics for the
+    generation routes too."""
+    served: list[bool] = []
+    original = HotRoutes.serve
+
+    async def spy(self: HotRoutes, *args: Any) -> None:
+        served.append(True)
+        await original(self, *args)
+
+    monkeypatch.setattr(HotRoutes, "serve", spy)
+    monkeypatch.setattr(NativeTelemetry, "enabled", lambda self: True)
+    server = serve()
+    status, _, _ = answer(server, *CASES[0])
+    assert status == 200 and served == []
+
+
+def test_an_error_after_the_stream_began_is_logged_on_the_hot_path_as_on_the_router(
+    serve: Callable[..., RunningServer],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hot, routed = hot_and_routed(serve, monkeypatch)
+
+    def broken(self: Any, text: str, tokens: int) -> Any:
+        raise RuntimeError("a bug mid-stream")
+
+    monkeypatch.setattr(ChatShape, "delta", broken)
+    stream = json.dumps({**GOOD_CHAT, "stream": True}).encode()
+    headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    logged = []
+    for server in (routed, hot):
+        caplog.clear()
+        url = server.base_url + "/v1/chat/completions"
+        with caplog.at_level(logging.ERROR, "flexserve.api"), contextlib.suppress(httpx.HTTPError):
+            httpx.post(url, headers=headers, content=stream)
+        logged.append(any("unhandled error" in r.getMessage() for r in caplog.records))
+    assert logged == [True, True]
+
+
+def test_a_failing_answer_callback_fails_that_answer_not_the_job(
+    serve: Callable[..., RunningServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The JSON answer is collected by callbacks run in the runtime's task: a bug there is
+    this request's 500, not an engine failure that would retry the job."""
+
+    def broken(self: Any) -> None:
+        raise RuntimeError("a bug in the answer")
+
+    monkeypatch.setattr(jobs.Answer, "_observe_token", broken)
+    server = serve()
+    status, _, body = answer(server, *CASES[0])
+    assert status == 500 and "engine" not in body["error"]["message"]
+    metrics = httpx.get(server.base_url + "/metrics").text
+    assert 'outcome="failed"' not in metrics  # the job itself completed
+    assert 'flexserve_requests_total{outcome="completed",tier="default"} 1.0' in metrics

@@ -6,6 +6,10 @@ import asyncio
 
 import aiohttp
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from flexserve.backends.base import BackendError, ChatMessage, EngineRefused, SamplingParams
 from flexserve.backends.upstream import (
@@ -15,7 +19,8 @@ from flexserve.backends.upstream import (
     build_call,
     stream_call,
 )
-from tests.fakes.upstream import FakeUpstream, serve_fake
+from flexserve.backends.upstream.prompt_count import prompt_counter
+from tests.fakes.upstream import FakeUpstream, serve_app, serve_fake
 
 MESSAGES = (ChatMessage("user", "count"),)
 
@@ -109,3 +114,31 @@ def test_a_retry_after_that_is_not_a_finite_number_of_seconds_is_ignored() -> No
     with serve_fake(fake) as url, pytest.raises(EngineRefused) as refused:
         collect(url, build_call("none", model="m", messages=MESSAGES, sampling=SamplingParams(4)))
     assert refused.value.retry_after is None
+
+
+def test_a_prompt_count_that_is_redirected_is_not_followed() -> None:
+    """The count call sends the rendered prompt: a redirect must not carry it elsewhere
+    (the count is then unknown, and the estimate billed)."""
+    received: list[str] = []
+
+    async def record(request: Request) -> Response:
+        received.append(request.url.path)
+        return JSONResponse({"count": 3})
+
+    elsewhere = Starlette(routes=[Route("/{path:path}", record, methods=["POST"])])
+    with serve_app(elsewhere, "elsewhere") as other_url:
+
+        async def redirect(request: Request) -> Response:
+            return Response(status_code=307, headers={"location": other_url + "/count"})
+
+        redirecting = Starlette(routes=[Route("/{path:path}", redirect, methods=["POST"])])
+        with serve_app(redirecting, "redirecting") as url:
+            count = prompt_counter("llama-cpp-python", url, None, "m", render=lambda m: "text")
+            assert count is not None
+
+            async def run() -> int | None:
+                async with aiohttp.ClientSession() as http:
+                    return await count(http, MESSAGES, None)
+
+            assert asyncio.run(run()) is None
+    assert received == []

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Sequence
+
+import pytest
 
 from flexserve.backends.base import (
     BackendError,
@@ -75,3 +78,18 @@ def test_a_listener_takes_the_queued_events_first_then_each_as_it_is_emitted() -
     taken, queue_empty = asyncio.run(scenario())
     assert [type(event) for event in taken] == [Started, Token, Done]
     assert queue_empty
+
+
+def test_a_listener_that_raises_is_logged_and_the_runtime_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sub = Submission("req_9", "t", "default", "m", (1,), SamplingParams(max_tokens=9), 60.0)
+    handle = JobHandle(sub, arrival=0.0)
+
+    def broken(event: object) -> None:
+        raise RuntimeError("a bug in the submitter")
+
+    handle.listen(broken)
+    with caplog.at_level(logging.ERROR, "flexserve.runtime"):
+        handle.emit(Done("stop", ""))  # raises nothing into the runtime's task
+    assert "event listener failed request_id=req_9" in caplog.text

@@ -14,14 +14,15 @@ same functions:
 - the limiter's `x-ratelimit-*` headers (`with_limit_headers`), and its concurrency
   place freed when the exchange ends however it ends (`exchange_ended`);
 - a flexserve or HTTP error answered by the app's own handler for it (api/errors.py),
-  so its status and body are what the router would have answered; anything else by the
-  app's catch-all handler (logged, 500), unless the response has begun: then it
-  propagates to the server, which closes the connection.
+  so its status and body are what the router would have answered; anything else goes
+  to the app's catch-all handler (which logs it; a 500 if the response has not begun)
+  and then on to the server, as Starlette's ServerErrorMiddleware does.
 
 The endpoints are the ones registered with FastAPI for these paths, found there and
 checked to take nothing but the request (so that nothing FastAPI would resolve is
-skipped). Every other request, and every request under a `root_path`, goes through
-FastAPI as usual.
+skipped). Every other request, every request under a `root_path`, and every request
+while FastAPI's OpenTelemetry is configured (`FlexserveApp.traced`) goes through FastAPI
+as usual.
 """
 
 from __future__ import annotations
@@ -53,15 +54,28 @@ class FlexserveApp(FastAPI):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         hot = self.hot_routes
         endpoint = hot.endpoint(scope) if hot is not None and not self.root_path else None
-        if endpoint is None:
+        if endpoint is None or self.traced:
             await super().__call__(scope, receive, send)
             return
         assert hot is not None
         scope["app"] = self  # what Starlette sets: handlers find the app state there
         await hot.serve(endpoint, scope, receive, send)
 
+    @cached_property
+    def traced(self) -> bool:
+        """FastAPI's own OpenTelemetry is on (an operator configured a tracer, meter or
+        logger provider): then every route goes through FastAPI, so that each request
+        still gets its span and metrics. Read once, at the first generation request
+        (providers are set up before the server starts): FastAPI asks on every request,
+        a measurable share of a short one's CPU."""
+        telemetry = getattr(self, "_native_telemetry", None)
+        return telemetry is not None and bool(telemetry.enabled())
+
 
 class HotRoutes:
+    """Serves the generation routes' requests as FastAPI's middlewares and router would
+    (see the module's docstring)."""
+
     def __init__(
         self,
         fastapi: FastAPI,
@@ -102,10 +116,17 @@ class HotRoutes:
             response = await self._respond(endpoint, request)
             await response(scope, receive, send_with_headers)
         except Exception as error:
-            if started:
-                raise
+            handler = None if started else self._handler_for(error)
+            if handler is not None:  # raised as the response began, before any byte
+                await (await handler(request, error))(scope, receive, send_with_headers)
+                return
+            # As Starlette's ServerErrorMiddleware does: the catch-all handler logs the
+            # error and answers 500 if nothing was sent yet; the error then goes on to
+            # the server, which logs it too, and closes a response that had begun.
             response = await self._catch_all(request, error)
-            await response(scope, receive, send_with_headers)
+            if not started:
+                await response(scope, receive, send_with_headers)
+            raise
         finally:
             exchange_ended(scope)
 

@@ -215,6 +215,8 @@ class Answer:
         self._tokens_seen = 0
         self._pending: JobEvent | None = None
         """An event read before the response began, delivered first by `sse`."""
+        self._finishing: asyncio.Future[dict[str, Any]] | None = None
+        """The `finished` hook of a JSON answer, running (`_answer`)."""
 
     async def next_event_or_disconnect(
         self, request: Request, within: float | None = None
@@ -290,25 +292,30 @@ class Answer:
         text: list[str] = []
 
         def take(event: JobEvent) -> None:
+            """Runs in the runtime's task: it fails the answer, never the runtime."""
             if answer.done():
                 return
-            if isinstance(event, Started):
-                if not started.done():
-                    started.set_result(loop.time())
-            elif isinstance(event, Token):
-                self._observe_token()
-                text.append(event.chunk.text)
-            elif isinstance(event, Failed):
-                answer.set_exception(event.error)
-            elif isinstance(event, Done):
-                text.append(event.text)
-                # At the loop's next turn: the runtime settles the job just after this.
-                loop.call_soon(self._once_settled, answer, "".join(text), event)
+            try:
+                if isinstance(event, Started):
+                    if not started.done():
+                        started.set_result(loop.time())
+                elif isinstance(event, Token):
+                    self._observe_token()
+                    text.append(event.chunk.text)
+                elif isinstance(event, Failed):
+                    answer.set_exception(event.error)
+                elif isinstance(event, Done):
+                    text.append(event.text)
+                    # At the loop's next turn: the runtime settles the job just after this.
+                    loop.call_soon(self._once_settled, answer, "".join(text), event)
+            except Exception as error:
+                answer.set_exception(error)
 
         self.handle.listen(take)
         return answer
 
     def _once_settled(self, answer: asyncio.Future[dict[str, Any]], whole: str, done: Done) -> None:
+        # `settled` is None only for a job its runtime does not settle (none does today).
         settled = self.handle.settled
         if settled is None or settled.done():
             self._answer(answer, whole, done, settled)
@@ -323,16 +330,22 @@ class Answer:
         settled: asyncio.Future[None] | None,
     ) -> None:
         if answer.done():  # given up meanwhile
+            if settled is not None and not settled.cancelled():
+                settled.exception()  # retrieved: nobody waits for it any more
             return
-        if settled is not None and settled.cancelled():
+        try:
+            if settled is not None:
+                settled.result()  # a failed (or cancelled) bill fails the answer
+            if self._finished is None:
+                answer.set_result(self.shape.body(whole, done.finish_reason, self.usage()))
+                return
+            # a coroutine (the Responses API stores the response): held here until done
+            self._finishing = asyncio.ensure_future(self._finish_then_answer(whole, done))
+            self._finishing.add_done_callback(lambda task: _chain(task, answer))
+        except asyncio.CancelledError:
             answer.cancel()
-        elif settled is not None and settled.exception() is not None:
-            answer.set_exception(settled.exception())  # type: ignore[arg-type]
-        elif self._finished is not None:  # a coroutine (the Responses API stores it)
-            task = asyncio.ensure_future(self._finish_then_answer(whole, done))
-            task.add_done_callback(lambda _: _chain(task, answer))
-        else:
-            answer.set_result(self.shape.body(whole, done.finish_reason, self.usage()))
+        except Exception as error:
+            answer.set_exception(error)
 
     async def _finish_then_answer(self, whole: str, done: Done) -> dict[str, Any]:
         assert self._finished is not None

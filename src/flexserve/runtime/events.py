@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flexserve.backends.base import ChatMessage, FinishReason, SamplingParams, TokenChunk
 from flexserve.errors import FlexserveError
 from flexserve.scheduling.tiers import Tier
+
+log = logging.getLogger("flexserve.runtime")
 
 
 @dataclass(frozen=True)
@@ -89,8 +92,11 @@ class JobHandle:
         """The runtime's way to hand the job's submitter its next event."""
         if self.listener is None:
             self.events.put_nowait(event)
-        else:
+            return
+        try:
             self.listener(event)
+        except Exception:  # the submitter's bug: it must not take the runtime down
+            log.exception("event listener failed request_id=%s", self.request_id)
 
     def listen(self, listener: Callable[[JobEvent], None]) -> None:
         """From now on `listener` takes each event as it is emitted, those already queued

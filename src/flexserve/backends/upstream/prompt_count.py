@@ -47,7 +47,9 @@ def prompt_counter(
         with contextlib.suppress(*failures):
             text = prompt_text if prompt_text is not None else render(messages)
             body = {"model": model, "input": text}
-            async with http.post(url, json=body, headers=headers) as response:
+            # not followed: a redirect would carry the prompt (and the key) elsewhere
+            post = http.post(url, json=body, headers=headers, allow_redirects=False)
+            async with post as response:
                 if response.status == 200:
                     return int((await response.json(content_type=None))["count"])
         return None
