@@ -36,13 +36,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from _server import free_port
-from overhead import KEY, ZERO_DELAY, body, fake_upstream
+from overhead import KEY, ZERO_DELAY, body, fake_upstream, process
 
 HERE = Path(__file__).resolve().parent
 READY_SECONDS = 600
@@ -82,33 +81,9 @@ def passthrough(upstream: str, work: Path) -> Iterator[tuple[int, int]]:
 
 @contextmanager
 def _traced(cmd: list[str], env: dict[str, str], port: int, log: Path) -> Iterator[int]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=out)
-        try:
-            _wait(port, proc, log)
-            yield proc.pid  # exec keeps the pid: the wrapper's is Python's
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _wait(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    end = time.monotonic() + READY_SECONDS
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            connection.request("GET", "/healthz")
-            connection.getresponse().read()
-            return
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError(f"not ready after {READY_SECONDS} s:\n{log.read_text()[-3000:]}")
+    ready = f"http://127.0.0.1:{port}/healthz"
+    with process(cmd, {**os.environ, **env}, ready, log, READY_SECONDS) as proc:
+        yield proc.pid  # exec keeps the pid: the wrapper's is Python's
 
 
 def send(port: int, count: int, stream: bool) -> None:

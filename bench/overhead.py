@@ -126,16 +126,19 @@ def wait_ready(url: str, timeout: float, proc: subprocess.Popen[bytes], log: Pat
 
 
 @contextmanager
-def process(cmd: list[str], env: dict[str, str], ready: str, log: Path) -> Iterator[None]:
+def process(
+    cmd: list[str], env: dict[str, str], ready: str, log: Path, ready_timeout: float = 120
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`cmd` running until the block ends, once `ready` (a URL) answers."""
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            wait_ready(ready, 120, proc, log)
-            yield
+            wait_ready(ready, ready_timeout, proc, log)
+            yield proc
         finally:
             proc.terminate()
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
