@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from flexserve.api.body import new_request_id
-from flexserve.api.jobs import Answer
+from flexserve.api.jobs import Answer, _heartbeat_due
 from flexserve.api.validation import run_validation
 from flexserve.backends.base import SamplingParams, TokenChunk
 from flexserve.runtime import Done, JobHandle, Submission, Token
@@ -123,3 +123,34 @@ def test_the_opening_goes_out_with_the_first_event_when_it_is_already_there() ->
         return [chunk async for chunk in answer.sse()]
 
     assert asyncio.run(run()) == ["data: open\n\ndata: a\n\n", "data: b\n\n", "data: [DONE]\n\n"]
+
+
+def heartbeat_verdict(event: str, heartbeat: float = 60.0) -> tuple[bool, bool]:
+    """What `_heartbeat_due` says when `event` comes first, and whether it left any
+    callback on the futures it watched."""
+
+    async def run() -> tuple[bool, bool]:
+        loop = asyncio.get_running_loop()
+        collecting, gone, started = loop.create_future(), loop.create_future(), loop.create_future()
+        if event == "started long ago":
+            started.set_result(loop.time() - heartbeat)
+        waiting = asyncio.ensure_future(_heartbeat_due(collecting, gone, started, heartbeat))
+        await asyncio.sleep(0)
+        if event == "collected":
+            collecting.set_result({})
+        elif event == "client left":
+            gone.set_result(None)
+        elif event == "started":
+            started.set_result(loop.time())
+        verdict = await waiting
+        left = any(f._callbacks for f in (collecting, gone, started))  # type: ignore[attr-defined]
+        return verdict, left
+
+    return asyncio.run(run())
+
+
+def test_a_json_answer_heartbeat_is_due_only_once_the_job_has_run_that_long() -> None:
+    assert heartbeat_verdict("collected") == (False, False)
+    assert heartbeat_verdict("client left") == (False, False)
+    assert heartbeat_verdict("started long ago") == (True, False)
+    assert heartbeat_verdict("started", heartbeat=0.01) == (True, False)
