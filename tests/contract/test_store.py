@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from flexserve.keys import DefaultTierNotAllowed, ensure_config_keys, hash_key, make_key
 from flexserve.store import STORE_AWAY, LedgerRow, MemoryStore, SqlStore, Store
@@ -249,3 +249,19 @@ def test_a_sqlite_file_that_cannot_be_opened_is_an_outage_not_a_refusal(tmp_path
     with pytest.raises(STORE_AWAY):
         store.record_many([row("req_1")])
     store.close()
+
+
+def test_sqlite_ledger_writes_reconnect_after_their_connection_fails(tmp_path: Path) -> None:
+    """SQLite ledger rows are written on one kept connection: one that broke is dropped,
+    its failure raised as the store's, and the next write connects anew."""
+    sql = SqlStore(f"sqlite:///{tmp_path / 'ledger.db'}")
+    sql.migrate()
+    assert sql.record_many([row("r1")]) == [True]
+    kept = sql._ledger_connection
+    assert kept is not None
+    kept.connection.driver_connection.close()  # type: ignore[union-attr]
+    with pytest.raises(DBAPIError):
+        sql.record_many([row("r2")])
+    assert sql.record_many([row("r2"), row("r1")]) == [True, False]
+    assert [r.request_id for r in sql.ledger("t1")] == ["r1", "r2"]
+    sql.close()

@@ -39,6 +39,9 @@ class SqlStore:
         self.engine = _engine(url, sqlite_busy_timeout)
         self.is_postgres = self.engine.dialect.name == "postgresql"
         self._local_lock = threading.Lock()
+        self._ledger_lock = threading.Lock()
+        self._ledger_connection: Connection | None = None
+        """SQLite: the connection ledger rows are written on, kept (`_record_many_sqlite`)."""
         self._insert_ledger = (  # PostgreSQL's (SQLite's inserts: `_record_many_sqlite`)
             postgresql.insert(ledger)
             .on_conflict_do_nothing(index_elements=[ledger.c.request_id])
@@ -135,11 +138,18 @@ class SqlStore:
         """The same transaction, its statements run by the driver itself: every billed
         request waits for this commit, and SQLAlchemy's statement execution cost more
         than the insert (0.25 against 0.11 ms a row, one row a transaction, this box).
-        The connection still comes from SQLAlchemy (a failure to connect raised as its
-        error, a transaction left open rolled back on return to the pool), and the
-        driver's errors are raised as SQLAlchemy's, so an outage is still an outage."""
-        with self.engine.connect() as conn:
-            driver = conn.connection.driver_connection
+
+        On one connection kept for it (out of the pool, under a lock: the drainer writes
+        from another thread): a pooled connection's checkout, reset and checkin per bill
+        cost more instructions than the insert (bench/instructions.py). It still comes
+        from SQLAlchemy (a failure to connect is raised as its error), the driver's errors
+        are raised as SQLAlchemy's (an outage is still an outage), and a connection that
+        failed is dropped, with any transaction it left open: the next bill connects
+        anew."""
+        with self._ledger_lock:
+            held = self._ledger_connection or self.engine.connect()
+            self._ledger_connection = held
+            driver = held.connection.driver_connection
             assert isinstance(driver, sqlite3.Connection)
             try:
                 cursor = driver.cursor()
@@ -149,6 +159,10 @@ class SqlStore:
                     inserted.append(cursor.rowcount == 1)
                 driver.commit()
             except sqlite3.Error as error:
+                self._ledger_connection = None
+                with contextlib.suppress(Exception):
+                    held.invalidate()  # closed: an open transaction is rolled back
+                    held.close()
                 raise DBAPIError.instance(
                     _SQLITE_INSERT_LEDGER, None, error, sqlite3.Error, dialect=self.engine.dialect
                 ) from error
@@ -181,6 +195,10 @@ class SqlStore:
             ]
 
     def close(self) -> None:
+        with self._ledger_lock:
+            if self._ledger_connection is not None:
+                self._ledger_connection.close()  # back to the pool, which is disposed of
+                self._ledger_connection = None
         self.engine.dispose()
 
 
