@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
@@ -30,6 +31,7 @@ from flexserve.runtime import (
     Submission,
     Token,
 )
+from flexserve.scheduling import Plan
 from flexserve.scheduling.tiers import Tier
 
 FAST = SimulatedSettings(ttft_ms=1, tpot_ms=2, natural_output_tokens=25)
@@ -370,3 +372,36 @@ def test_a_settle_that_raises_at_once_fails_no_other_job_and_keeps_the_loop() ->
     first, second, failure = asyncio.run(run())
     assert isinstance(first[-1], Done) and isinstance(second[-1], Done)
     assert failure is None
+
+
+def test_the_runtime_steps_at_the_schedulers_wakeup_with_no_command() -> None:
+    """Deadlines and rate rolls come due with nothing posted: the runtime's timer posts a
+    `Wakeup` at the scheduler's next wakeup, and is set anew when that time moves."""
+
+    async def run() -> list[float]:
+        sim = SimulatedBackend("m", 1, SimulatedSettings(ttft_ms=1, tpot_ms=1))
+        runtime = Runtime(sim, SchedulerSettings())
+        wakeups = [runtime.clock() + 0.02, runtime.clock() + 0.04]
+        stepped = asyncio.Event()
+        real_step = runtime.scheduler.step
+
+        def next_wakeup() -> float:
+            return wakeups[0] if wakeups else math.inf
+
+        def step(now: float) -> Plan:
+            if wakeups and now >= wakeups[0]:
+                wakeups.pop(0)
+                if not wakeups:
+                    stepped.set()
+            return real_step(now)
+
+        runtime.scheduler.next_wakeup = next_wakeup  # type: ignore[method-assign]
+        runtime.scheduler.step = step  # type: ignore[method-assign]
+        await runtime.start()
+        try:
+            await asyncio.wait_for(stepped.wait(), timeout=10)
+        finally:
+            await runtime.close()
+        return wakeups
+
+    assert asyncio.run(run()) == []  # each wakeup was stepped at (or after) its time

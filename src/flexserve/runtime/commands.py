@@ -1,5 +1,6 @@
 """What the runtime's one task is told: by handlers (arrive, cancel, drain), by stream
-tasks (a token, the end), by timers (an outage's retry). Applied in order, on that task."""
+tasks (a token, the end), by timers (an outage's retry, the scheduler's wakeup). Applied
+in order, on that task."""
 
 from __future__ import annotations
 
@@ -45,4 +46,9 @@ class Drain:
     cut_interactive: bool
 
 
-Command = Arrive | Produced | Ended | Cancel | Drain | Retry
+@dataclass(frozen=True)
+class Wakeup:
+    """The scheduler's next wakeup has come (a deadline, a rate's roll): step it."""
+
+
+Command = Arrive | Produced | Ended | Cancel | Drain | Retry | Wakeup
