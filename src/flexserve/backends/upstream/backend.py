@@ -19,7 +19,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -151,33 +151,24 @@ class OpenAIBackend:
             )
         self.in_flight += 1
         self._stats.active_sequences = self.in_flight
+        emitted = 0
+        answered = False
+        items = stream_call(self._client(), *self._where(), call)
         try:
             # aclosing: a pause closes the upstream stream now, not when the garbage
             # collector finalizes the generator
-            async with contextlib.aclosing(self._chunks(call, request, len(resume))) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-        finally:
-            self.in_flight -= 1
-            self._stats.active_sequences = self.in_flight
-
-    async def _chunks(
-        self, call: Any, request: GenerationRequest, resumed: int
-    ) -> AsyncGenerator[Chunk, None]:
-        emitted = 0
-        answered = False
-        try:
-            async for item in stream_call(self._client(), *self._where(), call):
-                if not answered:  # the engine took the request: it works
-                    answered = True
-                    self.breaker.succeeded()
-                if isinstance(item, TextDelta):
-                    emitted += 1
-                    yield TokenChunk(UPSTREAM_TOKEN, item.text)
-                else:
-                    end = await self._counted(item, request, resumed)
-                    for chunk in self._end(end, emitted, resumed):
-                        yield chunk
+            async with contextlib.aclosing(items):
+                async for item in items:
+                    if not answered:  # the engine took the request: it works
+                        answered = True
+                        self.breaker.succeeded()
+                    if isinstance(item, TextDelta):
+                        emitted += 1
+                        yield TokenChunk(UPSTREAM_TOKEN, item.text)
+                    else:
+                        end = await self._counted(item, request, len(resume))
+                        for chunk in self._end(end, emitted, len(resume)):
+                            yield chunk
         except BackendError:
             self.breaker.failed(self._clock())
             raise
@@ -186,6 +177,8 @@ class OpenAIBackend:
             raise
         finally:  # paused or abandoned before any verdict: let another request probe
             self.breaker.release_probe()
+            self.in_flight -= 1
+            self._stats.active_sequences = self.in_flight
 
     async def _counted(self, end: StreamEnd, request: GenerationRequest, resumed: int) -> StreamEnd:
         """`end` with the engine's prompt count, asked for if the stream carried none
