@@ -44,6 +44,9 @@ class FakeUpstream:
     """A Set-Cookie header on each answer (as a load balancer's sticky session sets)."""
     cookies: list[str | None] = field(default_factory=list)
     """The Cookie header of each generation request (None: it had none)."""
+    timeline: list[tuple[str, Any]] = field(default_factory=list)
+    """("start" | "complete" | "closed", the request's priority) for each stream, in order:
+    "closed" is a stream its client closed before the end (an engine aborts it)."""
 
     def app(self) -> Starlette:
         return Starlette(
@@ -76,6 +79,16 @@ class FakeUpstream:
         )
 
     async def _chunks(self, path: str, body: dict[str, Any]) -> AsyncIterator[str]:
+        self.timeline.append(("start", body.get("priority")))
+        complete = False
+        try:
+            async for chunk in self._script(path, body):
+                yield chunk
+            complete = True
+        finally:
+            self.timeline.append(("complete" if complete else "closed", body.get("priority")))
+
+    async def _script(self, path: str, body: dict[str, Any]) -> AsyncIterator[str]:
         words = self.answer.split()
         already = _partial_words(path, body)
         rest = words[already:][: body.get("max_tokens", len(words))]

@@ -189,6 +189,9 @@ def test_a_paused_upstream_job_resumes_with_the_partial_answer_and_fewer_tokens(
     rows = [r for r in server.state.store.ledger("tenant-a") if r.tier == "flex"]
     assert len(rows) == 1 and rows[0].preemptions == 1
     assert rows[0].output_tokens == len(ANSWER.split())  # each token billed once
+    # the pause closed the flex stream at once: the engine aborted it while the urgent
+    # request ran, not after
+    assert fake.timeline.index(("closed", 2)) < fake.timeline.index(("complete", 1))
 
 
 def test_a_backend_without_continuation_is_never_paused_mid_answer(
