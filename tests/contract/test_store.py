@@ -265,3 +265,21 @@ def test_sqlite_ledger_writes_reconnect_after_their_connection_fails(tmp_path: P
     assert sql.record_many([row("r2"), row("r1")]) == [True, False]
     assert [r.request_id for r in sql.ledger("t1")] == ["r1", "r2"]
     sql.close()
+
+
+def test_a_sqlite_ledger_batch_with_a_bad_value_leaves_no_half_transaction(tmp_path: Path) -> None:
+    """A row the driver cannot take fails its batch, and the rows before it in that batch
+    are not left inserted in an open transaction (holding the write lock, and counted as
+    billed by the next attempt)."""
+    path = tmp_path / "ledger.db"
+    sql = SqlStore(f"sqlite:///{path}")
+    sql.migrate()
+    bad = dataclasses.replace(row("bad"), cost_nanos=2**70)  # beyond SQLite's integers
+    with pytest.raises(OverflowError):
+        sql.record_many([row("r1"), bad])
+    other = sqlite3.connect(path, timeout=0.1)  # another writer is not locked out
+    other.execute("UPDATE ledger SET outcome = outcome")
+    other.commit()
+    other.close()
+    assert sql.record_many([row("r1")]) == [True]  # not "already billed"
+    sql.close()

@@ -174,6 +174,8 @@ async def _heartbeat_due(
 
     def on_start(_: object = None) -> None:
         nonlocal timer
+        if wake.done():  # scheduled in the turn that ended the wait: nobody waits
+            return
         if not started.cancelled() and math.isfinite(heartbeat):
             timer = loop.call_at(started.result() + heartbeat, ring)
 

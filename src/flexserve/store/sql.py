@@ -158,11 +158,13 @@ class SqlStore:
                     cursor.execute(_SQLITE_INSERT_LEDGER, [getattr(row, c) for c in _COLUMNS])
                     inserted.append(cursor.rowcount == 1)
                 driver.commit()
-            except sqlite3.Error as error:
+            except BaseException as error:  # a bad value too: no half batch stays open
                 self._ledger_connection = None
                 with contextlib.suppress(Exception):
                     held.invalidate()  # closed: an open transaction is rolled back
                     held.close()
+                if not isinstance(error, sqlite3.Error):
+                    raise
                 raise DBAPIError.instance(
                     _SQLITE_INSERT_LEDGER, None, error, sqlite3.Error, dialect=self.engine.dialect
                 ) from error

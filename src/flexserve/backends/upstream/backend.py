@@ -153,10 +153,10 @@ class OpenAIBackend:
         self._stats.active_sequences = self.in_flight
         emitted = 0
         answered = False
-        items = stream_call(self._client(), *self._where(), call)
         try:
-            # aclosing: a pause closes the upstream stream now, not when the garbage
-            # collector finalizes the generator
+            items = stream_call(self._client(), *self._where(), call)
+            # aclosing: closing this generator (a pause) closes the upstream stream before
+            # it returns, not when the garbage collector finalizes the inner one
             async with contextlib.aclosing(items):
                 async for item in items:
                     if not answered:  # the engine took the request: it works
