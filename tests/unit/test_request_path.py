@@ -10,8 +10,9 @@ from types import SimpleNamespace
 from typing import Any
 
 from flexserve.api.body import new_request_id
-from flexserve.api.jobs import Answer, _heartbeat_due
+from flexserve.api.jobs import Answer
 from flexserve.api.validation import run_validation
+from flexserve.api.waits import first_done, heartbeat_due
 from flexserve.backends.base import SamplingParams, TokenChunk
 from flexserve.runtime import Done, JobHandle, Submission, Token
 
@@ -126,7 +127,7 @@ def test_the_opening_goes_out_with_the_first_event_when_it_is_already_there() ->
 
 
 def heartbeat_verdict(event: str, heartbeat: float = 60.0) -> tuple[bool, bool]:
-    """What `_heartbeat_due` says when `event` comes first, and whether it left any
+    """What `heartbeat_due` says when `event` comes first, and whether it left any
     callback on the futures it watched."""
 
     async def run() -> tuple[bool, bool]:
@@ -134,7 +135,7 @@ def heartbeat_verdict(event: str, heartbeat: float = 60.0) -> tuple[bool, bool]:
         collecting, gone, started = loop.create_future(), loop.create_future(), loop.create_future()
         if event == "started long ago":
             started.set_result(loop.time() - heartbeat)
-        waiting = asyncio.ensure_future(_heartbeat_due(collecting, gone, started, heartbeat))
+        waiting = asyncio.ensure_future(heartbeat_due(collecting, gone, started, heartbeat))
         await asyncio.sleep(0)
         if event == "collected":
             collecting.set_result({})
@@ -154,3 +155,18 @@ def test_a_json_answer_heartbeat_is_due_only_once_the_job_has_run_that_long() ->
     assert heartbeat_verdict("client left") == (False, False)
     assert heartbeat_verdict("started long ago") == (True, False)
     assert heartbeat_verdict("started", heartbeat=0.01) == (True, False)
+
+
+def test_first_done_returns_at_the_first_future_or_the_time_limit_leaving_no_callback() -> None:
+    async def run() -> tuple[bool, bool, bool]:
+        loop = asyncio.get_running_loop()
+        a, b = loop.create_future(), loop.create_future()
+        loop.call_soon(b.set_result, None)
+        await first_done((a, b), None)  # returns: b is done
+        by_b = b.done() and not a.done()
+        await first_done((a,), 0.01)  # returns: the time limit, a still pending
+        timed_out = not a.done()
+        left = any(f._callbacks for f in (a, b))  # type: ignore[attr-defined]
+        return by_b, timed_out, left
+
+    assert asyncio.run(run()) == (True, True, False)

@@ -10,7 +10,6 @@ Retry-After), also when streaming; so is an upstream engine's own refusal.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
@@ -24,6 +23,7 @@ from flexserve.api.keepalive import AnswerJSON, KeepAliveJSON, deliver, disconne
 from flexserve.api.retries import Orphan, attempt_key, is_retry, may_be_retried
 from flexserve.api.state import AppState
 from flexserve.api.validation import ValidChat, json_heartbeat
+from flexserve.api.waits import first_done, heartbeat_due
 from flexserve.errors import FlexserveError
 from flexserve.runtime import (
     Done,
@@ -134,7 +134,7 @@ async def _json(request: Request, answer: Answer, attempt: Attempt) -> Response:
     collecting = answer.collected(started)
     gone = asyncio.ensure_future(disconnected(request.receive))
     try:
-        heartbeat_due = await _heartbeat_due(collecting, gone, started, attempt.heartbeat)
+        beats = await heartbeat_due(collecting, gone, started, attempt.heartbeat)
     except asyncio.CancelledError:  # the server cancelled the handler: nobody will answer
         answer.give_up(collecting)
         raise
@@ -143,58 +143,13 @@ async def _json(request: Request, answer: Answer, attempt: Attempt) -> Response:
     if collecting.done():
         return AnswerJSON(collecting.result())  # a failure raises its own status here
     orphan = Orphan(answer.handle.request_id, collecting, lambda: answer.give_up(collecting))
-    if heartbeat_due:  # 200 now, spaces until the body
+    if beats:  # 200 now, spaces until the body
         return KeepAliveJSON(collecting, attempt.heartbeat, attempt.leave(orphan))
     if answer.handle.started:
         attempt.leave(orphan)()
     else:
         answer.give_up(collecting)
     return Response(status_code=CLIENT_GONE)
-
-
-async def _heartbeat_due(
-    collecting: asyncio.Future[Any],
-    gone: asyncio.Future[None],
-    started: asyncio.Future[float],
-    heartbeat: float,
-) -> bool:
-    """True once the job has run for `heartbeat` seconds; False as soon as the answer is
-    collected or the client left, if that comes first.
-
-    One future, woken by callbacks and one timer set when the job starts: `asyncio.wait`
-    (twice per request, with its sets and bookkeeping) was 3 % of a short request's
-    instructions (bench/instructions.py)."""
-    loop = asyncio.get_running_loop()
-    wake: asyncio.Future[None] = loop.create_future()
-    timer: asyncio.TimerHandle | None = None
-
-    def ring(_: object = None) -> None:
-        if not wake.done():
-            wake.set_result(None)
-
-    def on_start(_: object = None) -> None:
-        nonlocal timer
-        if wake.done():  # scheduled in the turn that ended the wait: nobody waits
-            return
-        if not started.cancelled() and math.isfinite(heartbeat):
-            timer = loop.call_at(started.result() + heartbeat, ring)
-
-    watched = (collecting, gone)
-    for future in watched:
-        future.add_done_callback(ring)
-    if started.done():
-        on_start()
-    else:
-        started.add_done_callback(on_start)
-    try:
-        await wake
-    finally:
-        for future in watched:
-            future.remove_done_callback(ring)
-        started.remove_done_callback(on_start)
-        if timer is not None:
-            timer.cancel()
-    return not (collecting.done() or gone.done())
 
 
 class Attempt:
@@ -253,13 +208,11 @@ class Answer:
         task = asyncio.ensure_future(self.handle.events.get())
         gone = asyncio.ensure_future(disconnected(request.receive))
         try:
-            done, _ = await asyncio.wait(
-                {task, gone}, timeout=within, return_when=asyncio.FIRST_COMPLETED
-            )
+            await first_done((task, gone), within)
         finally:  # also when this await itself is cancelled: no read left behind
-            gone.cancel()
+            gone.cancel()  # (a task that is done stays as it ended)
             task.cancel()
-        if gone in done:  # the client is gone, so is the answer's use
+        if gone.done() and not gone.cancelled():  # the client is gone, so is the answer's use
             return None
         if task.cancelled() or not task.done():
             return NO_EVENT_YET
