@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from flexserve.api.errors import CLIENT_GONE
+from flexserve.api.waits import first_done
 
 Answer = asyncio.Future[dict[str, Any]]
 KEEPALIVE = b" "
@@ -31,18 +32,15 @@ async def deliver(
 ) -> Response:
     """`answer` as JSON; `on_leave` runs if the client goes away before it is sent."""
     gone = asyncio.ensure_future(disconnected(request.receive))
-    watched: list[asyncio.Future[Any]] = [answer, gone]
     try:
-        done, _ = await asyncio.wait(
-            watched, timeout=heartbeat, return_when=asyncio.FIRST_COMPLETED
-        )
+        await first_done((answer, gone), heartbeat)
     finally:
-        gone.cancel()
-    if gone in done and answer not in done:
+        gone.cancel()  # (a task that is done stays as it ended)
+    if answer.done():
+        return AnswerJSON(answer.result())  # a failure raises its own status here
+    if gone.done() and not gone.cancelled():
         on_leave()
         return Response(status_code=CLIENT_GONE)
-    if answer in done:
-        return AnswerJSON(answer.result())  # a failure raises its own status here
     return KeepAliveJSON(answer, heartbeat, on_leave)
 
 
@@ -74,14 +72,9 @@ class KeepAliveJSON(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         gone = asyncio.ensure_future(disconnected(receive))
-        watched: list[asyncio.Future[Any]] = [self._answer, gone]
         try:
             while not self._answer.done():
-                await asyncio.wait(
-                    watched,
-                    timeout=self._heartbeat,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
+                await first_done((self._answer, gone), self._heartbeat)
                 if gone.done() and not self._answer.done():
                     self._on_leave()
                     return

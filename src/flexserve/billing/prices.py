@@ -30,10 +30,22 @@ def token_cost(price: TierPrice, input_tokens: int, cached: int, output: int) ->
 def request_cost(
     settings: Settings, model: str, tier: Tier, input_tokens: int, cached: int, output: int
 ) -> Cost:
+    return priced(tier_prices(settings, model, tier), input_tokens, cached, output)
+
+
+def tier_prices(settings: Settings, model: str, tier: Tier) -> tuple[TierPrice, TierPrice]:
+    """The model's price in `tier`, and its list price (the default tier's)."""
     table = settings.price(model)
+    return table.for_tier(tier), table.for_tier("default")
+
+
+def priced(
+    prices: tuple[TierPrice, TierPrice], input_tokens: int, cached: int, output: int
+) -> Cost:
+    price, list_price = prices
     return Cost(
-        nanos=token_cost(table.for_tier(tier), input_tokens, cached, output),
-        list_nanos=token_cost(table.for_tier("default"), input_tokens, cached, output),
+        nanos=token_cost(price, input_tokens, cached, output),
+        list_nanos=token_cost(list_price, input_tokens, cached, output),
     )
 
 
@@ -49,14 +61,8 @@ class PriceCache:
     def cost(self, model: str, tier: Tier, input_tokens: int, cached: int, output: int) -> Cost:
         prices = self._prices.get((model, tier))
         if prices is None:
-            table = self.settings.price(model)
-            prices = (table.for_tier(tier), table.for_tier("default"))
-            self._prices[(model, tier)] = prices
-        price, list_price = prices
-        return Cost(
-            nanos=token_cost(price, input_tokens, cached, output),
-            list_nanos=token_cost(list_price, input_tokens, cached, output),
-        )
+            prices = self._prices[(model, tier)] = tier_prices(self.settings, model, tier)
+        return priced(prices, input_tokens, cached, output)
 
 
 def usd(nanos: int) -> float:
