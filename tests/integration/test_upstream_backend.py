@@ -41,7 +41,9 @@ def test_tiers_map_to_vllm_lower_first_and_sglang_higher_first(
             models={
                 "on-vllm": {"backends": [upstream(url, engine="vllm", metrics_url=None)]},
                 "on-sglang": {"backends": [upstream(url, engine="sglang")]},
-                "on-llamacpp": {"backends": [upstream(url, engine="llamacpp")]},
+                "on-llamacpp": {
+                    "backends": [upstream(url, engine="llamacpp", continuation="llamacpp")]
+                },
             }
         )
         c = clients(server)

@@ -21,7 +21,7 @@ EngineName = Literal[
     "vllm", "sglang", "llamacpp", "llama-cpp-python", "openai", "flexserve", "custom"
 ]
 PriorityStyleName = Literal["vllm", "sglang", "none"]
-ContinuationStyleName = Literal["vllm", "llamacpp", "completions", "none"]
+ContinuationStyleName = Literal["vllm", "llamacpp", "completions", "llamacpp-tokens", "none"]
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,9 @@ ENGINE_PRESETS: dict[EngineName, EnginePreset] = {
     "vllm": EnginePreset("vllm", "vllm", False, "/metrics"),
     # SGLang --enable-priority-scheduling: higher first; same continuation fields.
     "sglang": EnginePreset("sglang", "vllm", False, None),
-    # llama.cpp's llama-server: FIFO; continues a trailing assistant message.
-    "llamacpp": EnginePreset("none", "llamacpp", False, None),
+    # llama.cpp's llama-server: FIFO; resumes at the token level on its native API
+    # (`continuation = "llamacpp"`: a trailing assistant message on its chat API).
+    "llamacpp": EnginePreset("none", "llamacpp-tokens", False, None),
     # llama-cpp-python's server closes a trailing assistant message: raw completions.
     "llama-cpp-python": EnginePreset("none", "completions", False, None),
     # OpenAI itself and another flexserve have tiers: service_tier passes through.
@@ -77,8 +78,8 @@ class PoolBackendSettings(BaseModel):
     """openai: how a tier becomes the engine's `priority` field (`vllm` lower first,
     `sglang` higher first, `none`)."""
     continuation: ContinuationStyleName | None = None
-    """openai: how a paused answer resumes (`vllm`, `llamacpp`, `completions`, `none` =
-    never paused mid-answer)."""
+    """openai: how a paused answer resumes (`vllm`, `llamacpp`, `completions`,
+    `llamacpp-tokens`, `none` = never paused mid-answer)."""
     service_tier_passthrough: bool | None = None
     """openai: send `service_tier` upstream (OpenAI itself, another flexserve)."""
     metrics_url: str | None = Field(default=None, min_length=1)

@@ -37,11 +37,18 @@ from flexserve.backends.base import (
     TokenChunk,
 )
 from flexserve.backends.upstream.breaker import CircuitBreaker
-from flexserve.backends.upstream.continuation import ContinuationStyle, RenderPrompt, build_call
+from flexserve.backends.upstream.continuation import (
+    TOKEN_STYLES,
+    ContinuationStyle,
+    RenderPrompt,
+    UpstreamCall,
+    build_call,
+)
 from flexserve.backends.upstream.engine_load import EngineLoad, parse_engine_load
 from flexserve.backends.upstream.priority import PriorityStyle, priority_fields
 from flexserve.backends.upstream.prompt_count import CountPrompt
 from flexserve.backends.upstream.stream import StreamEnd, TextDelta, stream_call
+from flexserve.backends.upstream.token_resume import apply_template, build_token_call
 from flexserve.scheduling.tiers import TIERS, Tier
 
 log = logging.getLogger("flexserve.upstream")
@@ -67,6 +74,12 @@ class Capabilities:
         """What a resumed answer promises on this backend, for /v1/models and the docs."""
         if self.continuation == "none":
             return "never paused mid-answer (the engine cannot continue a partial answer)"
+        if self.continuation in TOKEN_STYLES:
+            return (
+                "token-level: resumes from the engine's own token ids (never re-tokenized "
+                "text); no duplicate, no gap, billed once; identical to an uninterrupted "
+                "answer only where the engine is batch-invariant"
+            )
         return "seamless: no duplicate, no gap, billed once; text may differ after a pause"
 
 
@@ -132,17 +145,7 @@ class OpenAIBackend:
     ) -> AsyncIterator[Chunk]:
         # Built before the breaker hands out a probe: a call that cannot be built (no
         # continuation, a template that refuses) must not leave the probe taken.
-        call = build_call(
-            self.capabilities.continuation,
-            model=self.endpoint.upstream_model,
-            messages=request.messages,
-            sampling=request.sampling,
-            partial="".join(chunk.text for chunk in resume),
-            produced=len(resume),
-            extra=self._extra_fields(request.tier),
-            render=self._render,
-            prompt_text=request.prompt_text,
-        )
+        text_call = None if self._token_level else self._text_call(request, resume)
         now = self._clock()
         if not self.breaker.allows(now):
             raise NoBackendAvailable(
@@ -154,6 +157,7 @@ class OpenAIBackend:
         emitted = 0
         answered = False
         try:
+            call = text_call or await self._token_call(request, resume)
             items = stream_call(self._client(), *self._where(), call)
             # aclosing: closing this generator (a pause) closes the upstream stream before
             # it returns, not when the garbage collector finalizes the inner one
@@ -163,12 +167,13 @@ class OpenAIBackend:
                         answered = True
                         self.breaker.succeeded()
                     if isinstance(item, TextDelta):
-                        emitted += 1
-                        yield TokenChunk(UPSTREAM_TOKEN, item.text)
+                        for chunk in _tokens(item):
+                            emitted += 1
+                            yield chunk
                     else:
                         end = await self._counted(item, request, len(resume))
-                        for chunk in self._end(end, emitted, len(resume)):
-                            yield chunk
+                        for ending in self._end(end, emitted, len(resume)):
+                            yield ending
         except BackendError:
             self.breaker.failed(self._clock())
             raise
@@ -179,6 +184,33 @@ class OpenAIBackend:
             self.breaker.release_probe()
             self.in_flight -= 1
             self._stats.active_sequences = self.in_flight
+
+    @property
+    def _token_level(self) -> bool:
+        return self.capabilities.continuation in TOKEN_STYLES
+
+    def _text_call(self, request: GenerationRequest, resume: Sequence[TokenChunk]) -> UpstreamCall:
+        return build_call(
+            self.capabilities.continuation,
+            model=self.endpoint.upstream_model,
+            messages=request.messages,
+            sampling=request.sampling,
+            partial="".join(chunk.text for chunk in resume),
+            produced=len(resume),
+            extra=self._extra_fields(request.tier),
+            render=self._render,
+            prompt_text=request.prompt_text,
+        )
+
+    async def _token_call(
+        self, request: GenerationRequest, resume: Sequence[TokenChunk]
+    ) -> UpstreamCall:
+        """llama-server's native call: the prompt as its own template renders the chat
+        (asked for each call, so a resume on another server of the pool renders there)."""
+        prompt = request.prompt_text
+        if prompt is None:
+            prompt = await apply_template(self._client(), *self._where(), request.messages)
+        return build_token_call(prompt, request.sampling, resume)
 
     async def _counted(self, end: StreamEnd, request: GenerationRequest, resumed: int) -> StreamEnd:
         """`end` with the engine's prompt count, asked for if the stream carried none
@@ -266,6 +298,16 @@ class OpenAIBackend:
 
     def stats(self) -> BackendStats:
         return self._stats
+
+
+def _tokens(delta: TextDelta) -> list[TokenChunk]:
+    """One chunk per token. Where the engine names the tokens (llama-server's native
+    stream, one token per chunk), each keeps its id, and text released by several goes
+    with the last one, as text held back is released by a later token."""
+    if not delta.token_ids:
+        return [TokenChunk(UPSTREAM_TOKEN, delta.text)]
+    *held, last = delta.token_ids
+    return [*(TokenChunk(i, "") for i in held), TokenChunk(last, delta.text)]
 
 
 def estimate_prompt_tokens(messages: Sequence[ChatMessage]) -> int:

@@ -9,6 +9,8 @@ sends the partial answer so that the engine continues it instead of starting aga
 - `completions`: flexserve renders the chat template itself and sends rendered prompt +
   partial answer to raw `/completions` (llama-cpp-python's server closes a trailing
   assistant message and starts a new turn, but its raw completions continue).
+- `llamacpp-tokens`: token-level, on llama.cpp's native API: the prompt followed by the
+  ids of the tokens produced, never re-tokenized text (`token_resume.py`).
 - `none`: the engine cannot continue; such a backend is never preempted mid-answer.
 
 In every style `max_tokens` (and vLLM's `min_tokens`) shrink by what was produced, so the
@@ -23,7 +25,9 @@ from typing import Any, Literal
 
 from flexserve.backends.base import ChatMessage, SamplingParams
 
-ContinuationStyle = Literal["vllm", "llamacpp", "completions", "none"]
+ContinuationStyle = Literal["vllm", "llamacpp", "completions", "llamacpp-tokens", "none"]
+TOKEN_STYLES: frozenset[ContinuationStyle] = frozenset({"llamacpp-tokens"})
+"""Styles that resume from the engine's own token ids (see `token_resume.py`)."""
 RenderPrompt = Callable[[Sequence[ChatMessage]], str]
 """Chat template rendering with the generation prompt added (for `completions`)."""
 
@@ -35,8 +39,13 @@ class CannotContinue(Exception):
 @dataclass(frozen=True)
 class UpstreamCall:
     path: str
-    """Relative to the upstream's base URL (which ends in /v1)."""
+    """Relative to the upstream's base URL (which ends in /v1), or with `at_root` to the
+    server's root (llama.cpp's native routes)."""
     body: dict[str, Any]
+    at_root: bool = False
+    wire: Literal["openai", "llamacpp"] = "openai"
+    """How the streamed chunks read: OpenAI's (`choices`, `usage`) or llama.cpp's native
+    `/completion` (`content`, `tokens`, `stop`)."""
 
 
 def build_call(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -32,6 +32,8 @@ from flexserve.backends.upstream.continuation import UpstreamCall
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+    token_ids: tuple[int, ...] = ()
+    """The engine's ids of the tokens this text came from, where it sends them."""
 
 
 @dataclass(frozen=True)
@@ -49,26 +51,30 @@ REFUSALS = frozenset({400, 413, 422, 429})
 """Statuses that refuse the request itself; other 4xx mean the backend is misconfigured."""
 
 
+def upstream_headers(api_key: str | None, streaming: bool = False) -> dict[str, str]:
+    headers = {"content-type": "application/json"}
+    if streaming:
+        headers |= {"accept": "text/event-stream", "cache-control": "no-store"}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    return headers
+
+
 async def stream_call(
     http: aiohttp.ClientSession, base_url: str, api_key: str | None, call: UpstreamCall
 ) -> AsyncGenerator[TextDelta | StreamEnd, None]:
-    headers = {
-        "accept": "text/event-stream",
-        "cache-control": "no-store",
-        "content-type": "application/json",
-    }
-    if api_key:
-        headers["authorization"] = f"Bearer {api_key}"
-    url = base_url.rstrip("/") + call.path
-    finish: FinishReason | None = None
-    usage: dict[str, Any] = {}
+    headers = upstream_headers(api_key, streaming=True)
+    root = base_url.rstrip("/")
+    url = (root.removesuffix("/v1") if call.at_root else root) + call.path
+    read = _read_native if call.wire == "llamacpp" else _read_openai
+    progress = _Progress()
     try:
         # Bytes, not `json=`: aiohttp's JSON payload object cost more than the encoding.
         body = orjson.dumps(call.body)
         # No redirects: a configured upstream that redirects a POST is misconfigured (the
         # status says so), and a redirect could send the prompt elsewhere.
         async with http.post(url, data=body, headers=headers, allow_redirects=False) as response:
-            await _raise_for_status(response)
+            await raise_for_status(response)
             async for received in _sse_data(response):
                 for data in received:
                     if data.strip() == "[DONE]":
@@ -76,21 +82,50 @@ async def stream_call(
                     chunk = _json(data)
                     if "error" in chunk:
                         raise BackendError(f"upstream error event: {_message(chunk)}")
-                    usage = chunk.get("usage") or usage
-                    for choice in chunk.get("choices") or ():
-                        text = _choice_text(choice)
-                        if text:
-                            yield TextDelta(text)
-                        finish = choice.get("finish_reason") or finish
+                    for delta in read(chunk, progress):
+                        yield delta
     except (aiohttp.ClientError, TimeoutError) as error:  # cut, reset, refused, stalled
         raise BackendError(f"upstream stream failed: {type(error).__name__}") from None
-    if finish is None:
+    if progress.finish is None:
         raise BackendError("upstream stream ended without a finish reason")
     yield StreamEnd(
-        "length" if finish == "length" else "stop",
-        usage.get("prompt_tokens"),
-        usage.get("completion_tokens"),
+        "length" if progress.finish == "length" else "stop",
+        progress.usage.get("prompt_tokens"),
+        progress.usage.get("completion_tokens"),
     )
+
+
+@dataclass
+class _Progress:
+    """What a stream has said so far about its end."""
+
+    finish: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_openai(chunk: dict[str, Any], progress: _Progress) -> list[TextDelta]:
+    progress.usage = chunk.get("usage") or progress.usage
+    deltas = []
+    for choice in chunk.get("choices") or ():
+        text = _choice_text(choice)
+        if text:
+            deltas.append(TextDelta(text))
+        progress.finish = choice.get("finish_reason") or progress.finish
+    return deltas
+
+
+def _read_native(chunk: dict[str, Any], progress: _Progress) -> list[TextDelta]:
+    """llama-server's `/completion` chunk: one token's id and the text it releases (empty
+    while text is held back); the last chunk says why it stopped, with the counts."""
+    ids = tuple(int(i) for i in chunk.get("tokens") or ())
+    text = str(chunk.get("content") or "")
+    if chunk.get("stop"):
+        progress.finish = "length" if chunk.get("stop_type") == "limit" else "stop"
+        progress.usage = {
+            "prompt_tokens": chunk.get("tokens_evaluated"),
+            "completion_tokens": chunk.get("tokens_predicted"),
+        }
+    return [TextDelta(text, ids)] if text or ids else []
 
 
 async def _sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[list[str]]:
@@ -175,10 +210,10 @@ def _choice_text(choice: dict[str, Any]) -> str:
     return str(choice.get("text") or "")  # raw completions
 
 
-async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
+async def raise_for_status(response: aiohttp.ClientResponse) -> None:
     if response.status < 300:
         return
-    if response.status < 400:  # not followed: see `stream_call`
+    if response.status < 400:  # never followed: a redirect could send the prompt elsewhere
         where = response.headers.get("location", "nowhere")
         raise BackendError(f"upstream answered {response.status}, a redirect to {where}")
     text = await response.text(errors="replace")

@@ -1,0 +1,74 @@
+"""Token-level resume on llama-server's native API: the calls flexserve builds, and how
+it reads the native stream. (The real server is in tests/integration/test_llama_server.py.)"""
+
+from __future__ import annotations
+
+from flexserve.backends.base import SamplingParams, TokenChunk
+from flexserve.backends.upstream.backend import UPSTREAM_TOKEN, Capabilities, _tokens
+from flexserve.backends.upstream.stream import TextDelta, _Progress, _read_native
+from flexserve.backends.upstream.token_resume import build_token_call, server_root
+from flexserve.config.pools import PoolBackendSettings
+
+PROMPT = "<|im_start|>user\ncount<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_a_fresh_start_sends_the_rendered_prompt_to_the_native_completion_route() -> None:
+    call = build_token_call(PROMPT, SamplingParams(max_tokens=20, temperature=0, seed=3))
+    assert (call.path, call.at_root, call.wire) == ("/completion", True, "llamacpp")
+    assert call.body["prompt"] == PROMPT
+    assert call.body["return_tokens"] is True and call.body["stream"] is True
+    assert call.body["n_predict"] == 20
+    assert (call.body["temperature"], call.body["seed"]) == (0, 3)
+
+
+def test_a_resume_sends_the_prompt_then_the_ids_produced_never_their_text() -> None:
+    produced = [TokenChunk(12, "One"), TokenChunk(7, ""), TokenChunk(99, " two")]
+    call = build_token_call(PROMPT, SamplingParams(max_tokens=20), produced)
+    assert call.body["prompt"] == [PROMPT, 12, 7, 99]
+    assert call.body["n_predict"] == 17
+
+
+def test_tokens_produced_by_a_text_level_member_of_the_pool_go_back_as_text() -> None:
+    produced = [TokenChunk(UPSTREAM_TOKEN, "One"), TokenChunk(UPSTREAM_TOKEN, " two")]
+    call = build_token_call(PROMPT, SamplingParams(max_tokens=5), produced)
+    assert call.body["prompt"] == PROMPT + "One two"
+    assert call.body["n_predict"] == 3
+
+
+def test_every_sampler_is_set_to_what_the_client_asked_not_llama_servers_defaults() -> None:
+    call = build_token_call(PROMPT, SamplingParams(max_tokens=4))
+    # llama-server's own defaults are top_k 40, min_p 0.05, temperature 0.8: not OpenAI's
+    assert call.body["top_k"] == 0 and call.body["min_p"] == 0.0
+    assert (call.body["temperature"], call.body["top_p"]) == (1.0, 1.0)
+    assert call.body["repeat_penalty"] == 1.0
+    assert "seed" not in call.body  # none asked: the engine's own
+    vllm_off = build_token_call(PROMPT, SamplingParams(max_tokens=4, top_k=-1))
+    assert vllm_off.body["top_k"] == 0
+
+
+def test_the_native_stream_gives_each_tokens_id_and_its_end_with_the_engines_counts() -> None:
+    progress = _Progress()
+    first = _read_native({"content": "Hi", "tokens": [5], "stop": False}, progress)
+    held = _read_native({"content": "", "tokens": [6], "stop": False}, progress)
+    assert first == [TextDelta("Hi", (5,))] and held == [TextDelta("", (6,))]
+    assert progress.finish is None
+    end = {"content": "", "tokens": [], "stop": True, "stop_type": "limit"}
+    assert _read_native(end | {"tokens_evaluated": 30, "tokens_predicted": 2}, progress) == []
+    assert progress.finish == "length"
+    assert progress.usage == {"prompt_tokens": 30, "completion_tokens": 2}
+    _read_native({"stop": True, "stop_type": "eos"}, progress)
+    assert progress.finish == "stop"
+
+
+def test_text_released_by_several_tokens_goes_with_the_last_one() -> None:
+    assert _tokens(TextDelta("ab", (1, 2))) == [TokenChunk(1, ""), TokenChunk(2, "ab")]
+    assert _tokens(TextDelta("ab")) == [TokenChunk(UPSTREAM_TOKEN, "ab")]
+
+
+def test_llama_server_resumes_at_the_token_level_unless_told_otherwise() -> None:
+    entry = PoolBackendSettings(kind="openai", base_url="http://h:1/v1", engine="llamacpp")
+    assert entry.capabilities()[1] == "llamacpp-tokens"
+    assert "token-level" in Capabilities(continuation="llamacpp-tokens").guarantee()
+    chat = entry.model_copy(update={"continuation": "llamacpp"})
+    assert chat.capabilities()[1] == "llamacpp"
+    assert server_root("http://h:1/v1/") == "http://h:1"
