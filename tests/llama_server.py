@@ -1,9 +1,12 @@
-"""llama-cpp-python's own OpenAI-compatible server as a child process: a real upstream
-engine that nobody here wrote, for the `openai` backend's integration tests."""
+"""Real upstream engines that nobody here wrote, as child processes, for the `openai`
+backend's integration tests: llama-cpp-python's own OpenAI-compatible server, and
+llama.cpp's own `llama-server` (built by `make install` from the llama.cpp sources that
+llama-cpp-python's release vendors)."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import time
@@ -16,6 +19,13 @@ from tests.conftest import free_port
 
 ALIAS = "smol"
 START_TIMEOUT = 60.0
+LLAMA_SERVER_DIR = Path(
+    os.environ.get(
+        "FLEXSERVE_LLAMA_SERVER_DIR",
+        Path.home() / ".cache/flexserve-wheels/llama-server-0.3.36-x86-64-v3",
+    )
+)
+"""Where `make install` puts llama-server and its shared libraries (see the Makefile)."""
 
 
 def smollm2_gguf() -> Path | None:
@@ -76,15 +86,40 @@ def start_llama_server(gguf: Path, log_dir: Path) -> LlamaServer:
     return server
 
 
+def start_llama_cpp_server(gguf: Path, log_dir: Path) -> LlamaServer:
+    """llama.cpp's `llama-server` on a free loopback port: one sequence at a time (as
+    llama_cpp.server above), single-threaded, the same model under the same alias."""
+    binary = LLAMA_SERVER_DIR / "llama-server"
+    if not binary.is_file():
+        raise AssertionError(f"{binary} is missing: `make install` builds it")
+    port = free_port()
+    log = log_dir / f"llama-cpp-server-{port}.log"
+    args = [
+        *("--model", str(gguf), "--alias", ALIAS, "--host", "127.0.0.1", "--port", str(port)),
+        *("--ctx-size", "2048", "--parallel", "1", "--threads", "1", "--threads-batch", "1"),
+        "--no-webui",
+    ]
+    env = {**os.environ, "LD_LIBRARY_PATH": str(LLAMA_SERVER_DIR)}
+    with log.open("wb") as out:
+        process = subprocess.Popen([str(binary), *args], stdout=out, stderr=out, env=env)
+    server = LlamaServer(process, port, log)
+    try:
+        _wait_ready(server)
+    except BaseException:
+        server.kill()
+        raise
+    return server
+
+
 def _wait_ready(server: LlamaServer) -> None:
     end = time.monotonic() + START_TIMEOUT
     while time.monotonic() < end:
         if server.process.poll() is not None:
-            raise AssertionError(f"llama_cpp.server exited at start:\n{server.log.read_text()}")
+            raise AssertionError(f"the engine exited at start:\n{server.log.read_text()}")
         try:
             if httpx.get(server.url + "/models", timeout=1).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.05)
-    raise AssertionError("llama_cpp.server never answered /v1/models")
+    raise AssertionError(f"the engine never answered /v1/models:\n{server.log.read_text()}")

@@ -202,3 +202,17 @@ def test_a_chunk_python_parses_but_orjson_refuses_is_still_read() -> None:
     assert upstream_stream._json('{"x": NaN, "t": "\\ud83d"}')["t"] == "\ud83d"
     with pytest.raises(BackendError, match="not JSON"):
         upstream_stream._json("{broken")
+
+
+def test_an_echoed_partial_answer_is_dropped_however_the_deltas_cut_it() -> None:
+    from flexserve.backends.upstream.continuation import EchoedPrefix
+
+    merged = EchoedPrefix("Once upon")
+    assert [merged.after_echo(t) for t in ("Once upon a", " time")] == [" a", " time"]
+    split = EchoedPrefix("Once upon")
+    pieces = ("Once", " up", "on a", " time")
+    assert [split.after_echo(t) for t in pieces] == ["", "", " a", " time"]
+    none = EchoedPrefix("Once upon")
+    assert [none.after_echo(t) for t in ("On", "ly", "!")] == ["", "Only", "!"]
+    ended = EchoedPrefix("Once upon")
+    assert ended.after_echo("Once") == "" and ended.held == "Once"  # released with the finish

@@ -40,6 +40,7 @@ from flexserve.backends.upstream.breaker import CircuitBreaker
 from flexserve.backends.upstream.continuation import (
     TOKEN_STYLES,
     ContinuationStyle,
+    EchoedPrefix,
     RenderPrompt,
     UpstreamCall,
     build_call,
@@ -69,6 +70,13 @@ class Capabilities:
     priority: PriorityStyle = "none"
     continuation: ContinuationStyle = "none"
     service_tier_passthrough: bool = False
+
+    @property
+    def ends_streamed_connections(self) -> bool:
+        """llama-server (both of its styles) closes its connection after each streamed
+        answer without a `Connection: close`; a pooled connection reused at once fails
+        the next call before the engine sees it."""
+        return self.continuation in ("llamacpp", "llamacpp-tokens")
 
     def guarantee(self) -> str:
         """What a resumed answer promises on this backend, for /v1/models and the docs."""
@@ -158,7 +166,9 @@ class OpenAIBackend:
         answered = False
         try:
             call = text_call or await self._token_call(request, resume)
-            items = stream_call(self._client(), *self._where(), call)
+            echo = self._echo(resume)
+            close = self.capabilities.ends_streamed_connections
+            items = stream_call(self._client(), *self._where(), call, close=close)
             # aclosing: closing this generator (a pause) closes the upstream stream before
             # it returns, not when the garbage collector finalizes the inner one
             async with contextlib.aclosing(items):
@@ -167,12 +177,15 @@ class OpenAIBackend:
                         answered = True
                         self.breaker.succeeded()
                     if isinstance(item, TextDelta):
+                        if echo is not None:
+                            item = TextDelta(echo.after_echo(item.text), item.token_ids)
                         for chunk in _tokens(item):
                             emitted += 1
                             yield chunk
                     else:
                         end = await self._counted(item, request, len(resume))
-                        for ending in self._end(end, emitted, len(resume)):
+                        held = echo.held if echo is not None else ""
+                        for ending in self._end(end, emitted, len(resume), held):
                             yield ending
         except BackendError:
             self.breaker.failed(self._clock())
@@ -220,7 +233,14 @@ class OpenAIBackend:
         counted = await self._count_prompt(self._client(), request.messages, request.prompt_text)
         return end if counted is None else replace(end, prompt_tokens=counted + resumed)
 
-    def _end(self, end: StreamEnd, emitted: int, resumed: int) -> list[Chunk]:
+    def _echo(self, resume: Sequence[TokenChunk]) -> EchoedPrefix | None:
+        if self.capabilities.continuation != "llamacpp" or not resume:
+            return None
+        return EchoedPrefix("".join(chunk.text for chunk in resume))
+
+    def _end(self, end: StreamEnd, emitted: int, resumed: int, held: str = "") -> list[Chunk]:
+        """The finish, after empty tokens for any the engine counted but did not stream;
+        `held` is text kept back as a possible echo that the answer ended inside."""
         self.breaker.succeeded()
         self._stats.sampled_tokens += max(emitted, end.completion_tokens or 0)
         unseen = max(0, (end.completion_tokens or 0) - emitted)
@@ -228,7 +248,7 @@ class OpenAIBackend:
         if end.prompt_tokens is not None:  # a resume's prompt holds the partial answer too
             prompt = max(1, end.prompt_tokens - resumed)
         padding: list[Chunk] = [TokenChunk(UPSTREAM_TOKEN, "")] * unseen
-        return [*padding, Finish(end.finish_reason, prompt_tokens=prompt)]
+        return [*padding, Finish(end.finish_reason, text=held, prompt_tokens=prompt)]
 
     def _extra_fields(self, tier: str) -> dict[str, Any]:
         fields: dict[str, Any] = {}

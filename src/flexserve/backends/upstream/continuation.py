@@ -5,7 +5,8 @@ sends the partial answer so that the engine continues it instead of starting aga
 
 - `vllm`: the partial answer as a trailing assistant message, with
   `continue_final_message: true` and `add_generation_prompt: false` (vLLM's chat API).
-- `llamacpp`: llama.cpp's own server continues a trailing assistant message as it is.
+- `llamacpp`: llama.cpp's own server continues a trailing assistant message as it is,
+  but its answer begins with that message again (`EchoedPrefix` drops it).
 - `completions`: flexserve renders the chat template itself and sends rendered prompt +
   partial answer to raw `/completions` (llama-cpp-python's server closes a trailing
   assistant message and starts a new turn, but its raw completions continue).
@@ -83,6 +84,31 @@ def build_call(
             raise CannotContinue("the completions style needs the model's chat template")
         return UpstreamCall("/completions", {**body, "prompt": render(messages) + partial})
     raise CannotContinue("this upstream cannot continue a partial answer")
+
+
+class EchoedPrefix:
+    """llama-server's chat API continues a trailing assistant message, and answers with
+    that message again at the start of its first delta (seen with the llama.cpp that
+    llama-cpp-python 0.3.36 vendors): the client already has it, so it is dropped. Text
+    that may still be the start of the echo is held until it is known not to be."""
+
+    def __init__(self, partial: str) -> None:
+        self._pending = partial
+        self.held = ""
+
+    def after_echo(self, text: str) -> str:
+        """`text` as the client should get it ("" while it may still be the echo)."""
+        if not self._pending:
+            return text
+        seen, self.held = self.held + text, ""
+        if seen.startswith(self._pending):  # the echo, and what follows it
+            rest, self._pending = seen[len(self._pending) :], ""
+            return rest
+        if self._pending.startswith(seen):  # so far, all of it could be the echo
+            self.held = seen
+            return ""
+        self._pending = ""  # not an echo: this engine continues without one
+        return seen
 
 
 def sampling_fields(sampling: SamplingParams, produced: int) -> dict[str, Any]:

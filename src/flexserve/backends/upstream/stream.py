@@ -61,9 +61,18 @@ def upstream_headers(api_key: str | None, streaming: bool = False) -> dict[str, 
 
 
 async def stream_call(
-    http: aiohttp.ClientSession, base_url: str, api_key: str | None, call: UpstreamCall
+    http: aiohttp.ClientSession,
+    base_url: str,
+    api_key: str | None,
+    call: UpstreamCall,
+    *,
+    close: bool = False,
 ) -> AsyncGenerator[TextDelta | StreamEnd, None]:
+    """`close`: the engine ends the connection after a streamed answer without saying so
+    (llama-server): asking for that keeps the pool from reusing a closed connection."""
     headers = upstream_headers(api_key, streaming=True)
+    if close:
+        headers["connection"] = "close"
     root = base_url.rstrip("/")
     url = (root.removesuffix("/v1") if call.at_root else root) + call.path
     read = _read_native if call.wire == "llamacpp" else _read_openai
