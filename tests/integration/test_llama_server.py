@@ -261,3 +261,42 @@ def test_a_text_level_resume_on_llama_servers_chat_api_does_not_repeat_the_parti
     assert len(partial) > 10
     assert not texts(rest).startswith(partial), texts(rest)
     assert len(cut) + len(rest) <= 20
+
+
+def test_a_pause_while_the_engine_holds_text_back_loses_none_of_it(engine: LlamaServer) -> None:
+    """A stop string the answer begins like makes llama-server hold the text of those
+    tokens back (streamed with no text) until the answer departs from it. A pause
+    there, resumed at the token level, still gives the whole text, each token once."""
+    from flexserve.backends.base import (
+        ChatMessage,
+        Finish,
+        GenerationRequest,
+        SamplingParams,
+        TokenChunk,
+    )
+    from flexserve.backends.upstream.backend import Capabilities, Endpoint, OpenAIBackend
+
+    messages = tuple(ChatMessage(m["role"], m["content"]) for m in STORY)
+    stop = ("The story of a lighthouse keeper is a tale of nothing",)
+    sampling = SamplingParams(24, temperature=0.0, seed=SEED, stop=stop)
+    request = GenerationRequest("r", (), sampling, messages=messages)
+    capabilities = Capabilities(continuation="llamacpp-tokens")
+    backend = OpenAIBackend("engine", ALIAS, Endpoint(engine.url, None, ALIAS), 1, capabilities)
+
+    async def answer(resume: Sequence[TokenChunk]) -> list[TokenChunk | Finish]:
+        return [c async for c in backend.generate(request, resume)]
+
+    async def run() -> tuple[list[Any], list[Any]]:
+        try:
+            whole = await answer(())
+            cut = [c for c in whole if isinstance(c, TokenChunk)][:5]
+            return whole, cut + await answer(cut)
+        finally:
+            await backend.close()
+
+    whole, resumed = asyncio.run(run())
+    assert all(chunk.text == "" for chunk in resumed[:5])  # held at the pause
+    assert texts(resumed).startswith("The story of a lighthouse keeper")
+    assert texts(resumed) == texts(whole)
+    counted = [c for c in resumed if isinstance(c, TokenChunk)]
+    assert len(counted) == len([c for c in whole if isinstance(c, TokenChunk)])

@@ -4,7 +4,8 @@ it reads the native stream. (The real server is in tests/integration/test_llama_
 from __future__ import annotations
 
 from flexserve.backends.base import SamplingParams, TokenChunk
-from flexserve.backends.upstream.backend import UPSTREAM_TOKEN, Capabilities, _tokens
+from flexserve.backends.upstream.backend import UPSTREAM_TOKEN, Capabilities
+from flexserve.backends.upstream.seam import Seam, tokens_of
 from flexserve.backends.upstream.stream import TextDelta, _Progress, _read_native
 from flexserve.backends.upstream.token_resume import build_token_call, server_root
 from flexserve.config.pools import PoolBackendSettings
@@ -61,8 +62,39 @@ def test_the_native_stream_gives_each_tokens_id_and_its_end_with_the_engines_cou
 
 
 def test_text_released_by_several_tokens_goes_with_the_last_one() -> None:
-    assert _tokens(TextDelta("ab", (1, 2))) == [TokenChunk(1, ""), TokenChunk(2, "ab")]
-    assert _tokens(TextDelta("ab")) == [TokenChunk(UPSTREAM_TOKEN, "ab")]
+    assert tokens_of(TextDelta("ab", (1, 2))) == [TokenChunk(1, ""), TokenChunk(2, "ab")]
+    assert tokens_of(TextDelta("ab")) == [TokenChunk(UPSTREAM_TOKEN, "ab")]
+
+
+def test_tokens_whose_text_was_held_at_the_pause_are_generated_again_not_counted_again() -> None:
+    # "é" is two tokens here: the first was streamed with no text (an incomplete UTF-8
+    # character) when the pause came; sending its id would lose its bytes for good.
+    produced = [TokenChunk(10, "caf"), TokenChunk(11, "")]
+    seam = Seam(produced, token_level=True, echoes=False)
+    assert seam.regenerate == 1 and list(seam.sent) == [TokenChunk(10, "caf")]
+    assert build_token_call(PROMPT, SamplingParams(max_tokens=8), seam.sent).body["prompt"] == [
+        PROMPT,
+        10,
+    ]
+    # the engine streams the held token again (no text yet), then the one releasing "é"
+    assert seam.chunks(TextDelta("", (11,))) == []  # already counted before the pause
+    assert seam.chunks(TextDelta("é", (12,))) == [TokenChunk(12, "é")]
+    assert seam.chunks(TextDelta("!", (13,))) == [TokenChunk(13, "!")]
+    assert seam.streamed == 3 and seam.held == ""
+
+
+def test_text_of_a_regenerated_token_goes_with_the_next_one_or_the_finish() -> None:
+    seam = Seam([TokenChunk(1, "a"), TokenChunk(2, "")], token_level=True, echoes=False)
+    assert seam.chunks(TextDelta("b", (5,))) == []  # regenerated: different, uncounted
+    assert seam.held == "b"
+    assert seam.chunks(TextDelta("c", (6,))) == [TokenChunk(6, "bc")]
+
+
+def test_a_text_level_resume_sends_everything_and_regenerates_nothing() -> None:
+    produced = [TokenChunk(UPSTREAM_TOKEN, "a"), TokenChunk(UPSTREAM_TOKEN, "")]
+    seam = Seam(produced, token_level=False, echoes=False)
+    assert seam.regenerate == 0 and list(seam.sent) == produced
+    assert seam.chunks(TextDelta("b")) == [TokenChunk(UPSTREAM_TOKEN, "b")]
 
 
 def test_llama_server_resumes_at_the_token_level_unless_told_otherwise() -> None:

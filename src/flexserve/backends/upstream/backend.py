@@ -40,7 +40,6 @@ from flexserve.backends.upstream.breaker import CircuitBreaker
 from flexserve.backends.upstream.continuation import (
     TOKEN_STYLES,
     ContinuationStyle,
-    EchoedPrefix,
     RenderPrompt,
     UpstreamCall,
     build_call,
@@ -48,14 +47,13 @@ from flexserve.backends.upstream.continuation import (
 from flexserve.backends.upstream.engine_load import EngineLoad, parse_engine_load
 from flexserve.backends.upstream.priority import PriorityStyle, priority_fields
 from flexserve.backends.upstream.prompt_count import CountPrompt
-from flexserve.backends.upstream.stream import StreamEnd, TextDelta, stream_call
+from flexserve.backends.upstream.seam import Seam
+from flexserve.backends.upstream.stream import UPSTREAM_TOKEN, StreamEnd, TextDelta, stream_call
 from flexserve.backends.upstream.token_resume import apply_template, build_token_call
 from flexserve.scheduling.tiers import TIERS, Tier
 
 log = logging.getLogger("flexserve.upstream")
 
-UPSTREAM_TOKEN = -1
-"""Token id of a token generated upstream (its id is the engine's, not known here)."""
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4
 """Role markers and separators a chat template adds per message, roughly."""
@@ -153,6 +151,7 @@ class OpenAIBackend:
     ) -> AsyncIterator[Chunk]:
         # Built before the breaker hands out a probe: a call that cannot be built (no
         # continuation, a template that refuses) must not leave the probe taken.
+        seam = Seam(resume, token_level=self._token_level, echoes=self._echoes)
         text_call = None if self._token_level else self._text_call(request, resume)
         now = self._clock()
         if not self.breaker.allows(now):
@@ -162,11 +161,9 @@ class OpenAIBackend:
             )
         self.in_flight += 1
         self._stats.active_sequences = self.in_flight
-        emitted = 0
         answered = False
         try:
-            call = text_call or await self._token_call(request, resume)
-            echo = self._echo(resume)
+            call = text_call or await self._token_call(request, seam.sent)
             close = self.capabilities.ends_streamed_connections
             items = stream_call(self._client(), *self._where(), call, close=close)
             # aclosing: closing this generator (a pause) closes the upstream stream before
@@ -177,15 +174,11 @@ class OpenAIBackend:
                         answered = True
                         self.breaker.succeeded()
                     if isinstance(item, TextDelta):
-                        if echo is not None:
-                            item = TextDelta(echo.after_echo(item.text), item.token_ids)
-                        for chunk in _tokens(item):
-                            emitted += 1
+                        for chunk in seam.chunks(item):
                             yield chunk
                     else:
-                        end = await self._counted(item, request, len(resume))
-                        held = echo.held if echo is not None else ""
-                        for ending in self._end(end, emitted, len(resume), held):
+                        end = await self._counted(item, request, len(seam.sent))
+                        for ending in self._end(end, seam):
                             yield ending
         except BackendError:
             self.breaker.failed(self._clock())
@@ -233,14 +226,15 @@ class OpenAIBackend:
         counted = await self._count_prompt(self._client(), request.messages, request.prompt_text)
         return end if counted is None else replace(end, prompt_tokens=counted + resumed)
 
-    def _echo(self, resume: Sequence[TokenChunk]) -> EchoedPrefix | None:
-        if self.capabilities.continuation != "llamacpp" or not resume:
-            return None
-        return EchoedPrefix("".join(chunk.text for chunk in resume))
+    @property
+    def _echoes(self) -> bool:
+        """llama-server's chat API repeats a continued assistant message (seam.py)."""
+        return self.capabilities.continuation == "llamacpp"
 
-    def _end(self, end: StreamEnd, emitted: int, resumed: int, held: str = "") -> list[Chunk]:
-        """The finish, after empty tokens for any the engine counted but did not stream;
-        `held` is text kept back as a possible echo that the answer ended inside."""
+    def _end(self, end: StreamEnd, seam: Seam) -> list[Chunk]:
+        """The finish (with any text the seam still holds), after empty tokens for any
+        the engine counted but did not stream."""
+        emitted, resumed = seam.streamed, len(seam.sent)
         self.breaker.succeeded()
         self._stats.sampled_tokens += max(emitted, end.completion_tokens or 0)
         unseen = max(0, (end.completion_tokens or 0) - emitted)
@@ -248,7 +242,7 @@ class OpenAIBackend:
         if end.prompt_tokens is not None:  # a resume's prompt holds the partial answer too
             prompt = max(1, end.prompt_tokens - resumed)
         padding: list[Chunk] = [TokenChunk(UPSTREAM_TOKEN, "")] * unseen
-        return [*padding, Finish(end.finish_reason, text=held, prompt_tokens=prompt)]
+        return [*padding, Finish(end.finish_reason, text=seam.held, prompt_tokens=prompt)]
 
     def _extra_fields(self, tier: str) -> dict[str, Any]:
         fields: dict[str, Any] = {}
@@ -318,16 +312,6 @@ class OpenAIBackend:
 
     def stats(self) -> BackendStats:
         return self._stats
-
-
-def _tokens(delta: TextDelta) -> list[TokenChunk]:
-    """One chunk per token. Where the engine names the tokens (llama-server's native
-    stream, one token per chunk), each keeps its id, and text released by several goes
-    with the last one, as text held back is released by a later token."""
-    if not delta.token_ids:
-        return [TokenChunk(UPSTREAM_TOKEN, delta.text)]
-    *held, last = delta.token_ids
-    return [*(TokenChunk(i, "") for i in held), TokenChunk(last, delta.text)]
 
 
 def estimate_prompt_tokens(messages: Sequence[ChatMessage]) -> int:

@@ -44,6 +44,8 @@ class StreamEnd:
     """As the upstream reports them (None when it sends no usage)."""
 
 
+UPSTREAM_TOKEN = -1
+"""Token id of a token generated upstream whose id the engine does not send."""
 MAX_LINE = 16 << 20
 """An event line longer than this (16 MiB, no newline yet) is a broken stream, not data
 to keep buffering."""

@@ -1,0 +1,80 @@
+"""Where a resumed answer joins what the client already has: the first chunks of a
+resumed upstream call, made to follow on without a repeat or a gap.
+
+Two engines' ways need mending there:
+- llama-server's chat API repeats a continued assistant message at the start of its
+  answer (`EchoedPrefix` drops it).
+- At a pause the engine may hold text back: a token that ends inside a UTF-8 character,
+  or text that may be the start of a stop string, was streamed with no text. A
+  token-level resume that sent its id would never get that text (the engine releases
+  it with a later token of the *same* call; the new call does not know it) and would
+  not see a stop string that spans the pause. So those trailing tokens are not sent:
+  the engine generates them again, and as the client was already counted for them, the
+  first ones the new call streams are not counted again (their text goes on with the
+  next token, or with the finish).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flexserve.backends.base import TokenChunk
+from flexserve.backends.upstream.continuation import EchoedPrefix
+from flexserve.backends.upstream.stream import UPSTREAM_TOKEN, TextDelta
+
+
+class Seam:
+    def __init__(self, resume: Sequence[TokenChunk], *, token_level: bool, echoes: bool) -> None:
+        partial = "".join(chunk.text for chunk in resume)
+        self._echo = EchoedPrefix(partial) if echoes and resume else None
+        self.regenerate = held_tokens(resume) if token_level else 0
+        """Trailing tokens of `resume` whose text was held back: generated again."""
+        self.sent = resume[: len(resume) - self.regenerate]
+        """What the resumed call is given as produced (ids or text)."""
+        self._uncounted = self.regenerate
+        self._carry = ""
+        self.streamed = 0
+        """Tokens the engine streamed in this call, counted or not."""
+
+    def chunks(self, delta: TextDelta) -> list[TokenChunk]:
+        """The chunks of `delta` the client gets, each one token it is counted for."""
+        text = self._echo.after_echo(delta.text) if self._echo is not None else delta.text
+        out = []
+        for chunk in tokens_of(TextDelta(text, delta.token_ids)):
+            self.streamed += 1
+            if self._uncounted:  # generated again for a held token already counted
+                self._uncounted -= 1
+                self._carry += chunk.text
+                continue
+            if self._carry:
+                chunk = TokenChunk(chunk.token_id, self._carry + chunk.text)
+                self._carry = ""
+            out.append(chunk)
+        return out
+
+    @property
+    def held(self) -> str:
+        """Text not released yet when the answer ends: it goes with the finish."""
+        echo_held = self._echo.held if self._echo is not None else ""
+        return echo_held + self._carry
+
+
+def held_tokens(resume: Sequence[TokenChunk]) -> int:
+    """How many of the last tokens produced released no text (the engine's own ids
+    only: a text-level resume cannot send them apart from their text)."""
+    count = 0
+    for chunk in reversed(resume):
+        if chunk.text or chunk.token_id < 0:
+            break
+        count += 1
+    return count
+
+
+def tokens_of(delta: TextDelta) -> list[TokenChunk]:
+    """One chunk per token. Where the engine names the tokens (llama-server's native
+    stream, one token per chunk), each keeps its id, and text released by several goes
+    with the last one, as text held back is released by a later token."""
+    if not delta.token_ids:
+        return [TokenChunk(UPSTREAM_TOKEN, delta.text)]
+    *held, last = delta.token_ids
+    return [*(TokenChunk(i, "") for i in held), TokenChunk(last, delta.text)]
