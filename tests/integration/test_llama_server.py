@@ -1,6 +1,7 @@
 """flexserve in front of llama.cpp's own `llama-server` (a real engine nobody here wrote,
 built by `make install`), with SmolLM2-135M, called with the official `openai` client:
-token-level resume (`engine = "llamacpp"`, continuation `llamacpp-tokens`).
+token-level resume (`engine = "llamacpp"`, `continuation = "llamacpp-tokens"`), and
+text-level on its chat API (the `llamacpp` engine's preset).
 
 A recording proxy between flexserve and the engine shows what flexserve sent: a resume is
 the prompt followed by the very token ids the engine streamed before the pause.
@@ -42,7 +43,14 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
 
 
 def member(url: str, **overrides: Any) -> dict[str, Any]:
-    return {"kind": "openai", "base_url": url, "engine": "llamacpp", "slots": 1, **overrides}
+    return {
+        "kind": "openai",
+        "base_url": url,
+        "engine": "llamacpp",
+        "continuation": "llamacpp-tokens",
+        "slots": 1,
+        **overrides,
+    }
 
 
 def client(server: RunningServer) -> openai.OpenAI:
@@ -258,7 +266,7 @@ def test_a_text_level_resume_on_llama_servers_chat_api_does_not_repeat_the_parti
 
     cut, rest = asyncio.run(run())
     partial = texts(cut)
-    assert len(partial) > 10
+    assert len(partial) > 10 and texts(rest)
     assert not texts(rest).startswith(partial), texts(rest)
     assert len(cut) + len(rest) <= 20
 
@@ -300,3 +308,48 @@ def test_a_pause_while_the_engine_holds_text_back_loses_none_of_it(engine: Llama
     assert texts(resumed) == texts(whole)
     counted = [c for c in resumed if isinstance(c, TokenChunk)]
     assert len(counted) == len([c for c in whole if isinstance(c, TokenChunk)])
+
+
+def test_a_token_level_resume_inside_non_ascii_text_follows_on_exactly(
+    engine: LlamaServer,
+) -> None:
+    """Tokens that end inside a UTF-8 character get no chunk of their own from
+    llama-server (the chunk completing the character names only its last token). They
+    are counted all the same, and a resume sends that character as text: sending only
+    the named ids had the engine resume from a shorter answer than the client had, and
+    at temperature 0 it went off into other text."""
+    from flexserve.backends.base import (
+        ChatMessage,
+        Finish,
+        GenerationRequest,
+        SamplingParams,
+        TokenChunk,
+    )
+    from flexserve.backends.upstream.backend import Capabilities, Endpoint, OpenAIBackend
+
+    messages = (ChatMessage("user", "日本語で猫についての話を書いてください。"),)
+    request = GenerationRequest(
+        "r", (), SamplingParams(30, temperature=0.0, seed=SEED), messages=messages
+    )
+    capabilities = Capabilities(continuation="llamacpp-tokens")
+    backend = OpenAIBackend("engine", ALIAS, Endpoint(engine.url, None, ALIAS), 1, capabilities)
+
+    async def answer(resume: Sequence[TokenChunk]) -> list[TokenChunk | Finish]:
+        return [c async for c in backend.generate(request, resume)]
+
+    async def run() -> tuple[list[Any], list[list[Any]]]:
+        try:
+            whole = await answer(())
+            counted = [c for c in whole if isinstance(c, TokenChunk)]
+            return whole, [counted[:cut] + await answer(counted[:cut]) for cut in (4, 7, 11)]
+        finally:
+            await backend.close()
+
+    whole, resumed = asyncio.run(run())
+    counted = [c for c in whole if isinstance(c, TokenChunk)]
+    assert len(counted) == 30 and any(c.token_id < 0 for c in counted)  # some unnamed
+    assert any(ord(ch) > 0x3000 for ch in texts(whole))  # the answer is Japanese
+    for answer_after_pause in resumed:
+        assert "\ufffd" not in texts(answer_after_pause)
+        assert texts(answer_after_pause) == texts(whole)
+        assert len([c for c in answer_after_pause if isinstance(c, TokenChunk)]) == 30

@@ -14,9 +14,9 @@ PROMPT = "<|im_start|>user\ncount<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_a_fresh_start_sends_the_rendered_prompt_to_the_native_completion_route() -> None:
-    call = build_token_call(PROMPT, SamplingParams(max_tokens=20, temperature=0, seed=3))
+    call = build_token_call("smol", PROMPT, SamplingParams(max_tokens=20, temperature=0, seed=3))
     assert (call.path, call.at_root, call.wire) == ("/completion", True, "llamacpp")
-    assert call.body["prompt"] == PROMPT
+    assert call.body["prompt"] == PROMPT and call.body["model"] == "smol"
     assert call.body["return_tokens"] is True and call.body["stream"] is True
     assert call.body["n_predict"] == 20
     assert (call.body["temperature"], call.body["seed"]) == (0, 3)
@@ -24,27 +24,55 @@ def test_a_fresh_start_sends_the_rendered_prompt_to_the_native_completion_route(
 
 def test_a_resume_sends_the_prompt_then_the_ids_produced_never_their_text() -> None:
     produced = [TokenChunk(12, "One"), TokenChunk(7, ""), TokenChunk(99, " two")]
-    call = build_token_call(PROMPT, SamplingParams(max_tokens=20), produced)
+    call = build_token_call("smol", PROMPT, SamplingParams(max_tokens=20), produced)
     assert call.body["prompt"] == [PROMPT, 12, 7, 99]
     assert call.body["n_predict"] == 17
 
 
+def test_tokens_the_engine_did_not_name_go_back_as_text_with_the_one_completing_them() -> None:
+    # "猫" is three tokens: llama-server streamed one chunk for it, naming the last only
+    produced = [
+        TokenChunk(40, "a "),
+        TokenChunk(UPSTREAM_TOKEN, ""),
+        TokenChunk(UPSTREAM_TOKEN, ""),
+        TokenChunk(121, "猫"),
+        TokenChunk(41, " b"),
+    ]
+    call = build_token_call("smol", PROMPT, SamplingParams(max_tokens=9), produced)
+    assert call.body["prompt"] == [PROMPT, 40, "猫", 41]
+    assert call.body["n_predict"] == 4  # all five were generated, named or not
+
+
 def test_tokens_produced_by_a_text_level_member_of_the_pool_go_back_as_text() -> None:
     produced = [TokenChunk(UPSTREAM_TOKEN, "One"), TokenChunk(UPSTREAM_TOKEN, " two")]
-    call = build_token_call(PROMPT, SamplingParams(max_tokens=5), produced)
+    call = build_token_call("smol", PROMPT, SamplingParams(max_tokens=5), produced)
     assert call.body["prompt"] == PROMPT + "One two"
     assert call.body["n_predict"] == 3
 
 
 def test_every_sampler_is_set_to_what_the_client_asked_not_llama_servers_defaults() -> None:
-    call = build_token_call(PROMPT, SamplingParams(max_tokens=4))
+    call = build_token_call("smol", PROMPT, SamplingParams(max_tokens=4))
     # llama-server's own defaults are top_k 40, min_p 0.05, temperature 0.8: not OpenAI's
     assert call.body["top_k"] == 0 and call.body["min_p"] == 0.0
     assert (call.body["temperature"], call.body["top_p"]) == (1.0, 1.0)
     assert call.body["repeat_penalty"] == 1.0
     assert "seed" not in call.body  # none asked: the engine's own
-    vllm_off = build_token_call(PROMPT, SamplingParams(max_tokens=4, top_k=-1))
+    vllm_off = build_token_call("smol", PROMPT, SamplingParams(max_tokens=4, top_k=-1))
     assert vllm_off.body["top_k"] == 0
+
+
+def test_tokens_inside_a_utf8_character_that_got_no_chunk_are_counted() -> None:
+    progress = _Progress()
+    assert _read_native({"content": "こ", "tokens": [237], "tokens_predicted": 2}, progress) == [
+        TextDelta("こ", (237,), unnamed=1)
+    ]
+    assert _read_native({"content": "、", "tokens": [9], "tokens_predicted": 3}, progress) == [
+        TextDelta("、", (9,))
+    ]
+    counted = [TokenChunk(UPSTREAM_TOKEN, ""), TokenChunk(237, "こ")]
+    assert tokens_of(TextDelta("こ", (237,), unnamed=1)) == counted
+    seam = Seam([], token_level=True, echoes=False)
+    assert seam.chunks(TextDelta("こ", (237,), unnamed=1)) == counted
 
 
 def test_the_native_stream_gives_each_tokens_id_and_its_end_with_the_engines_counts() -> None:
@@ -72,7 +100,9 @@ def test_tokens_whose_text_was_held_at_the_pause_are_generated_again_not_counted
     produced = [TokenChunk(10, "caf"), TokenChunk(11, "")]
     seam = Seam(produced, token_level=True, echoes=False)
     assert seam.regenerate == 1 and list(seam.sent) == [TokenChunk(10, "caf")]
-    assert build_token_call(PROMPT, SamplingParams(max_tokens=8), seam.sent).body["prompt"] == [
+    assert build_token_call("smol", PROMPT, SamplingParams(max_tokens=8), seam.sent).body[
+        "prompt"
+    ] == [
         PROMPT,
         10,
     ]
@@ -97,10 +127,10 @@ def test_a_text_level_resume_sends_everything_and_regenerates_nothing() -> None:
     assert seam.chunks(TextDelta("b")) == [TokenChunk(UPSTREAM_TOKEN, "b")]
 
 
-def test_llama_server_resumes_at_the_token_level_unless_told_otherwise() -> None:
+def test_llama_server_resumes_on_its_chat_api_unless_token_level_is_chosen() -> None:
     entry = PoolBackendSettings(kind="openai", base_url="http://h:1/v1", engine="llamacpp")
-    assert entry.capabilities()[1] == "llamacpp-tokens"
+    assert entry.capabilities()[1] == "llamacpp"
+    tokens = entry.model_copy(update={"continuation": "llamacpp-tokens"})
+    assert tokens.capabilities()[1] == "llamacpp-tokens"
     assert "token-level" in Capabilities(continuation="llamacpp-tokens").guarantee()
-    chat = entry.model_copy(update={"continuation": "llamacpp"})
-    assert chat.capabilities()[1] == "llamacpp"
     assert server_root("http://h:1/v1/") == "http://h:1"

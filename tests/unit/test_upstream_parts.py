@@ -204,15 +204,14 @@ def test_a_chunk_python_parses_but_orjson_refuses_is_still_read() -> None:
         upstream_stream._json("{broken")
 
 
-def test_an_echoed_partial_answer_is_dropped_however_the_deltas_cut_it() -> None:
+def test_an_echoed_partial_answer_is_dropped_from_the_first_delta_only() -> None:
     from flexserve.backends.upstream.continuation import EchoedPrefix
 
     merged = EchoedPrefix("Once upon")
-    assert [merged.after_echo(t) for t in ("Once upon a", " time")] == [" a", " time"]
-    split = EchoedPrefix("Once upon")
-    pieces = ("Once", " up", "on a", " time")
-    assert [split.after_echo(t) for t in pieces] == ["", "", " a", " time"]
-    none = EchoedPrefix("Once upon")
-    assert [none.after_echo(t) for t in ("On", "ly", "!")] == ["", "Only", "!"]
-    ended = EchoedPrefix("Once upon")
-    assert ended.after_echo("Once") == "" and ended.held == "Once"  # released with the finish
+    assert [merged.after_echo(t) for t in ("", "Once upon a", "Once upon")] == [
+        "",
+        " a",
+        "Once upon",  # later text is never taken for the echo
+    ]
+    none = EchoedPrefix("Once upon")  # an engine that does not echo
+    assert [none.after_echo(t) for t in ("Once", " upon")] == ["Once", " upon"]

@@ -38,9 +38,9 @@ ENGINE_PRESETS: dict[EngineName, EnginePreset] = {
     "vllm": EnginePreset("vllm", "vllm", False, "/metrics"),
     # SGLang --enable-priority-scheduling: higher first; same continuation fields.
     "sglang": EnginePreset("sglang", "vllm", False, None),
-    # llama.cpp's llama-server: FIFO; resumes at the token level on its native API
-    # (`continuation = "llamacpp"`: a trailing assistant message on its chat API).
-    "llamacpp": EnginePreset("none", "llamacpp-tokens", False, None),
+    # llama.cpp's llama-server: FIFO; continues a trailing assistant message on its chat
+    # API (`continuation = "llamacpp-tokens"`: token-level, on its native API).
+    "llamacpp": EnginePreset("none", "llamacpp", False, None),
     # llama-cpp-python's server closes a trailing assistant message: raw completions.
     "llama-cpp-python": EnginePreset("none", "completions", False, None),
     # OpenAI itself and another flexserve have tiers: service_tier passes through.

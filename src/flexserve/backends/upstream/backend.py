@@ -215,8 +215,10 @@ class OpenAIBackend:
         (asked for each call, so a resume on another server of the pool renders there)."""
         prompt = request.prompt_text
         if prompt is None:
-            prompt = await apply_template(self._client(), *self._where(), request.messages)
-        return build_token_call(prompt, request.sampling, resume)
+            prompt = await apply_template(
+                self._client(), *self._where(), self.endpoint.upstream_model, request.messages
+            )
+        return build_token_call(self.endpoint.upstream_model, prompt, request.sampling, resume)
 
     async def _counted(self, end: StreamEnd, request: GenerationRequest, resumed: int) -> StreamEnd:
         """`end` with the engine's prompt count, asked for if the stream carried none

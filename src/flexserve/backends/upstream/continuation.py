@@ -89,26 +89,18 @@ def build_call(
 class EchoedPrefix:
     """llama-server's chat API continues a trailing assistant message, and answers with
     that message again at the start of its first delta (seen with the llama.cpp that
-    llama-cpp-python 0.3.36 vendors): the client already has it, so it is dropped. Text
-    that may still be the start of the echo is held until it is known not to be."""
+    llama-cpp-python 0.3.36 vendors): the client already has it, so it is dropped. Only
+    the first delta with text is looked at: an engine that does not echo passes."""
 
     def __init__(self, partial: str) -> None:
         self._pending = partial
-        self.held = ""
 
     def after_echo(self, text: str) -> str:
-        """`text` as the client should get it ("" while it may still be the echo)."""
-        if not self._pending:
+        """`text` as the client should get it."""
+        if not self._pending or not text:
             return text
-        seen, self.held = self.held + text, ""
-        if seen.startswith(self._pending):  # the echo, and what follows it
-            rest, self._pending = seen[len(self._pending) :], ""
-            return rest
-        if self._pending.startswith(seen):  # so far, all of it could be the echo
-            self.held = seen
-            return ""
-        self._pending = ""  # not an echo: this engine continues without one
-        return seen
+        partial, self._pending = self._pending, ""
+        return text.removeprefix(partial)
 
 
 def sampling_fields(sampling: SamplingParams, produced: int) -> dict[str, Any]:

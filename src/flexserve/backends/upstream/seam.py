@@ -4,8 +4,9 @@ resumed upstream call, made to follow on without a repeat or a gap.
 Two engines' ways need mending there:
 - llama-server's chat API repeats a continued assistant message at the start of its
   answer (`EchoedPrefix` drops it).
-- At a pause the engine may hold text back: a token that ends inside a UTF-8 character,
-  or text that may be the start of a stop string, was streamed with no text. A
+- At a pause the engine may hold text back: text that may be the start of a stop string
+  was streamed with no text (and a token that ends inside a UTF-8 character, with no
+  chunk at all: `stream._read_native` counts it). A
   token-level resume that sent its id would never get that text (the engine releases
   it with a later token of the *same* call; the new call does not know it) and would
   not see a stop string that spans the pause. So those trailing tokens are not sent:
@@ -40,7 +41,7 @@ class Seam:
         """The chunks of `delta` the client gets, each one token it is counted for."""
         text = self._echo.after_echo(delta.text) if self._echo is not None else delta.text
         out = []
-        for chunk in tokens_of(TextDelta(text, delta.token_ids)):
+        for chunk in tokens_of(TextDelta(text, delta.token_ids, delta.unnamed)):
             self.streamed += 1
             if self._uncounted:  # generated again for a held token already counted
                 self._uncounted -= 1
@@ -55,16 +56,14 @@ class Seam:
     @property
     def held(self) -> str:
         """Text not released yet when the answer ends: it goes with the finish."""
-        echo_held = self._echo.held if self._echo is not None else ""
-        return echo_held + self._carry
+        return self._carry
 
 
 def held_tokens(resume: Sequence[TokenChunk]) -> int:
-    """How many of the last tokens produced released no text (the engine's own ids
-    only: a text-level resume cannot send them apart from their text)."""
+    """How many of the last tokens produced released no text."""
     count = 0
     for chunk in reversed(resume):
-        if chunk.text or chunk.token_id < 0:
+        if chunk.text:
             break
         count += 1
     return count
@@ -72,9 +71,10 @@ def held_tokens(resume: Sequence[TokenChunk]) -> int:
 
 def tokens_of(delta: TextDelta) -> list[TokenChunk]:
     """One chunk per token. Where the engine names the tokens (llama-server's native
-    stream, one token per chunk), each keeps its id, and text released by several goes
-    with the last one, as text held back is released by a later token."""
+    stream), each keeps its id; tokens it did not name come first, without one; text
+    released by several tokens goes with the last, as held text is released later."""
     if not delta.token_ids:
         return [TokenChunk(UPSTREAM_TOKEN, delta.text)]
     *held, last = delta.token_ids
-    return [*(TokenChunk(i, "") for i in held), TokenChunk(last, delta.text)]
+    unnamed = [TokenChunk(UPSTREAM_TOKEN, "")] * delta.unnamed
+    return [*unnamed, *(TokenChunk(i, "") for i in held), TokenChunk(last, delta.text)]

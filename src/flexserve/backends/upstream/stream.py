@@ -34,6 +34,9 @@ class TextDelta:
     text: str
     token_ids: tuple[int, ...] = ()
     """The engine's ids of the tokens this text came from, where it sends them."""
+    unnamed: int = 0
+    """Tokens generated before `token_ids` whose ids the engine did not send (they end
+    inside the UTF-8 character this text completes): counted, resumed as text."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,8 @@ class _Progress:
 
     finish: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
+    predicted = 0
+    """llama-server's count of the tokens generated so far (`tokens_predicted`)."""
 
 
 def _read_openai(chunk: dict[str, Any], progress: _Progress) -> list[TextDelta]:
@@ -126,8 +131,14 @@ def _read_openai(chunk: dict[str, Any], progress: _Progress) -> list[TextDelta]:
 
 
 def _read_native(chunk: dict[str, Any], progress: _Progress) -> list[TextDelta]:
-    """llama-server's `/completion` chunk: one token's id and the text it releases (empty
-    while text is held back); the last chunk says why it stopped, with the counts."""
+    """llama-server's `/completion` chunk: the id of the token it holds and the text it
+    releases (empty while text is held back for a possible stop string); the last chunk
+    says why it stopped, with the counts.
+
+    A token that ends inside a UTF-8 character gets no chunk at all: the chunk of the
+    token that completes the character names only that one. Its `tokens_predicted`
+    shows how many were generated since the last chunk, so the others are not lost
+    from the count (`TextDelta.unnamed`)."""
     ids = tuple(int(i) for i in chunk.get("tokens") or ())
     text = str(chunk.get("content") or "")
     if chunk.get("stop"):
@@ -136,7 +147,13 @@ def _read_native(chunk: dict[str, Any], progress: _Progress) -> list[TextDelta]:
             "prompt_tokens": chunk.get("tokens_evaluated"),
             "completion_tokens": chunk.get("tokens_predicted"),
         }
-    return [TextDelta(text, ids)] if text or ids else []
+        return [TextDelta(text, ids)] if text or ids else []
+    predicted = chunk.get("tokens_predicted")
+    unnamed = 0
+    if isinstance(predicted, int):
+        unnamed = max(0, predicted - progress.predicted - len(ids)) if ids else 0
+        progress.predicted = predicted
+    return [TextDelta(text, ids, unnamed)] if text or ids else []
 
 
 async def _sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[list[str]]:

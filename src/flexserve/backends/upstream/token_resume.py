@@ -15,8 +15,12 @@ as its chat endpoint renders it); a raw prompt (the completions API) is sent as 
 
 llama-server's native fields differ from OpenAI's: `n_predict` for `max_tokens`,
 `repeat_penalty`, and sampler defaults that are not OpenAI's (top_k 40, min_p 0.05), so
-every sampler is set explicitly to what the client asked for (`min_p` off; `top_k` 0 =
-off). It has no `min_tokens`.
+the client's samplers are sent and the others turned off (`NEUTRAL`). It has no
+`min_tokens` (not honoured here).
+
+What this style gives up against the chat API (so it is chosen, not a preset): the raw
+text is the answer, so a reasoning model's thinking is not split out of it, and stop
+strings a chat template adds (`additional_stops`) do not apply.
 """
 
 from __future__ import annotations
@@ -41,52 +45,72 @@ def server_root(base_url: str) -> str:
 
 
 async def apply_template(
-    http: aiohttp.ClientSession, base_url: str, api_key: str | None, messages: Sequence[ChatMessage]
+    http: aiohttp.ClientSession,
+    base_url: str,
+    api_key: str | None,
+    model: str,
+    messages: Sequence[ChatMessage],
 ) -> str:
     """The chat as the engine's own template renders it, with the generation prompt."""
-    body = {"messages": [{"role": m.role, "content": m.content} for m in messages]}
+    body = {"model": model, "messages": [{"role": m.role, "content": m.content} for m in messages]}
     url = server_root(base_url) + APPLY_TEMPLATE
     try:
         post = http.post(url, json=body, headers=upstream_headers(api_key), allow_redirects=False)
         async with post as response:
             await raise_for_status(response)
-            rendered = (await response.json(content_type=None)).get("prompt")
+            answer = await response.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError, ValueError) as error:
         raise BackendError(f"upstream chat template failed: {type(error).__name__}") from None
+    rendered = answer.get("prompt") if isinstance(answer, dict) else None
     if not isinstance(rendered, str):
         raise BackendError("upstream /apply-template answered no prompt")
     return rendered
 
 
 def build_token_call(
-    prompt: str, sampling: SamplingParams, resume: Sequence[TokenChunk] = ()
+    model: str, prompt: str, sampling: SamplingParams, resume: Sequence[TokenChunk] = ()
 ) -> UpstreamCall:
-    """The native `/completion` call that generates (the rest of) an answer.
-
-    A resume sends the ids produced so far after the prompt. Chunks without an engine id
-    (produced by a text-level member of the same pool before a failover) can only go
-    back as text: then the partial answer follows the prompt as text."""
-    ids = [chunk.token_id for chunk in resume]
-    if not ids:
-        sent: str | list[str | int] = prompt
-    elif min(ids) >= 0:
-        sent = [prompt, *ids]
-    else:
-        sent = prompt + "".join(chunk.text for chunk in resume)
-    body: dict[str, Any] = {"prompt": sent, "stream": True, "return_tokens": True}
-    body["cache_prompt"] = True
-    body.update(native_sampling(sampling, len(ids)))
+    """The native `/completion` call that generates (the rest of) an answer: the prompt,
+    then what was produced (`resumed_prompt`)."""
+    body: dict[str, Any] = {"model": model, "prompt": resumed_prompt(prompt, resume)}
+    body |= {"stream": True, "return_tokens": True, "cache_prompt": True}
+    body.update(native_sampling(sampling, len(resume)))
     return UpstreamCall(COMPLETION, body, at_root=True, wire="llamacpp")
 
 
+def resumed_prompt(prompt: str, resume: Sequence[TokenChunk]) -> str | list[str | int]:
+    """The prompt followed by the tokens produced: by id where the engine named them;
+    as text where it did not (the tokens inside a UTF-8 character, which go with the
+    token that completes it; or tokens from a text-level member of the same pool)."""
+    parts: list[str | int] = [prompt]
+    text, unnamed = "", False
+    for chunk in resume:
+        if chunk.token_id < 0:
+            text, unnamed = text + chunk.text, True
+        elif unnamed:  # completes what had no ids: all of it goes as its text
+            parts.append(text + chunk.text)
+            text, unnamed = "", False
+        else:
+            parts.append(chunk.token_id)
+    if text:
+        parts.append(text)
+    merged: list[str | int] = []
+    for part in parts:  # a list of strings alone would be several prompts
+        if isinstance(part, str) and merged and isinstance(merged[-1], str):
+            merged[-1] += part
+        else:
+            merged.append(part)
+    return str(merged[0]) if len(merged) == 1 else merged  # [0]: the prompt, and text
+
+
 def native_sampling(sampling: SamplingParams, produced: int) -> dict[str, Any]:
-    """The client's sampling in llama-server's own fields, every sampler set explicitly."""
+    """The client's sampling in llama-server's own fields, with `NEUTRAL` beside them."""
     fields: dict[str, Any] = {
+        **NEUTRAL,
         "n_predict": max(1, sampling.max_tokens - produced),
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
         "top_k": max(0, sampling.top_k),  # 0 = off, as vLLM's -1 is
-        "min_p": 0.0,  # not an OpenAI sampler: off
         "repeat_penalty": sampling.repetition_penalty,
         "frequency_penalty": sampling.frequency_penalty,
         "presence_penalty": sampling.presence_penalty,
@@ -96,3 +120,19 @@ def native_sampling(sampling: SamplingParams, produced: int) -> dict[str, Any]:
     if sampling.seed is not None:
         fields["seed"] = sampling.seed
     return fields
+
+
+NEUTRAL: dict[str, Any] = {
+    "min_p": 0.0,
+    "typical_p": 1.0,
+    "top_n_sigma": -1.0,
+    "xtc_probability": 0.0,
+    "dry_multiplier": 0.0,
+    "mirostat": 0,
+}
+"""Samplers OpenAI does not have, off: llama-server's own defaults (min_p 0.05), or
+what its command line set (`--mirostat`, `--dry-multiplier`, ...), would otherwise
+apply to every request. Its penalties count the last `repeat_last_n` tokens (the
+server's setting, 64 by default; prompt included), where OpenAI's count the output
+only: left as the operator set it (a window as long as the context would be a buffer
+that long per request)."""
