@@ -5,6 +5,10 @@ It records every body it receives and answers with a scripted stream: the words 
 engine continues), usage in the last chunk. `refuse` makes it answer an HTTP error
 instead (e.g. OpenAI's 429 `resource_unavailable` with Retry-After); `die_after` makes it
 cut the connection after that many chunks.
+
+As vLLM, it also tokenizes (`/tokenize`: any chat is `PROMPT_IDS`) and takes a raw
+completion's prompt as token ids; with `return_token_ids` each chunk names its token
+(word k of the answer is id `WORD_ID + k`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+PROMPT_IDS = (101, 102, 103, 104, 105)
+WORD_ID = 2000
 
 
 @dataclass
@@ -53,6 +60,7 @@ class FakeUpstream:
             routes=[
                 Route("/v1/chat/completions", self._generate, methods=["POST"]),
                 Route("/v1/completions", self._generate, methods=["POST"]),
+                Route("/tokenize", self._tokenize, methods=["POST"]),
                 Route("/metrics", self._metrics, methods=["GET"]),
                 Route("/v1/models", self._models, methods=["GET"]),
             ]
@@ -61,6 +69,11 @@ class FakeUpstream:
     async def _models(self, request: Request) -> Response:
         data = [{"id": name, "object": "model", "owned_by": "fake"} for name in self.models]
         return JSONResponse({"object": "list", "data": data})
+
+    async def _tokenize(self, request: Request) -> Response:
+        body = await request.json()
+        self.received.append((request.url.path, body))
+        return JSONResponse({"tokens": list(PROMPT_IDS), "count": len(PROMPT_IDS)})
 
     async def _metrics(self, request: Request) -> Response:
         return Response(self.metrics_text, media_type="text/plain")
@@ -103,6 +116,8 @@ class FakeUpstream:
                 if path.endswith("chat/completions")
                 else {"index": 0, "text": text, "finish_reason": None}
             )
+            if body.get("return_token_ids"):
+                choice["token_ids"] = [WORD_ID + already + index]
             yield _sse({"choices": [choice]})
         finish = "length" if already + len(rest) < len(words) else "stop"
         last = {"index": 0, "delta": {}, "finish_reason": finish}
@@ -119,6 +134,8 @@ def _partial_words(path: str, body: dict[str, Any]) -> int:
     if path.endswith("chat/completions"):
         last = (body.get("messages") or [{}])[-1]
         partial = last.get("content", "") if last.get("role") == "assistant" else ""
+    elif isinstance(body.get("prompt"), list):  # token ids: the prompt's, then the answer's
+        return len(body["prompt"]) - len(PROMPT_IDS)
     else:
         partial = str(body.get("prompt", "")).rpartition("<|assistant|>")[2]
     return len(partial.split())

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from tests.conftest import OTHER_KEY, RunningServer
-from tests.fakes.upstream import FakeUpstream, serve_fake
+from tests.fakes.upstream import PROMPT_IDS, WORD_ID, FakeUpstream, serve_fake
 
 Serve = Callable[..., RunningServer]
 ANSWER = "one two three four five six seven eight nine ten eleven twelve"
@@ -309,3 +309,39 @@ def test_text_beyond_ascii_reaches_the_client_unchanged_as_json_and_as_a_stream(
         whole = chat(c, "m", "default").choices[0].message.content
         streamed = "".join(_text(chunk) for chunk in chat(c, "m", "default", stream=True))
     assert whole == streamed == words
+
+
+def test_a_paused_job_on_vllm_tokens_resumes_from_the_prompt_ids_and_the_ids_produced(
+    serve: Serve, clients: Callable[[RunningServer], openai.OpenAI]
+) -> None:
+    """vLLM's token-level style, against the fake's imitation of vLLM's API (no real
+    vLLM runs here): the chat is tokenized by the engine, every call is a raw completion
+    of token ids, and a resume sends the prompt's ids followed by the ids produced."""
+    fake = FakeUpstream(answer=ANSWER, delay=0.05)
+    with serve_fake(fake) as url:
+        entry = upstream(url, engine="vllm", continuation="vllm-tokens", slots=1)
+        server = serve(models={"m": {"backends": [entry]}})
+        c = clients(server)
+        stream = chat(c, "m", "flex", stream=True, max_tokens=12)
+        chunks = iter(stream)
+        received = [_text(next(chunks)) for _ in range(4)]  # role chunk + 3 words
+        urgent: list[Any] = []
+        thread = threading.Thread(target=lambda: urgent.append(chat(c, "m", "default")))
+        thread.start()
+        thread.join(timeout=30)
+        received += [_text(chunk) for chunk in chunks]
+    assert urgent and urgent[0].choices[0].message.content == ANSWER
+    assert "".join(received) == ANSWER  # one stream: no word twice, none missing
+    tokenized = [body for path, body in fake.received if path == "/tokenize"]
+    assert tokenized and tokenized[0]["messages"][-1]["role"] == "user"
+    assert tokenized[0]["add_generation_prompt"] is True
+    flex = [b for p, b in fake.received if p == "/v1/completions" and b["priority"] == 2]
+    first, resumed = flex
+    assert first["prompt"] == list(PROMPT_IDS) and first["return_token_ids"] is True
+    produced = resumed["prompt"][len(PROMPT_IDS) :]
+    assert resumed["prompt"][: len(PROMPT_IDS)] == list(PROMPT_IDS)
+    assert produced == [WORD_ID + k for k in range(len(produced))] and produced
+    assert resumed["max_tokens"] == 12 - len(produced)
+    rows = [r for r in server.state.store.ledger("tenant-a") if r.tier == "flex"]
+    assert len(rows) == 1 and rows[0].preemptions == 1
+    assert rows[0].output_tokens == len(ANSWER.split())  # each token billed once

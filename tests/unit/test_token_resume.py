@@ -134,3 +134,28 @@ def test_llama_server_resumes_on_its_chat_api_unless_token_level_is_chosen() -> 
     assert tokens.capabilities()[1] == "llamacpp-tokens"
     assert "token-level" in Capabilities(continuation="llamacpp-tokens").guarantee()
     assert server_root("http://h:1/v1/") == "http://h:1"
+
+
+def test_vllm_names_each_chunks_tokens_even_while_it_holds_their_text() -> None:
+    from flexserve.backends.upstream.stream import _read_openai
+
+    progress = _Progress()
+    held = {"choices": [{"index": 0, "text": "", "token_ids": [7]}]}
+    assert _read_openai(held, progress) == [TextDelta("", (7,))]
+    plain = {"choices": [{"index": 0, "text": "hi"}]}
+    assert _read_openai(plain, progress) == [TextDelta("hi")]
+
+
+def test_vllm_token_calls_send_ids_and_fall_back_to_text_for_tokens_without_one() -> None:
+    from flexserve.backends.upstream.backend import Endpoint, OpenAIBackend
+    from flexserve.backends.upstream.vllm_tokens import build_vllm_token_call
+
+    produced = [TokenChunk(12, "One"), TokenChunk(7, " two")]
+    call = build_vllm_token_call("m", [1, 2], SamplingParams(max_tokens=9), produced, {})
+    assert call.path == "/completions" and call.body["prompt"] == [1, 2, 12, 7]
+    assert call.body["return_token_ids"] is True and call.body["max_tokens"] == 7
+    backend = OpenAIBackend(
+        "b", "m", Endpoint("http://h:1/v1", None, "m"), 1, Capabilities(continuation="vllm-tokens")
+    )
+    assert backend._style_for(produced) == "vllm-tokens"
+    assert backend._style_for([TokenChunk(UPSTREAM_TOKEN, "One")]) == "vllm"

@@ -21,7 +21,9 @@ EngineName = Literal[
     "vllm", "sglang", "llamacpp", "llama-cpp-python", "openai", "flexserve", "custom"
 ]
 PriorityStyleName = Literal["vllm", "sglang", "none"]
-ContinuationStyleName = Literal["vllm", "llamacpp", "completions", "llamacpp-tokens", "none"]
+ContinuationStyleName = Literal[
+    "vllm", "llamacpp", "completions", "vllm-tokens", "llamacpp-tokens", "none"
+]
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ class PoolBackendSettings(BaseModel):
     `sglang` higher first, `none`)."""
     continuation: ContinuationStyleName | None = None
     """openai: how a paused answer resumes (`vllm`, `llamacpp`, `completions`,
-    `llamacpp-tokens`, `none` = never paused mid-answer)."""
+    `vllm-tokens`, `llamacpp-tokens`, `none` = never paused mid-answer)."""
     service_tier_passthrough: bool | None = None
     """openai: send `service_tier` upstream (OpenAI itself, another flexserve)."""
     metrics_url: str | None = Field(default=None, min_length=1)

@@ -50,6 +50,7 @@ from flexserve.backends.upstream.prompt_count import CountPrompt
 from flexserve.backends.upstream.seam import Seam
 from flexserve.backends.upstream.stream import UPSTREAM_TOKEN, StreamEnd, TextDelta, stream_call
 from flexserve.backends.upstream.token_resume import apply_template, build_token_call
+from flexserve.backends.upstream.vllm_tokens import all_named, build_vllm_token_call, tokenize
 from flexserve.scheduling.tiers import TIERS, Tier
 
 log = logging.getLogger("flexserve.upstream")
@@ -151,8 +152,10 @@ class OpenAIBackend:
     ) -> AsyncIterator[Chunk]:
         # Built before the breaker hands out a probe: a call that cannot be built (no
         # continuation, a template that refuses) must not leave the probe taken.
-        seam = Seam(resume, token_level=self._token_level, echoes=self._echoes)
-        text_call = None if self._token_level else self._text_call(request, resume)
+        style = self._style_for(resume)
+        token_level = style in TOKEN_STYLES
+        seam = Seam(resume, token_level=token_level, echoes=style == "llamacpp")
+        text_call = None if token_level else self._text_call(style, request, resume)
         now = self._clock()
         if not self.breaker.allows(now):
             raise NoBackendAvailable(
@@ -163,7 +166,7 @@ class OpenAIBackend:
         self._stats.active_sequences = self.in_flight
         answered = False
         try:
-            call = text_call or await self._token_call(request, seam.sent)
+            call = text_call or await self._token_call(style, request, seam.sent)
             close = self.capabilities.ends_streamed_connections
             items = stream_call(self._client(), *self._where(), call, close=close)
             # aclosing: closing this generator (a pause) closes the upstream stream before
@@ -191,13 +194,19 @@ class OpenAIBackend:
             self.in_flight -= 1
             self._stats.active_sequences = self.in_flight
 
-    @property
-    def _token_level(self) -> bool:
-        return self.capabilities.continuation in TOKEN_STYLES
+    def _style_for(self, resume: Sequence[TokenChunk]) -> ContinuationStyle:
+        """This call's style: vLLM's token-level one cannot send tokens that have no
+        engine id (from a text-level member of the pool): such a resume is text-level."""
+        style = self.capabilities.continuation
+        if style == "vllm-tokens" and not all_named(resume):
+            return "vllm"
+        return style
 
-    def _text_call(self, request: GenerationRequest, resume: Sequence[TokenChunk]) -> UpstreamCall:
+    def _text_call(
+        self, style: ContinuationStyle, request: GenerationRequest, resume: Sequence[TokenChunk]
+    ) -> UpstreamCall:
         return build_call(
-            self.capabilities.continuation,
+            style,
             model=self.endpoint.upstream_model,
             messages=request.messages,
             sampling=request.sampling,
@@ -209,16 +218,20 @@ class OpenAIBackend:
         )
 
     async def _token_call(
-        self, request: GenerationRequest, resume: Sequence[TokenChunk]
+        self, style: ContinuationStyle, request: GenerationRequest, resume: Sequence[TokenChunk]
     ) -> UpstreamCall:
-        """llama-server's native call: the prompt as its own template renders the chat
-        (asked for each call, so a resume on another server of the pool renders there)."""
+        """The prompt as the engine itself renders and tokenizes the chat (asked for on
+        each call, so that a resume on another server of the pool asks there), then the
+        tokens produced."""
+        model, http = self.endpoint.upstream_model, self._client()
+        if style == "vllm-tokens":
+            ids = await tokenize(http, *self._where(), model, request.messages, request.prompt_text)
+            extra = self._extra_fields(request.tier)
+            return build_vllm_token_call(model, ids, request.sampling, resume, extra)
         prompt = request.prompt_text
         if prompt is None:
-            prompt = await apply_template(
-                self._client(), *self._where(), self.endpoint.upstream_model, request.messages
-            )
-        return build_token_call(self.endpoint.upstream_model, prompt, request.sampling, resume)
+            prompt = await apply_template(http, *self._where(), model, request.messages)
+        return build_token_call(model, prompt, request.sampling, resume)
 
     async def _counted(self, end: StreamEnd, request: GenerationRequest, resumed: int) -> StreamEnd:
         """`end` with the engine's prompt count, asked for if the stream carried none
@@ -227,11 +240,6 @@ class OpenAIBackend:
             return end
         counted = await self._count_prompt(self._client(), request.messages, request.prompt_text)
         return end if counted is None else replace(end, prompt_tokens=counted + resumed)
-
-    @property
-    def _echoes(self) -> bool:
-        """llama-server's chat API repeats a continued assistant message (seam.py)."""
-        return self.capabilities.continuation == "llamacpp"
 
     def _end(self, end: StreamEnd, seam: Seam) -> list[Chunk]:
         """The finish (with any text the seam still holds), after empty tokens for any

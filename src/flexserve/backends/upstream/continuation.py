@@ -10,8 +10,8 @@ sends the partial answer so that the engine continues it instead of starting aga
 - `completions`: flexserve renders the chat template itself and sends rendered prompt +
   partial answer to raw `/completions` (llama-cpp-python's server closes a trailing
   assistant message and starts a new turn, but its raw completions continue).
-- `llamacpp-tokens`: token-level, on llama.cpp's native API: the prompt followed by the
-  ids of the tokens produced, never re-tokenized text (`token_resume.py`).
+- `vllm-tokens`, `llamacpp-tokens`: token-level: the prompt followed by the ids of the
+  tokens produced, never re-tokenized text (`token_resume.py`).
 - `none`: the engine cannot continue; such a backend is never preempted mid-answer.
 
 In every style `max_tokens` (and vLLM's `min_tokens`) shrink by what was produced, so the
@@ -26,8 +26,10 @@ from typing import Any, Literal
 
 from flexserve.backends.base import ChatMessage, SamplingParams
 
-ContinuationStyle = Literal["vllm", "llamacpp", "completions", "llamacpp-tokens", "none"]
-TOKEN_STYLES: frozenset[ContinuationStyle] = frozenset({"llamacpp-tokens"})
+ContinuationStyle = Literal[
+    "vllm", "llamacpp", "completions", "vllm-tokens", "llamacpp-tokens", "none"
+]
+TOKEN_STYLES: frozenset[ContinuationStyle] = frozenset({"vllm-tokens", "llamacpp-tokens"})
 """Styles that resume from the engine's own token ids (see `token_resume.py`)."""
 RenderPrompt = Callable[[Sequence[ChatMessage]], str]
 """Chat template rendering with the generation prompt added (for `completions`)."""

@@ -124,7 +124,10 @@ def _read_openai(chunk: dict[str, Any], progress: _Progress) -> list[TextDelta]:
     deltas = []
     for choice in chunk.get("choices") or ():
         text = _choice_text(choice)
-        if text:
+        ids = choice.get("token_ids")  # vLLM's, with `return_token_ids`
+        if ids:
+            deltas.append(TextDelta(text, tuple(int(i) for i in ids)))
+        elif text:
             deltas.append(TextDelta(text))
         progress.finish = choice.get("finish_reason") or progress.finish
     return deltas

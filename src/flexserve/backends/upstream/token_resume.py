@@ -52,19 +52,33 @@ async def apply_template(
     messages: Sequence[ChatMessage],
 ) -> str:
     """The chat as the engine's own template renders it, with the generation prompt."""
-    body = {"model": model, "messages": [{"role": m.role, "content": m.content} for m in messages]}
-    url = server_root(base_url) + APPLY_TEMPLATE
+    body = {"model": model, "messages": wire_messages(messages)}
+    answer = await post_json(http, server_root(base_url) + APPLY_TEMPLATE, api_key, body)
+    rendered = answer.get("prompt")
+    if not isinstance(rendered, str):
+        raise BackendError("upstream /apply-template answered no prompt")
+    return rendered
+
+
+def wire_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+async def post_json(
+    http: aiohttp.ClientSession, url: str, api_key: str | None, body: dict[str, Any]
+) -> dict[str, Any]:
+    """One small JSON call beside the stream (rendering, tokenizing): its answer, or the
+    error the stream's own call would raise (a refusal, or a failing backend)."""
     try:
         post = http.post(url, json=body, headers=upstream_headers(api_key), allow_redirects=False)
         async with post as response:
             await raise_for_status(response)
             answer = await response.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-        raise BackendError(f"upstream chat template failed: {type(error).__name__}") from None
-    rendered = answer.get("prompt") if isinstance(answer, dict) else None
-    if not isinstance(rendered, str):
-        raise BackendError("upstream /apply-template answered no prompt")
-    return rendered
+        raise BackendError(f"upstream {url} failed: {type(error).__name__}") from None
+    if not isinstance(answer, dict):
+        raise BackendError(f"upstream {url} answered no JSON object")
+    return answer
 
 
 def build_token_call(
