@@ -31,6 +31,8 @@ from starlette.routing import Route
 
 PROMPT_IDS = (101, 102, 103, 104, 105)
 WORD_ID = 2000
+PROMPT_TOKENS = 7
+"""What it counts for a prompt given as text."""
 
 
 @dataclass
@@ -124,8 +126,11 @@ class FakeUpstream:
         if not path.endswith("chat/completions"):
             last = {"index": 0, "text": "", "finish_reason": finish}
         yield _sse({"choices": [last]})
-        usage = {"prompt_tokens": 7, "completion_tokens": len(rest), "total_tokens": 7 + len(rest)}
-        yield _sse({"choices": [], "usage": usage})
+        if (body.get("stream_options") or {}).get("include_usage"):
+            prompt = body.get("prompt")  # as an engine counts: token ids one each
+            counted = len(prompt) if isinstance(prompt, list) else PROMPT_TOKENS
+            usage = {"prompt_tokens": counted, "completion_tokens": len(rest)}
+            yield _sse({"choices": [], "usage": usage | {"total_tokens": counted + len(rest)}})
         yield "data: [DONE]\n\n"
 
 

@@ -342,6 +342,34 @@ def test_a_paused_job_on_vllm_tokens_resumes_from_the_prompt_ids_and_the_ids_pro
     assert resumed["prompt"][: len(PROMPT_IDS)] == list(PROMPT_IDS)
     assert produced == [WORD_ID + k for k in range(len(produced))] and produced
     assert resumed["max_tokens"] == 12 - len(produced)
+    assert resumed["stream_options"] == {"include_usage": True}
     rows = [r for r in server.state.store.ledger("tenant-a") if r.tier == "flex"]
     assert len(rows) == 1 and rows[0].preemptions == 1
     assert rows[0].output_tokens == len(ANSWER.split())  # each token billed once
+    # the prompt once, as the engine counted it (not with the ids produced resent)
+    assert rows[0].input_tokens == len(PROMPT_IDS)
+
+
+def test_a_job_failing_over_from_a_text_level_member_to_vllm_tokens_resumes_as_text(
+    serve: Serve, clients: Callable[[RunningServer], openai.OpenAI]
+) -> None:
+    """Tokens produced by a text-level member have no engine id: a vllm-tokens member
+    resumes them text-level (continue_final_message), and nothing is billed twice."""
+    dying = FakeUpstream(answer=ANSWER, die_after=3)
+    healthy = FakeUpstream(answer=ANSWER)
+    with serve_fake(dying) as dying_url, serve_fake(healthy) as healthy_url:
+        pool = [
+            upstream(dying_url, engine="vllm", name="dying", metrics_url=None),
+            upstream(healthy_url, engine="vllm", continuation="vllm-tokens", metrics_url=None),
+        ]
+        server = serve(models={"m": {"backends": pool}})
+        c = clients(server)
+        texts = ["".join(_text(ch) for ch in chat(c, "m", "flex", stream=True)) for _ in range(4)]
+    assert texts == [ANSWER] * 4
+    assert dying.received
+    resumed = [b for _, b in healthy.received if b.get("continue_final_message")]
+    assert resumed and all(b["messages"][-1]["role"] == "assistant" for b in resumed)
+    fresh = [b for p, b in healthy.received if p == "/v1/completions"]
+    assert all(isinstance(b["prompt"], list) for b in fresh)  # its own jobs: token ids
+    rows = server.state.store.ledger("tenant-a")
+    assert len(rows) == 4 and all(r.output_tokens == len(ANSWER.split()) for r in rows)

@@ -71,6 +71,21 @@ def openai_backend(**fields: Any) -> dict[str, Any]:
         ({"m": {"backends": [{"kind": "embedded"}, {"kind": "simulated"}]}}, "only backend"),
         ({"m": {"backends": [{"kind": "simulated"}], "tiers": ["fast"]}}, "models.m.tiers"),
         ({"m": {"backends": [{"kind": "simulated", "slots": 0}]}}, "slots"),
+        (
+            {"m": {"backends": [openai_backend(engine="sglang", continuation="vllm-tokens")]}},
+            "'vllm-tokens' is for engine vllm or custom",
+        ),
+        (
+            {
+                "m": {
+                    "backends": [
+                        openai_backend(engine="vllm", continuation="vllm-tokens"),
+                        openai_backend(engine="llamacpp", continuation="llamacpp-tokens"),
+                    ]
+                }
+            },
+            "cannot share a pool",
+        ),
     ],
 )
 def test_a_bad_pool_setting_is_refused_at_start_by_name(models: dict[str, Any], named: str) -> None:

@@ -3,7 +3,7 @@ it reads the native stream. (The real server is in tests/integration/test_llama_
 
 from __future__ import annotations
 
-from flexserve.backends.base import SamplingParams, TokenChunk
+from flexserve.backends.base import GenerationRequest, SamplingParams, TokenChunk
 from flexserve.backends.upstream.backend import UPSTREAM_TOKEN, Capabilities
 from flexserve.backends.upstream.seam import Seam, tokens_of
 from flexserve.backends.upstream.stream import TextDelta, _Progress, _read_native
@@ -71,7 +71,7 @@ def test_tokens_inside_a_utf8_character_that_got_no_chunk_are_counted() -> None:
     ]
     counted = [TokenChunk(UPSTREAM_TOKEN, ""), TokenChunk(237, "こ")]
     assert tokens_of(TextDelta("こ", (237,), unnamed=1)) == counted
-    seam = Seam([], token_level=True, echoes=False)
+    seam = Seam([], echoes=False)
     assert seam.chunks(TextDelta("こ", (237,), unnamed=1)) == counted
 
 
@@ -98,7 +98,7 @@ def test_tokens_whose_text_was_held_at_the_pause_are_generated_again_not_counted
     # "é" is two tokens here: the first was streamed with no text (an incomplete UTF-8
     # character) when the pause came; sending its id would lose its bytes for good.
     produced = [TokenChunk(10, "caf"), TokenChunk(11, "")]
-    seam = Seam(produced, token_level=True, echoes=False)
+    seam = Seam(produced, echoes=False)
     assert seam.regenerate == 1 and list(seam.sent) == [TokenChunk(10, "caf")]
     assert build_token_call("smol", PROMPT, SamplingParams(max_tokens=8), seam.sent).body[
         "prompt"
@@ -114,17 +114,19 @@ def test_tokens_whose_text_was_held_at_the_pause_are_generated_again_not_counted
 
 
 def test_text_of_a_regenerated_token_goes_with_the_next_one_or_the_finish() -> None:
-    seam = Seam([TokenChunk(1, "a"), TokenChunk(2, "")], token_level=True, echoes=False)
+    seam = Seam([TokenChunk(1, "a"), TokenChunk(2, "")], echoes=False)
     assert seam.chunks(TextDelta("b", (5,))) == []  # regenerated: different, uncounted
     assert seam.held == "b"
     assert seam.chunks(TextDelta("c", (6,))) == [TokenChunk(6, "bc")]
 
 
-def test_a_text_level_resume_sends_everything_and_regenerates_nothing() -> None:
+def test_a_text_level_resume_also_regenerates_held_tokens_instead_of_counting_them_twice() -> None:
     produced = [TokenChunk(UPSTREAM_TOKEN, "a"), TokenChunk(UPSTREAM_TOKEN, "")]
-    seam = Seam(produced, token_level=False, echoes=False)
-    assert seam.regenerate == 0 and list(seam.sent) == produced
-    assert seam.chunks(TextDelta("b")) == [TokenChunk(UPSTREAM_TOKEN, "b")]
+    seam = Seam(produced, echoes=False)
+    assert seam.regenerate == 1 and list(seam.sent) == produced[:1]
+    assert seam.chunks(TextDelta("b")) == []  # the held one, generated again
+    assert seam.chunks(TextDelta("c")) == [TokenChunk(UPSTREAM_TOKEN, "bc")]
+    assert Seam(produced[:1], echoes=False).sent == produced[:1]
 
 
 def test_llama_server_resumes_on_its_chat_api_unless_token_level_is_chosen() -> None:
@@ -157,5 +159,9 @@ def test_vllm_token_calls_send_ids_and_fall_back_to_text_for_tokens_without_one(
     backend = OpenAIBackend(
         "b", "m", Endpoint("http://h:1/v1", None, "m"), 1, Capabilities(continuation="vllm-tokens")
     )
-    assert backend._style_for(produced) == "vllm-tokens"
-    assert backend._style_for([TokenChunk(UPSTREAM_TOKEN, "One")]) == "vllm"
+    request = GenerationRequest("r", (), SamplingParams(max_tokens=9))
+    assert backend._style_for(request, produced) == "vllm-tokens"
+    assert backend._style_for(request, [TokenChunk(UPSTREAM_TOKEN, "One")]) == "vllm"
+    # vLLM holds back characters, not tokens, for stop strings: text-level then
+    stopping = GenerationRequest("r", (), SamplingParams(max_tokens=9, stop=("\nUser:",)))
+    assert backend._style_for(stopping, produced) == "vllm"

@@ -52,6 +52,13 @@ ENGINE_PRESETS: dict[EngineName, EnginePreset] = {
 }
 
 
+TOKEN_STYLE_ENGINES: dict[str, tuple[EngineName, ...]] = {
+    "vllm-tokens": ("vllm", "custom"),
+    "llamacpp-tokens": ("llamacpp", "custom"),
+}
+"""Token-level styles speak one engine's own API."""
+
+
 class PoolBackendSettings(BaseModel):
     """One backend of a model's pool."""
 
@@ -107,7 +114,11 @@ class PoolBackendSettings(BaseModel):
             raise ValueError(f"base_url must be an http(s) URL (got {self.base_url!r})")
         if self.api_key_env is not None and self.api_key_env not in os.environ:
             raise ValueError(f"api_key_env: the variable {self.api_key_env} is not set")
-        if self.capabilities()[1] == "completions" and self.chat_template is None:
+        style = self.capabilities()[1]
+        engines = TOKEN_STYLE_ENGINES.get(style, (self.engine,))
+        if self.engine not in engines:
+            raise ValueError(f"continuation {style!r} is for engine {' or '.join(engines)}")
+        if style == "completions" and self.chat_template is None:
             raise ValueError("continuation 'completions' needs chat_template (Jinja or GGUF)")
         if self.chat_template is not None and not Path(self.chat_template).is_file():
             raise ValueError(f"chat_template: no such file {self.chat_template}")
@@ -149,6 +160,15 @@ class ModelSettings(BaseModel):
     """Tiers this model offers; another tier is a 400 naming `service_tier`."""
     price: ModelPrice | None = None
     """Default-tier price (other tiers by multiplier); None = `prices[name]` or defaults."""
+
+    @model_validator(mode="after")
+    def _one_token_family(self) -> Self:
+        """A pool's members resume each other's jobs: token ids from one engine's
+        tokenizer must not go to an engine of another kind."""
+        styles = {b.capabilities()[1] for b in self.backends if b.kind == "openai"}
+        if len(styles & TOKEN_STYLE_ENGINES.keys()) > 1:
+            raise ValueError("vllm-tokens and llamacpp-tokens members cannot share a pool")
+        return self
 
     @model_validator(mode="after")
     def _one_embedded_alone(self) -> Self:

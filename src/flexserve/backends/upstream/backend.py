@@ -84,7 +84,9 @@ class Capabilities:
         if self.continuation in TOKEN_STYLES:
             return (
                 "token-level: resumes from the engine's own token ids (never re-tokenized "
-                "text); no duplicate, no gap, billed once; identical to an uninterrupted "
+                "text; text-level after tokens from a text-level member"
+                + (", or with stop strings" if self.continuation == "vllm-tokens" else "")
+                + "); no duplicate, no gap, billed once; identical to an uninterrupted "
                 "answer only where the engine is batch-invariant"
             )
         return "seamless: no duplicate, no gap, billed once; text may differ after a pause"
@@ -152,10 +154,10 @@ class OpenAIBackend:
     ) -> AsyncIterator[Chunk]:
         # Built before the breaker hands out a probe: a call that cannot be built (no
         # continuation, a template that refuses) must not leave the probe taken.
-        style = self._style_for(resume)
+        style = self._style_for(request, resume)
+        seam = Seam(resume, echoes=style == "llamacpp")
         token_level = style in TOKEN_STYLES
-        seam = Seam(resume, token_level=token_level, echoes=style == "llamacpp")
-        text_call = None if token_level else self._text_call(style, request, resume)
+        text_call = None if token_level else self._text_call(style, request, seam.sent)
         now = self._clock()
         if not self.breaker.allows(now):
             raise NoBackendAvailable(
@@ -194,11 +196,15 @@ class OpenAIBackend:
             self.in_flight -= 1
             self._stats.active_sequences = self.in_flight
 
-    def _style_for(self, resume: Sequence[TokenChunk]) -> ContinuationStyle:
-        """This call's style: vLLM's token-level one cannot send tokens that have no
-        engine id (from a text-level member of the pool): such a resume is text-level."""
+    def _style_for(
+        self, request: GenerationRequest, resume: Sequence[TokenChunk]
+    ) -> ContinuationStyle:
+        """This call's style. vLLM's token-level one resumes text-level (a) after tokens
+        with no engine id (from a text-level member of the pool), and (b) with stop
+        strings: vLLM then holds back characters, not whole tokens, so the ids of a
+        token whose text was only partly released would lose the rest of it."""
         style = self.capabilities.continuation
-        if style == "vllm-tokens" and not all_named(resume):
+        if style == "vllm-tokens" and (request.sampling.stop or not all_named(resume)):
             return "vllm"
         return style
 

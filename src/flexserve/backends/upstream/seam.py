@@ -25,13 +25,14 @@ from flexserve.backends.upstream.stream import UPSTREAM_TOKEN, TextDelta
 
 
 class Seam:
-    def __init__(self, resume: Sequence[TokenChunk], *, token_level: bool, echoes: bool) -> None:
-        partial = "".join(chunk.text for chunk in resume)
-        self._echo = EchoedPrefix(partial) if echoes and resume else None
-        self.regenerate = held_tokens(resume) if token_level else 0
-        """Trailing tokens of `resume` whose text was held back: generated again."""
-        self.sent = resume[: len(resume) - self.regenerate]
+    def __init__(self, resume: Sequence[TokenChunk], *, echoes: bool) -> None:
+        self.regenerate = held_tokens(resume)
+        """Trailing tokens of `resume` whose text was held back: generated again (in a
+        text-level resume too, where their text was never sent: not counted twice)."""
+        self.sent = resume[: len(resume) - self.regenerate] if self.regenerate else resume
         """What the resumed call is given as produced (ids or text)."""
+        partial = "".join(chunk.text for chunk in resume) if echoes and resume else ""
+        self._echo = EchoedPrefix(partial) if partial else None
         self._uncounted = self.regenerate
         self._carry = ""
         self.streamed = 0
@@ -39,10 +40,15 @@ class Seam:
 
     def chunks(self, delta: TextDelta) -> list[TokenChunk]:
         """The chunks of `delta` the client gets, each one token it is counted for."""
-        text = self._echo.after_echo(delta.text) if self._echo is not None else delta.text
+        if self._echo is not None and delta.text:  # the first delta with text, only
+            delta = TextDelta(self._echo.after_echo(delta.text), delta.token_ids, delta.unnamed)
+            self._echo = None
+        tokens = tokens_of(delta)
+        self.streamed += len(tokens)
+        if not self._uncounted and not self._carry:  # past the seam (or no seam at all)
+            return tokens
         out = []
-        for chunk in tokens_of(TextDelta(text, delta.token_ids, delta.unnamed)):
-            self.streamed += 1
+        for chunk in tokens:
             if self._uncounted:  # generated again for a held token already counted
                 self._uncounted -= 1
                 self._carry += chunk.text

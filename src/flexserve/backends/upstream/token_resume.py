@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
+import orjson
 
 from flexserve.backends.base import BackendError, ChatMessage, SamplingParams, TokenChunk
 from flexserve.backends.upstream.continuation import UpstreamCall
@@ -70,7 +71,8 @@ async def post_json(
     """One small JSON call beside the stream (rendering, tokenizing): its answer, or the
     error the stream's own call would raise (a refusal, or a failing backend)."""
     try:
-        post = http.post(url, json=body, headers=upstream_headers(api_key), allow_redirects=False)
+        data = orjson.dumps(body)
+        post = http.post(url, data=data, headers=upstream_headers(api_key), allow_redirects=False)
         async with post as response:
             await raise_for_status(response)
             answer = await response.json(content_type=None)
