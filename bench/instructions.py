@@ -9,7 +9,8 @@ connection, one at a time, and the count is read. The figure is instructions per
 request, of the whole server process (HTTP, validation, scheduling, the upstream call,
 billing), against the same zero-delay fake upstream as bench/overhead.py.
 
-Targets: flexserve in front of the fake (JSON and streamed answers of one token), a
+Targets: flexserve in front of the fake (JSON and streamed answers of one token, or of
+`--tokens`: what each streamed token costs), a
 baseline build given by `--baseline-python` (JSON and streamed, same run), and
 bench/_passthrough.py (the least a Python gateway on the same server and client costs:
 a floor, not a competitor). One request at a time: what is counted is a request's own
@@ -86,10 +87,10 @@ def _traced(cmd: list[str], env: dict[str, str], port: int, log: Path) -> Iterat
         yield proc.pid  # exec keeps the pid: the wrapper's is Python's
 
 
-def send(port: int, count: int, stream: bool) -> None:
-    """`count` chat requests of one token, one at a time on one connection."""
+def send(port: int, count: int, stream: bool, tokens: int = 1) -> None:
+    """`count` chat requests of `tokens` tokens, one at a time on one connection."""
     headers = {"content-type": "application/json", "authorization": f"Bearer {KEY}"}
-    payload = body(stream)
+    payload = body(stream, tokens)
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     for _ in range(count):
         connection.request("POST", "/v1/chat/completions", payload, headers)
@@ -102,9 +103,9 @@ def send(port: int, count: int, stream: bool) -> None:
 
 def count(pid: int, work: Path, port: int, args: argparse.Namespace, stream: bool) -> float:
     """Instructions per request, over `args.requests` requests after a warm-up."""
-    send(port, args.warmup, stream)
+    send(port, args.warmup, stream, args.tokens)
     subprocess.run(["callgrind_control", "--zero", str(pid)], check=True, capture_output=True)
-    send(port, args.requests, stream)
+    send(port, args.requests, stream, args.tokens)
     before = set(work.glob("*.cg*"))
     subprocess.run(["callgrind_control", "--dump", str(pid)], check=True, capture_output=True)
     dumps = sorted(set(work.glob(f"*.{pid}.cg.*")) - before)
@@ -124,6 +125,9 @@ def main() -> None:
     parser.add_argument("--baseline-python", help="also count this Python's flexserve")
     parser.add_argument("--flexserve-python", default=sys.executable)
     parser.add_argument("--no-passthrough", action="store_true")
+    parser.add_argument(
+        "--tokens", type=int, default=1, help="answer length (the fake streams one per event)"
+    )
     args = parser.parse_args()
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 import pytest
@@ -142,3 +143,24 @@ def test_a_prompt_count_that_is_redirected_is_not_followed() -> None:
 
             assert asyncio.run(run()) is None
     assert received == []
+
+
+def test_vllm_names_each_chunks_tokens_even_while_it_holds_their_text() -> None:
+    """With `return_token_ids`, a chunk whose text vLLM holds back (a possible stop
+    string) still names its token: it is a token, with no text yet."""
+    events = [
+        {"choices": [{"index": 0, "text": "", "token_ids": [7]}]},
+        {"choices": [{"index": 0, "text": "hi", "token_ids": [8, 9]}]},
+        {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]},
+        {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3}},
+    ]
+    sse = "".join(f"data: {json.dumps(event)}\n\n" for event in events) + "data: [DONE]\n\n"
+
+    async def answer(request: Request) -> Response:
+        return Response(sse, media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/v1/completions", answer, methods=["POST"])])
+    with serve_app(app, "vllm-like") as url:
+        call = UpstreamCall("/completions", {"prompt": [1, 2], "return_token_ids": True})
+        items = collect(url, call)
+    assert items == [TextDelta("", (7,)), TextDelta("hi", (8, 9)), StreamEnd("stop", 4, 3)]

@@ -138,16 +138,6 @@ def test_llama_server_resumes_on_its_chat_api_unless_token_level_is_chosen() -> 
     assert server_root("http://h:1/v1/") == "http://h:1"
 
 
-def test_vllm_names_each_chunks_tokens_even_while_it_holds_their_text() -> None:
-    from flexserve.backends.upstream.stream import _read_openai
-
-    progress = _Progress()
-    held = {"choices": [{"index": 0, "text": "", "token_ids": [7]}]}
-    assert _read_openai(held, progress) == [TextDelta("", (7,))]
-    plain = {"choices": [{"index": 0, "text": "hi"}]}
-    assert _read_openai(plain, progress) == [TextDelta("hi")]
-
-
 def test_vllm_token_calls_send_ids_and_fall_back_to_text_for_tokens_without_one() -> None:
     from flexserve.backends.upstream.backend import Endpoint, OpenAIBackend
     from flexserve.backends.upstream.vllm_tokens import build_vllm_token_call

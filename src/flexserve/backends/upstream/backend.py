@@ -169,6 +169,7 @@ class OpenAIBackend:
         answered = False
         try:
             call = text_call or await self._token_call(style, request, seam.sent)
+            passed, plain = seam.passed, 0
             close = self.capabilities.ends_streamed_connections
             items = stream_call(self._client(), *self._where(), call, close=close)
             # aclosing: closing this generator (a pause) closes the upstream stream before
@@ -179,9 +180,15 @@ class OpenAIBackend:
                         answered = True
                         self.breaker.succeeded()
                     if isinstance(item, TextDelta):
+                        if passed and not item.token_ids:  # most tokens: as they come
+                            plain += 1
+                            yield TokenChunk(UPSTREAM_TOKEN, item.text)
+                            continue
                         for chunk in seam.chunks(item):
                             yield chunk
+                        passed = seam.passed
                     else:
+                        seam.streamed += plain
                         end = await self._counted(item, request, len(seam.sent))
                         for ending in self._end(end, seam):
                             yield ending

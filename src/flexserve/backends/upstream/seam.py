@@ -37,6 +37,8 @@ class Seam:
         self._carry = ""
         self.streamed = 0
         """Tokens the engine streamed in this call, counted or not."""
+        self.passed = self._echo is None and not self.regenerate
+        """Nothing left to mend: each token goes to the client as it comes."""
 
     def chunks(self, delta: TextDelta) -> list[TokenChunk]:
         """The chunks of `delta` the client gets, each one token it is counted for."""
@@ -46,6 +48,7 @@ class Seam:
         tokens = tokens_of(delta)
         self.streamed += len(tokens)
         if not self._uncounted and not self._carry:  # past the seam (or no seam at all)
+            self.passed = self._echo is None
             return tokens
         out = []
         for chunk in tokens:

@@ -20,7 +20,7 @@ import json
 import math
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import orjson
@@ -29,8 +29,10 @@ from flexserve.backends.base import BackendError, EngineRefused, FinishReason
 from flexserve.backends.upstream.continuation import UpstreamCall
 
 
-@dataclass(frozen=True)
-class TextDelta:
+class TextDelta(NamedTuple):
+    """A tuple, not a frozen dataclass: one is made per token of every answer, and a
+    frozen dataclass sets each field through `object.__setattr__`."""
+
     text: str
     token_ids: tuple[int, ...] = ()
     """The engine's ids of the tokens this text came from, where it sends them."""
@@ -80,8 +82,10 @@ async def stream_call(
         headers["connection"] = "close"
     root = base_url.rstrip("/")
     url = (root.removesuffix("/v1") if call.at_root else root) + call.path
-    read = _read_native if call.wire == "llamacpp" else _read_openai
-    progress = _Progress()
+    native = _Progress() if call.wire == "llamacpp" else None
+    named = bool(call.body.get("return_token_ids"))  # vLLM names each chunk's tokens
+    finish: str | None = None
+    usage: dict[str, Any] = {}
     try:
         # Bytes, not `json=`: aiohttp's JSON payload object cost more than the encoding.
         body = orjson.dumps(call.body)
@@ -96,41 +100,42 @@ async def stream_call(
                     chunk = _json(data)
                     if "error" in chunk:
                         raise BackendError(f"upstream error event: {_message(chunk)}")
-                    for delta in read(chunk, progress):
-                        yield delta
+                    if native is not None:
+                        for delta in _read_native(chunk, native):
+                            yield delta
+                        continue
+                    # OpenAI's chunks, read here rather than in a function of their own:
+                    # this runs once per token of every answer
+                    usage = chunk.get("usage") or usage
+                    for choice in chunk.get("choices") or ():
+                        text = _choice_text(choice)
+                        ids = choice.get("token_ids") if named else None
+                        if ids:
+                            yield TextDelta(text, tuple(int(i) for i in ids))
+                        elif text:
+                            yield TextDelta(text)
+                        finish = choice.get("finish_reason") or finish
     except (aiohttp.ClientError, TimeoutError) as error:  # cut, reset, refused, stalled
         raise BackendError(f"upstream stream failed: {type(error).__name__}") from None
-    if progress.finish is None:
+    if native is not None:
+        finish, usage = native.finish, native.usage
+    if finish is None:
         raise BackendError("upstream stream ended without a finish reason")
     yield StreamEnd(
-        "length" if progress.finish == "length" else "stop",
-        progress.usage.get("prompt_tokens"),
-        progress.usage.get("completion_tokens"),
+        "length" if finish == "length" else "stop",
+        usage.get("prompt_tokens"),
+        usage.get("completion_tokens"),
     )
 
 
 @dataclass
 class _Progress:
-    """What a stream has said so far about its end."""
+    """What a native stream has said so far about its end."""
 
     finish: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
     predicted = 0
     """llama-server's count of the tokens generated so far (`tokens_predicted`)."""
-
-
-def _read_openai(chunk: dict[str, Any], progress: _Progress) -> list[TextDelta]:
-    progress.usage = chunk.get("usage") or progress.usage
-    deltas = []
-    for choice in chunk.get("choices") or ():
-        text = _choice_text(choice)
-        ids = choice.get("token_ids")  # vLLM's, with `return_token_ids`
-        if ids:
-            deltas.append(TextDelta(text, tuple(int(i) for i in ids)))
-        elif text:
-            deltas.append(TextDelta(text))
-        progress.finish = choice.get("finish_reason") or progress.finish
-    return deltas
 
 
 def _read_native(chunk: dict[str, Any], progress: _Progress) -> list[TextDelta]:
