@@ -10,7 +10,6 @@ the prompt followed by the very token ids the engine streamed before the pause.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -19,7 +18,18 @@ import openai
 import pytest
 
 from tests.conftest import KEY, RunningServer
-from tests.llama_server import ALIAS, LlamaServer, smollm2_gguf, start_llama_cpp_server
+from tests.llama_server import (
+    ALIAS,
+    QUESTION,
+    SEED,
+    STORY,
+    LlamaServer,
+    assert_tiers_answer_the_engines_text,
+    engine_chat,
+    flex_story_preempted,
+    smollm2_gguf,
+    start_llama_cpp_server,
+)
 from tests.recording_proxy import RecordingProxy, serve_proxy
 
 GGUF = smollm2_gguf()
@@ -29,9 +39,6 @@ pytestmark = [
 ]
 
 Serve = Callable[..., RunningServer]
-SEED = 7
-QUESTION = [{"role": "user", "content": "Name three colors."}]
-STORY = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
 
 
 @pytest.fixture(scope="module")
@@ -57,36 +64,15 @@ def client(server: RunningServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=120)
 
 
-def engine_chat(engine: LlamaServer, messages: list[dict[str, str]], max_tokens: int) -> Any:
-    """The engine's own chat answer (text and usage), without flexserve."""
-    body = {"model": ALIAS, "messages": messages, "max_tokens": max_tokens}
-    body |= {"temperature": 0, "seed": SEED}
-    response = httpx.post(engine.url + "/chat/completions", json=body, timeout=120)
-    response.raise_for_status()
-    return response.json()
-
-
 def test_default_and_flex_answer_the_engines_text_billed_with_its_counts(
     serve: Serve, engine: LlamaServer
 ) -> None:
     server = serve(models={ALIAS: {"backends": [member(engine.url)]}})
-    reference = engine_chat(engine, QUESTION, 16)
-    for tier in ("default", "flex"):
-        answer = client(server).chat.completions.create(
-            model=ALIAS,
-            messages=QUESTION,  # type: ignore[arg-type]
-            temperature=0,
-            seed=SEED,
-            max_tokens=16,
-            service_tier=tier,  # type: ignore[arg-type]
-        )
-        assert answer.service_tier == tier
-        assert answer.choices[0].message.content == reference["choices"][0]["message"]["content"]
-        assert answer.usage is not None
-        assert answer.usage.completion_tokens == reference["usage"]["completion_tokens"]
-        assert answer.usage.prompt_tokens == reference["usage"]["prompt_tokens"]
+    reference = assert_tiers_answer_the_engines_text(client(server), engine, QUESTION, SEED)
     rows = server.state.store.ledger("tenant-a")
     assert [(r.tier, r.outcome) for r in rows] == [("default", "completed"), ("flex", "completed")]
+    counts = (reference["usage"]["prompt_tokens"], reference["usage"]["completion_tokens"])
+    assert {(r.input_tokens, r.output_tokens) for r in rows} == {counts}
     models = httpx.get(server.url + "/models", headers={"authorization": f"Bearer {KEY}"}).json()
     (backend,) = next(m for m in models["data"] if m["id"] == ALIAS)["backends"]
     assert backend["resume"].startswith("token-level")
@@ -99,36 +85,16 @@ def test_a_preempted_flex_stream_resumes_from_the_engines_own_token_ids(
     proxy = RecordingProxy(engine.root)
     with serve_proxy(proxy) as url:
         server = serve(models={ALIAS: {"backends": [member(url)]}})
-        c = client(server)
-        stream = c.chat.completions.create(
-            model=ALIAS,
-            messages=STORY,  # type: ignore[arg-type]
-            temperature=0,
-            seed=SEED,
+        # the flex job is paused for the default one, and resumes with a token prompt
+        pieces, _ = flex_story_preempted(
+            client(server),
+            server,
+            STORY,
+            QUESTION,
+            lambda: len(resumes(proxy)) == 1,
             max_tokens=max_tokens,
-            service_tier="flex",
-            stream=True,
+            seed=SEED,
         )
-        chunks = (ch.choices[0].delta.content for ch in stream if ch.choices)
-        pieces: list[str] = []
-        for piece in chunks:
-            if piece:
-                pieces.append(piece)
-            if len(pieces) == 6:
-                break
-        urgent = threading.Thread(
-            target=lambda: c.chat.completions.create(
-                model=ALIAS,
-                messages=QUESTION,  # type: ignore[arg-type]
-                temperature=0,
-                max_tokens=8,
-            )
-        )
-        urgent.start()
-        # the flex job was paused for the default one, and has resumed: a token prompt
-        server.wait_until(lambda: len(resumes(proxy)) == 1, timeout=60)
-        pieces += [piece for piece in chunks if piece]
-        urgent.join(timeout=60)
     first, resumed = proxy.calls("/completion")[0], resumes(proxy)[0]
     rendered = proxy.calls("/apply-template")[0]
     assert rendered.body["messages"] == STORY
@@ -148,7 +114,7 @@ def test_a_preempted_flex_stream_resumes_from_the_engines_own_token_ids(
     assert len(flex) == 1 and flex[0].preemptions == 1
     assert flex[0].output_tokens == produced + len(resumed.tokens)
     # input once, as the engine counts the prompt (not with the produced ids resent)
-    assert flex[0].input_tokens == engine_chat(engine, STORY, 1)["usage"]["prompt_tokens"]
+    assert flex[0].input_tokens == engine_chat(engine, STORY, 1, SEED)["usage"]["prompt_tokens"]
 
 
 def resumes(proxy: RecordingProxy) -> list[Any]:

@@ -18,7 +18,18 @@ import openai
 import pytest
 
 from tests.conftest import KEY, OTHER_KEY, RunningServer
-from tests.llama_server import ALIAS, LlamaServer, smollm2_gguf, start_llama_server
+from tests.llama_server import (
+    ALIAS,
+    QUESTION,
+    SEED,
+    STORY,
+    LlamaServer,
+    assert_tiers_answer_the_engines_text,
+    engine_chat,
+    flex_story_preempted,
+    smollm2_gguf,
+    start_llama_server,
+)
 from tests.recording_proxy import RecordingProxy, serve_proxy
 
 GGUF = smollm2_gguf()
@@ -31,9 +42,6 @@ pytestmark = [
 ]
 
 Serve = Callable[..., RunningServer]
-SEED = 7
-QUESTION = [{"role": "user", "content": "Name three colors."}]
-STORY = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
 
 
 @pytest.fixture(scope="module")
@@ -62,32 +70,14 @@ def client(server: RunningServer, key: str = KEY) -> openai.OpenAI:
 
 def direct(upstream: LlamaServer, messages: list[dict[str, str]], max_tokens: int) -> Any:
     """The engine's own non-streaming answer (its text and its usage), without flexserve."""
-    body = {"model": ALIAS, "messages": messages, "max_tokens": max_tokens}
-    body |= {"temperature": 0, "seed": SEED}
-    response = httpx.post(upstream.url + "/chat/completions", json=body, timeout=120)
-    response.raise_for_status()
-    return response.json()
+    return engine_chat(upstream, messages, max_tokens, SEED)
 
 
 def test_default_and_flex_answer_real_text_billed_with_the_engines_counts(
     serve: Serve, upstream: LlamaServer
 ) -> None:
     server = serve(models={ALIAS: {"backends": [pool_member(upstream.url)]}})
-    reference = direct(upstream, QUESTION, 16)
-    for tier in ("default", "flex"):
-        answer = client(server).chat.completions.create(
-            model=ALIAS,
-            messages=QUESTION,  # type: ignore[arg-type]
-            temperature=0,
-            seed=SEED,
-            max_tokens=16,
-            service_tier=tier,  # type: ignore[arg-type]
-        )
-        assert answer.service_tier == tier
-        assert answer.choices[0].message.content == reference["choices"][0]["message"]["content"]
-        assert answer.usage is not None
-        assert answer.usage.completion_tokens == reference["usage"]["completion_tokens"]
-        assert answer.usage.prompt_tokens == reference["usage"]["prompt_tokens"]
+    reference = assert_tiers_answer_the_engines_text(client(server), upstream, QUESTION, SEED)
     rows = server.state.store.ledger("tenant-a")
     assert [(r.tier, r.outcome) for r in rows] == [("default", "completed"), ("flex", "completed")]
     engine = (reference["usage"]["prompt_tokens"], reference["usage"]["completion_tokens"])
@@ -104,38 +94,16 @@ def test_a_preempted_flex_stream_resumes_without_duplicate_or_restart_and_is_bil
     proxy = RecordingProxy(upstream.root)
     with serve_proxy(proxy) as url:
         server = serve(models={ALIAS: {"backends": [pool_member(url)]}})
-        c = client(server)
-        stream = c.chat.completions.create(
-            model=ALIAS,
-            messages=STORY,  # type: ignore[arg-type]
-            temperature=0,
-            seed=SEED,
+        # the flex job is paused for the default one, and resumes as a raw completion
+        pieces, before = flex_story_preempted(
+            client(server),
+            server,
+            STORY,
+            QUESTION,
+            lambda: bool(proxy.calls("/v1/completions")),
             max_tokens=max_tokens,
-            service_tier="flex",
-            stream=True,
+            seed=SEED,
         )
-        chunks = (ch.choices[0].delta.content for ch in stream if ch.choices)
-        pieces: list[str] = []
-        for piece in chunks:
-            if piece:
-                pieces.append(piece)
-            if len(pieces) == 6:
-                break
-        before = "".join(pieces)
-        urgent = threading.Thread(
-            target=lambda: c.chat.completions.create(
-                model=ALIAS,
-                messages=QUESTION,  # type: ignore[arg-type]
-                temperature=0,
-                seed=SEED,
-                max_tokens=8,
-            )
-        )
-        urgent.start()
-        # The flex job was paused for the default one and has resumed: a raw completion.
-        server.wait_until(lambda: bool(proxy.calls("/v1/completions")), timeout=60)
-        pieces += [piece for piece in chunks if piece]
-        urgent.join(timeout=60)
     received = "".join(pieces)
     first, interrupting, resumed = (
         proxy.calls("/v1/chat/completions")[0],

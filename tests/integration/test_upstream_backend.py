@@ -162,21 +162,27 @@ def test_models_lists_every_model_with_its_tiers_backends_and_guarantees(
     assert cards["local"]["pauses_mid_answer"] is True and cards["local"]["slots"] == 3
 
 
+def flex_stream_preempted_by_default(c: openai.OpenAI) -> tuple[list[str], list[Any]]:
+    """A flex stream of 12 tokens, with a default request arriving after its third word
+    (on a backend of one slot: the flex job is paused for it). What the flex client
+    received, and the default answer."""
+    chunks = iter(chat(c, "m", "flex", stream=True, max_tokens=12))
+    received = [_text(next(chunks)) for _ in range(4)]  # role chunk + 3 words
+    urgent: list[Any] = []
+    thread = threading.Thread(target=lambda: urgent.append(chat(c, "m", "default")))
+    thread.start()
+    thread.join(timeout=30)
+    received += [_text(chunk) for chunk in chunks]
+    return received, urgent
+
+
 def test_a_paused_upstream_job_resumes_with_the_partial_answer_and_fewer_tokens(
     serve: Serve, clients: Callable[[RunningServer], openai.OpenAI]
 ) -> None:
     fake = FakeUpstream(answer=ANSWER, delay=0.05)
     with serve_fake(fake) as url:
         server = serve(models={"m": {"backends": [upstream(url, engine="vllm", slots=1)]}})
-        c = clients(server)
-        stream = chat(c, "m", "flex", stream=True, max_tokens=12)
-        chunks = iter(stream)
-        received = [_text(next(chunks)) for _ in range(4)]  # role chunk + 3 words
-        urgent: list[Any] = []
-        thread = threading.Thread(target=lambda: urgent.append(chat(c, "m", "default")))
-        thread.start()
-        thread.join(timeout=30)
-        received += [_text(chunk) for chunk in chunks]
+        received, urgent = flex_stream_preempted_by_default(clients(server))
     assert urgent and urgent[0].choices[0].message.content == ANSWER
     assert "".join(received) == ANSWER  # one stream: no word twice, none missing
     flex_calls = [body for _, body in fake.received if body["priority"] == 2]
@@ -321,15 +327,7 @@ def test_a_paused_job_on_vllm_tokens_resumes_from_the_prompt_ids_and_the_ids_pro
     with serve_fake(fake) as url:
         entry = upstream(url, engine="vllm", continuation="vllm-tokens", slots=1)
         server = serve(models={"m": {"backends": [entry]}})
-        c = clients(server)
-        stream = chat(c, "m", "flex", stream=True, max_tokens=12)
-        chunks = iter(stream)
-        received = [_text(next(chunks)) for _ in range(4)]  # role chunk + 3 words
-        urgent: list[Any] = []
-        thread = threading.Thread(target=lambda: urgent.append(chat(c, "m", "default")))
-        thread.start()
-        thread.join(timeout=30)
-        received += [_text(chunk) for chunk in chunks]
+        received, urgent = flex_stream_preempted_by_default(clients(server))
     assert urgent and urgent[0].choices[0].message.content == ANSWER
     assert "".join(received) == ANSWER  # one stream: no word twice, none missing
     tokenized = [body for path, body in fake.received if path == "/tokenize"]
