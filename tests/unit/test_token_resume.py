@@ -155,3 +155,26 @@ def test_vllm_token_calls_send_ids_and_fall_back_to_text_for_tokens_without_one(
     # vLLM holds back characters, not tokens, for stop strings: text-level then
     stopping = GenerationRequest("r", (), SamplingParams(max_tokens=9, stop=("\nUser:",)))
     assert backend._style_for(stopping, produced) == "vllm"
+
+
+def test_a_job_paused_after_its_last_token_finishes_without_asking_the_engine_again() -> None:
+    """Paused between its last token and the finish: resuming must not ask the engine
+    for one more token past max_tokens (no upstream runs here: a call would fail)."""
+    import asyncio
+
+    from flexserve.backends.base import Finish
+    from flexserve.backends.upstream.backend import Endpoint, OpenAIBackend
+
+    backend = OpenAIBackend(
+        "b", "m", Endpoint("http://127.0.0.1:9/v1", None, "m"), 1, Capabilities("none", "vllm")
+    )
+    request = GenerationRequest("r", (), SamplingParams(max_tokens=2))
+    produced = [TokenChunk(UPSTREAM_TOKEN, "a"), TokenChunk(UPSTREAM_TOKEN, " b")]
+
+    async def run() -> list[object]:
+        try:
+            return [chunk async for chunk in backend.generate(request, produced)]
+        finally:
+            await backend.close()
+
+    assert asyncio.run(run()) == [Finish("length")]

@@ -156,6 +156,9 @@ class OpenAIBackend:
         # continuation, a template that refuses) must not leave the probe taken.
         style = self._style_for(request, resume)
         seam = Seam(resume, echoes=style == "llamacpp")
+        if len(seam.sent) >= request.sampling.max_tokens:  # paused before its finish
+            yield Finish("length")
+            return
         token_level = style in TOKEN_STYLES
         text_call = None if token_level else self._text_call(style, request, seam.sent)
         now = self._clock()
