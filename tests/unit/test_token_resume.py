@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from flexserve.backends.base import GenerationRequest, SamplingParams, TokenChunk
 from flexserve.backends.upstream.backend import UPSTREAM_TOKEN, Capabilities
+from flexserve.backends.upstream.llamacpp_tokens import build_token_call
 from flexserve.backends.upstream.seam import Seam, tokens_of
-from flexserve.backends.upstream.stream import TextDelta, _Progress, _read_native
-from flexserve.backends.upstream.token_resume import build_token_call, server_root
+from flexserve.backends.upstream.stream import TextDelta, _Progress, _read_native, server_root
 from flexserve.config.pools import PoolBackendSettings
 
 PROMPT = "<|im_start|>user\ncount<|im_end|>\n<|im_start|>assistant\n"

@@ -45,11 +45,11 @@ from flexserve.backends.upstream.continuation import (
     build_call,
 )
 from flexserve.backends.upstream.engine_load import EngineLoad, parse_engine_load
+from flexserve.backends.upstream.llamacpp_tokens import apply_template, build_token_call
 from flexserve.backends.upstream.priority import PriorityStyle, priority_fields
 from flexserve.backends.upstream.prompt_count import CountPrompt
 from flexserve.backends.upstream.seam import Seam
 from flexserve.backends.upstream.stream import UPSTREAM_TOKEN, StreamEnd, TextDelta, stream_call
-from flexserve.backends.upstream.token_resume import apply_template, build_token_call
 from flexserve.backends.upstream.vllm_tokens import all_named, build_vllm_token_call, tokenize
 from flexserve.scheduling.tiers import TIERS, Tier
 

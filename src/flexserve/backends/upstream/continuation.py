@@ -11,7 +11,7 @@ sends the partial answer so that the engine continues it instead of starting aga
   partial answer to raw `/completions` (llama-cpp-python's server closes a trailing
   assistant message and starts a new turn, but its raw completions continue).
 - `vllm-tokens`, `llamacpp-tokens`: token-level: the prompt followed by the ids of the
-  tokens produced, never re-tokenized text (`token_resume.py`).
+  tokens produced, never re-tokenized text (`vllm_tokens.py`, `llamacpp_tokens.py`).
 - `none`: the engine cannot continue; such a backend is never preempted mid-answer.
 
 In every style `max_tokens` (and vLLM's `min_tokens`) shrink by what was produced, so the
@@ -30,7 +30,7 @@ ContinuationStyle = Literal[
     "vllm", "llamacpp", "completions", "vllm-tokens", "llamacpp-tokens", "none"
 ]
 TOKEN_STYLES: frozenset[ContinuationStyle] = frozenset({"vllm-tokens", "llamacpp-tokens"})
-"""Styles that resume from the engine's own token ids (see `token_resume.py`)."""
+"""Styles that resume from the engine's own token ids (`vllm_tokens.py`, `llamacpp_tokens.py`)."""
 RenderPrompt = Callable[[Sequence[ChatMessage]], str]
 """Chat template rendering with the generation prompt added (for `completions`)."""
 

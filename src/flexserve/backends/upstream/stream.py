@@ -1,4 +1,5 @@
-"""One streaming call to an OpenAI-compatible upstream, as text deltas and one end.
+"""One streaming call to an OpenAI-compatible upstream, as text deltas and one end (and
+the small JSON calls a token-level style makes beside it: `post_json`).
 
 Errors are sorted by what the runtime should do with them:
 - `EngineRefused`: the upstream said no to this request on purpose (429
@@ -18,14 +19,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import aiohttp
 import orjson
 
-from flexserve.backends.base import BackendError, EngineRefused, FinishReason
+from flexserve.backends.base import BackendError, ChatMessage, EngineRefused, FinishReason
 from flexserve.backends.upstream.continuation import UpstreamCall
 
 
@@ -58,13 +59,40 @@ REFUSALS = frozenset({400, 413, 422, 429})
 """Statuses that refuse the request itself; other 4xx mean the backend is misconfigured."""
 
 
-def upstream_headers(api_key: str | None, streaming: bool = False) -> dict[str, str]:
+def _upstream_headers(api_key: str | None, streaming: bool = False) -> dict[str, str]:
     headers = {"content-type": "application/json"}
     if streaming:
         headers |= {"accept": "text/event-stream", "cache-control": "no-store"}
     if api_key:
         headers["authorization"] = f"Bearer {api_key}"
     return headers
+
+
+def server_root(base_url: str) -> str:
+    """The server's root, from the API root that ends in /v1."""
+    return base_url.rstrip("/").removesuffix("/v1")
+
+
+def wire_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+async def post_json(
+    http: aiohttp.ClientSession, url: str, api_key: str | None, body: dict[str, Any]
+) -> dict[str, Any]:
+    """One small JSON call beside the stream (rendering, tokenizing): its answer, or the
+    error the stream's own call would raise (a refusal, or a failing backend)."""
+    try:
+        data = orjson.dumps(body)
+        post = http.post(url, data=data, headers=_upstream_headers(api_key), allow_redirects=False)
+        async with post as response:
+            await _raise_for_status(response)
+            answer = await response.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+        raise BackendError(f"upstream {url} failed: {type(error).__name__}") from None
+    if not isinstance(answer, dict):
+        raise BackendError(f"upstream {url} answered no JSON object")
+    return answer
 
 
 async def stream_call(
@@ -77,11 +105,10 @@ async def stream_call(
 ) -> AsyncGenerator[TextDelta | StreamEnd, None]:
     """`close`: the engine ends the connection after a streamed answer without saying so
     (llama-server): asking for that keeps the pool from reusing a closed connection."""
-    headers = upstream_headers(api_key, streaming=True)
+    headers = _upstream_headers(api_key, streaming=True)
     if close:
         headers["connection"] = "close"
-    root = base_url.rstrip("/")
-    url = (root.removesuffix("/v1") if call.at_root else root) + call.path
+    url = (server_root(base_url) if call.at_root else base_url.rstrip("/")) + call.path
     native = _Progress() if call.wire == "llamacpp" else None
     named = bool(call.body.get("return_token_ids"))  # vLLM names each chunk's tokens
     finish: str | None = None
@@ -92,7 +119,7 @@ async def stream_call(
         # No redirects: a configured upstream that redirects a POST is misconfigured (the
         # status says so), and a redirect could send the prompt elsewhere.
         async with http.post(url, data=body, headers=headers, allow_redirects=False) as response:
-            await raise_for_status(response)
+            await _raise_for_status(response)
             async for received in _sse_data(response):
                 for data in received:
                     if data.strip() == "[DONE]":
@@ -134,7 +161,7 @@ class _Progress:
 
     finish: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
-    predicted = 0
+    predicted: int = 0
     """llama-server's count of the tokens generated so far (`tokens_predicted`)."""
 
 
@@ -246,7 +273,7 @@ def _choice_text(choice: dict[str, Any]) -> str:
     return str(choice.get("text") or "")  # raw completions
 
 
-async def raise_for_status(response: aiohttp.ClientResponse) -> None:
+async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
     if response.status < 300:
         return
     if response.status < 400:  # never followed: a redirect could send the prompt elsewhere

@@ -24,7 +24,7 @@ import aiohttp
 
 from flexserve.backends.base import BackendError, ChatMessage, SamplingParams, TokenChunk
 from flexserve.backends.upstream.continuation import UpstreamCall, sampling_fields
-from flexserve.backends.upstream.token_resume import post_json, server_root, wire_messages
+from flexserve.backends.upstream.stream import post_json, server_root, wire_messages
 
 TOKENIZE = "/tokenize"
 """At the server's root, not under /v1."""

@@ -29,20 +29,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
-import orjson
 
 from flexserve.backends.base import BackendError, ChatMessage, SamplingParams, TokenChunk
 from flexserve.backends.upstream.continuation import UpstreamCall
-from flexserve.backends.upstream.stream import raise_for_status, upstream_headers
+from flexserve.backends.upstream.stream import post_json, server_root, wire_messages
 
 APPLY_TEMPLATE = "/apply-template"
 COMPLETION = "/completion"
 """Both at the server's root, not under /v1."""
-
-
-def server_root(base_url: str) -> str:
-    """The server's root, from the API root that ends in /v1."""
-    return base_url.rstrip("/").removesuffix("/v1")
 
 
 async def apply_template(
@@ -59,28 +53,6 @@ async def apply_template(
     if not isinstance(rendered, str):
         raise BackendError("upstream /apply-template answered no prompt")
     return rendered
-
-
-def wire_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in messages]
-
-
-async def post_json(
-    http: aiohttp.ClientSession, url: str, api_key: str | None, body: dict[str, Any]
-) -> dict[str, Any]:
-    """One small JSON call beside the stream (rendering, tokenizing): its answer, or the
-    error the stream's own call would raise (a refusal, or a failing backend)."""
-    try:
-        data = orjson.dumps(body)
-        post = http.post(url, data=data, headers=upstream_headers(api_key), allow_redirects=False)
-        async with post as response:
-            await raise_for_status(response)
-            answer = await response.json(content_type=None)
-    except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-        raise BackendError(f"upstream {url} failed: {type(error).__name__}") from None
-    if not isinstance(answer, dict):
-        raise BackendError(f"upstream {url} answered no JSON object")
-    return answer
 
 
 def build_token_call(
