@@ -86,6 +86,14 @@ def openai_backend(**fields: Any) -> dict[str, Any]:
             },
             "cannot share a pool",
         ),
+        (
+            {"m": {"backends": [openai_backend(engine="vllm", batch_invariant=True)]}},
+            "batch_invariant needs continuation 'vllm-tokens'",
+        ),
+        (
+            {"m": {"backends": [{"kind": "simulated", "batch_invariant": True}]}},
+            "batch_invariant is only for kind = 'openai'",
+        ),
     ],
 )
 def test_a_bad_pool_setting_is_refused_at_start_by_name(models: dict[str, Any], named: str) -> None:
@@ -123,3 +131,19 @@ def test_engine_presets_can_be_overridden_one_capability_at_a_time() -> None:
     openai = PoolBackendSettings(kind="openai", base_url="http://h:1/v1", engine="openai")
     assert openai.capabilities() == ("none", "none", True)
     assert openai.resolved_metrics_url() is None
+
+
+def test_a_batch_invariant_vllm_promises_the_uninterrupted_answer_at_temperature_zero() -> None:
+    """Declared by the operator (vLLM started with VLLM_BATCH_INVARIANT=1): /v1/models
+    says a token-level resume gives the uninterrupted greedy answer; undeclared, it
+    does not promise that."""
+    fields = openai_backend(engine="vllm", continuation="vllm-tokens")
+    declared = {"m": {"backends": [{**fields, "batch_invariant": True}]}}
+    backend = build_models(load_settings(None, models=declared))["m"]
+    assert isinstance(backend, OpenAIBackend) and backend.capabilities.batch_invariant
+    promise = backend.capabilities.guarantee()
+    assert "token-level resume is identical to the uninterrupted answer at temperature 0" in promise
+    assert "text-level" in promise  # the fallbacks still say so
+    plain = build_models(load_settings(None, models={"m": {"backends": [fields]}}))["m"]
+    assert isinstance(plain, OpenAIBackend)
+    assert "only on a batch-invariant engine" in plain.capabilities.guarantee()

@@ -88,7 +88,7 @@ def _openai(
         model,
         endpoint,
         slots,
-        Capabilities(priority, continuation, passthrough),
+        Capabilities(priority, continuation, passthrough, entry.batch_invariant),
         context_length=entry.context_length or 131_072,
         render=render,
         stall_timeout=settings.stall_timeout,

@@ -57,6 +57,9 @@ TOKEN_STYLE_ENGINES: dict[str, tuple[EngineName, ...]] = {
     "llamacpp-tokens": ("llamacpp", "custom"),
 }
 """Token-level styles speak one engine's own API."""
+BATCH_INVARIANT_STYLES = ("vllm-tokens",)
+"""Styles whose resume can be exact on a batch-invariant engine: token-level ones on an
+engine that has such a mode (vLLM's VLLM_BATCH_INVARIANT; llama.cpp has none)."""
 
 
 class PoolBackendSettings(BaseModel):
@@ -99,12 +102,17 @@ class PoolBackendSettings(BaseModel):
     a GGUF file that carries one."""
     context_length: int | None = Field(default=None, ge=2)
     """openai: the upstream model's context (default: unknown; the engine checks)."""
+    batch_invariant: bool = False
+    """openai, continuation `vllm-tokens`: the engine runs batch-invariant (vLLM started
+    with VLLM_BATCH_INVARIANT=1), so a token-level resume gives the uninterrupted answer
+    at temperature 0; declared here, never guessed (/v1/models says which promise holds)."""
 
     @model_validator(mode="after")
     def _upstream_fields(self) -> Self:
         upstream_only = ("base_url", "api_key", "api_key_env", "upstream_model", "chat_template")
         if self.kind != "openai":
             given = [name for name in upstream_only if getattr(self, name) is not None]
+            given += ["batch_invariant"] if self.batch_invariant else []
             if given:
                 raise ValueError(f"{given[0]} is only for kind = 'openai'")
             return self
@@ -118,6 +126,9 @@ class PoolBackendSettings(BaseModel):
         engines = TOKEN_STYLE_ENGINES.get(style, (self.engine,))
         if self.engine not in engines:
             raise ValueError(f"continuation {style!r} is for engine {' or '.join(engines)}")
+        if self.batch_invariant and style not in BATCH_INVARIANT_STYLES:
+            # a text-level resume tokenizes text again: never the uninterrupted answer
+            raise ValueError("batch_invariant needs continuation 'vllm-tokens'")
         if style == "completions" and self.chat_template is None:
             raise ValueError("continuation 'completions' needs chat_template (Jinja or GGUF)")
         if self.chat_template is not None and not Path(self.chat_template).is_file():

@@ -69,6 +69,9 @@ class Capabilities:
     priority: PriorityStyle = "none"
     continuation: ContinuationStyle = "none"
     service_tier_passthrough: bool = False
+    batch_invariant: bool = False
+    """The engine runs batch-invariant (vLLM's VLLM_BATCH_INVARIANT=1): prefilling the
+    prompt and the produced ids gives what decoding them one by one gave."""
 
     @property
     def ends_streamed_connections(self) -> bool:
@@ -82,12 +85,17 @@ class Capabilities:
         if self.continuation == "none":
             return "never paused mid-answer (the engine cannot continue a partial answer)"
         if self.continuation in TOKEN_STYLES:
+            exact = (
+                "a token-level resume is identical to the uninterrupted answer at "
+                "temperature 0 (the engine is declared batch-invariant)"
+                if self.batch_invariant
+                else "identical to an uninterrupted answer only on a batch-invariant engine"
+            )
             return (
                 "token-level: resumes from the engine's own token ids (never re-tokenized "
                 "text; text-level after tokens from a text-level member"
                 + (", or with stop strings" if self.continuation == "vllm-tokens" else "")
-                + "); no duplicate, no gap, billed once; identical to an uninterrupted "
-                "answer only where the engine is batch-invariant"
+                + f"); no duplicate, no gap, billed once; {exact}"
             )
         return "seamless: no duplicate, no gap, billed once; text may differ after a pause"
 
