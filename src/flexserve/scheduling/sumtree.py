@@ -14,6 +14,11 @@ from typing import Any
 
 Key = tuple[Any, ...]
 
+_PRIORITIES = random.Random(0)
+"""Shared by the trees made without a seed of their own: a tree is made per tenant's
+line whenever one starts to queue (for most interactive requests, at each arrival), and
+seeding a generator costs more than the tree's insert and remove together."""
+
 
 class _Node:
     __slots__ = ("count", "key", "left", "priority", "right", "total", "value")
@@ -71,10 +76,10 @@ class SumTree:
     """Unique keys in order, each with a value: insert, remove, first, and the count and
     sum of the values of the keys below a given one, each in O(log n) expected."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int | None = None) -> None:
         self._root: _Node | None = None
         self._values: dict[Key, float] = {}
-        self._random = random.Random(seed)
+        self._random = _PRIORITIES if seed is None else random.Random(seed)
 
     def __len__(self) -> int:
         return len(self._values)
