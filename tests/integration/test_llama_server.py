@@ -319,3 +319,32 @@ def test_a_token_level_resume_inside_non_ascii_text_follows_on_exactly(
         assert "\ufffd" not in texts(answer_after_pause)
         assert texts(answer_after_pause) == texts(whole)
         assert len([c for c in answer_after_pause if isinstance(c, TokenChunk)]) == 30
+
+
+@pytest.mark.parametrize("style", ["llamacpp-tokens", "llamacpp"])
+def test_a_stream_the_client_cuts_is_billed_the_engines_count_of_its_prompt(
+    serve: Serve, engine: LlamaServer, style: str
+) -> None:
+    """The engine's usage comes at the end of its stream; a client that leaves before
+    then must still be billed the prompt as the engine counts it, not flexserve's
+    estimate (about 4 characters a token), as a whole answer is."""
+    server = serve(models={ALIAS: {"backends": [member(engine.url, continuation=style)]}})
+    stream = client(server).chat.completions.create(
+        model=ALIAS,
+        messages=STORY,  # type: ignore[arg-type]
+        temperature=0,
+        seed=SEED,
+        max_tokens=200,
+        service_tier="flex",
+        stream=True,
+    )
+    received = 0
+    for chunk in stream:
+        received += bool(chunk.choices and chunk.choices[0].delta.content)
+        if received == 4:
+            break
+    stream.close()
+    server.wait_until(lambda: bool(server.state.store.ledger("tenant-a")), timeout=60)
+    (row,) = server.state.store.ledger("tenant-a")
+    assert row.outcome == "cancelled" and 4 <= row.output_tokens < 200
+    assert row.input_tokens == engine_chat(engine, STORY, 1, SEED)["usage"]["prompt_tokens"]

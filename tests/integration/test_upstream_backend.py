@@ -371,3 +371,28 @@ def test_a_job_failing_over_from_a_text_level_member_to_vllm_tokens_resumes_as_t
     assert all(isinstance(b["prompt"], list) for b in fresh)  # its own jobs: token ids
     rows = server.state.store.ledger("tenant-a")
     assert len(rows) == 4 and all(r.output_tokens == len(ANSWER.split()) for r in rows)
+
+
+@pytest.mark.parametrize(("engine", "counted"), [("vllm", len(PROMPT_IDS)), ("openai", None)])
+def test_a_cut_stream_is_billed_the_prompt_as_the_engine_counts_it_where_it_can(
+    serve: Serve, clients: Callable[[RunningServer], openai.OpenAI], engine: str, counted: Any
+) -> None:
+    """The engine's usage comes at the end of its stream: for a stream the client cuts,
+    vLLM is asked (`/tokenize`, the chat as its template renders it); an engine with no
+    such call (OpenAI) keeps flexserve's estimate."""
+    fake = FakeUpstream(answer=ANSWER, delay=0.05)
+    with serve_fake(fake) as url:
+        server = serve(models={"m": {"backends": [upstream(url, engine=engine, metrics_url=None)]}})
+        stream = chat(clients(server), "m", "default", stream=True)
+        chunks = iter(stream)
+        next(chunks), next(chunks)
+        stream.close()
+        server.wait_until(lambda: bool(server.state.store.ledger("tenant-a")), timeout=30)
+    (row,) = server.state.store.ledger("tenant-a")
+    assert row.outcome == "cancelled" and row.output_tokens >= 1
+    tokenized = [body for path, body in fake.received if path == "/tokenize"]
+    if counted is None:
+        assert tokenized == [] and row.input_tokens >= 1  # the estimate
+    else:
+        assert row.input_tokens == counted
+        assert tokenized[-1]["messages"] == [{"role": "user", "content": "count"}]

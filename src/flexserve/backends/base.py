@@ -159,3 +159,13 @@ class Backend(Protocol):
     def health(self) -> bool: ...
 
     def stats(self) -> BackendStats: ...
+
+
+@runtime_checkable
+class CountsPrompts(Protocol):
+    """A backend whose engine counts a prompt on request: an upstream, whose own count
+    (the one billed) otherwise comes only with its usage, at the end of its stream."""
+
+    async def engine_prompt_tokens(self, request: GenerationRequest) -> int | None:
+        """The engine's count of the request's prompt; None if it cannot say."""
+        ...

@@ -21,6 +21,7 @@ from flexserve.backends.base import (
     BackendStats,
     ChatMessage,
     Chunk,
+    CountsPrompts,
     GenerationRequest,
     NoBackendAvailable,
     TokenChunk,
@@ -74,6 +75,13 @@ class Pool:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+    async def engine_prompt_tokens(self, request: GenerationRequest) -> int | None:
+        """Counted by a healthy member that can count (they serve one model)."""
+        for member in self.members:
+            if isinstance(member, CountsPrompts) and member.health():
+                return await member.engine_prompt_tokens(request)
+        return None
 
     def choose(self, request_id: str) -> int:
         """The least-loaded healthy member, not the one that last failed this job if

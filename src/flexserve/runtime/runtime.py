@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from flexserve.backends.base import (
     Backend,
     BackendError,
+    CountsPrompts,
     EngineRefused,
     Finish,
     NoBackendAvailable,
@@ -61,7 +62,7 @@ from flexserve.runtime.outcomes import (
     runtime_failed,
     shutting_down,
 )
-from flexserve.runtime.stream import stream_job
+from flexserve.runtime.stream import engine_prompt_count, stream_job
 from flexserve.scheduling import (
     Admission,
     JobSpec,
@@ -472,10 +473,19 @@ class Runtime:
     def _spawn_settle(self, handle: JobHandle, outcome: Outcome) -> None:
         settled: asyncio.Future[None]
         try:
-            settled = asyncio.ensure_future(self._settle(handle, outcome))
+            cut = outcome == "cancelled" and handle.engine_prompt_tokens is None
+            if cut and isinstance(self.backend, CountsPrompts):  # billed input, no usage came
+                settled = asyncio.ensure_future(self._count_then_settle(handle, outcome))
+            else:
+                settled = asyncio.ensure_future(self._settle(handle, outcome))
         except Exception:  # a settle that fails at once must not take the loop down
             log.exception("settling failed request_id=%s", handle.request_id)
             settled = settled_now()
         self._settling.add(settled)
         settled.add_done_callback(self._settling.discard)
         handle.settled = settled
+
+    async def _count_then_settle(self, handle: JobHandle, outcome: Outcome) -> None:
+        assert isinstance(self.backend, CountsPrompts)
+        handle.engine_prompt_tokens = await engine_prompt_count(self.backend, handle)
+        await self._settle(handle, outcome)

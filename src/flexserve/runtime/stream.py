@@ -17,6 +17,7 @@ from flexserve.backends.base import (
     Backend,
     BackendError,
     Chunk,
+    CountsPrompts,
     EngineRefused,
     Finish,
     GenerationRequest,
@@ -64,6 +65,20 @@ def _request(handle: JobHandle) -> GenerationRequest:
         tier=sub.tier,
         prompt_text=sub.prompt_text,
     )
+
+
+PROMPT_COUNT_TIMEOUT = 10.0
+"""Seconds a cut job's bill waits for the engine's count of its prompt (else estimated)."""
+
+
+async def engine_prompt_count(backend: CountsPrompts, handle: JobHandle) -> int | None:
+    """The engine's count of a job's prompt, for a bill whose stream was cut before the
+    engine's usage came (backends/upstream/prompt_count.py); None: it cannot say."""
+    try:
+        async with asyncio.timeout(PROMPT_COUNT_TIMEOUT):
+            return await backend.engine_prompt_tokens(_request(handle))
+    except (TimeoutError, BackendError):
+        return None
 
 
 STALL_SLACK = 0.1

@@ -257,6 +257,12 @@ class OpenAIBackend:
             prompt = await apply_template(http, *self._where(), model, request.messages)
         return build_token_call(model, prompt, request.sampling, resume)
 
+    async def engine_prompt_tokens(self, request: GenerationRequest) -> int | None:
+        """For a stream cut before its usage came (`prompt_count.py`)."""
+        if self._count_prompt is None:
+            return None
+        return await self._count_prompt(self._client(), request.messages, request.prompt_text)
+
     async def _counted(self, end: StreamEnd, request: GenerationRequest, resumed: int) -> StreamEnd:
         """`end` with the engine's prompt count, asked for if the stream carried none
         (as if reported by the call: a resume's prompt holds the partial answer too)."""
