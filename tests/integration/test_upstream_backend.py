@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import OTHER_KEY, RunningServer
+from tests.conftest import KEY, OTHER_KEY, RunningServer
 from tests.fakes.upstream import PROMPT_IDS, WORD_ID, FakeUpstream, serve_fake
 
 Serve = Callable[..., RunningServer]
@@ -396,3 +396,52 @@ def test_a_cut_stream_is_billed_the_prompt_as_the_engine_counts_it_where_it_can(
     else:
         assert row.input_tokens == counted
         assert tokenized[-1]["messages"] == [{"role": "user", "content": "count"}]
+
+
+@pytest.mark.parametrize(
+    ("engine", "asked", "refused"),
+    [
+        ("llamacpp", {"min_tokens": 3}, "min_tokens"),  # llama-server has none
+        ("llama-cpp-python", {"ignore_eos": True}, "ignore_eos"),
+        ("openai", {"top_k": 5}, "top_k"),
+        ("openai", {"repetition_penalty": 1.2}, "repetition_penalty"),
+    ],
+)
+def test_a_vllm_extension_the_engine_cannot_honour_is_refused_by_name_not_dropped(
+    serve: Serve, engine: str, asked: dict[str, Any], refused: str
+) -> None:
+    fake = FakeUpstream(answer=ANSWER)
+    with serve_fake(fake) as url:
+        backend = upstream(url, engine=engine)
+        if engine == "llama-cpp-python":
+            backend["continuation"] = "none"  # its own style needs the GGUF's template
+        server = serve(models={"m": {"backends": [backend]}})
+        body = {"model": "m", "messages": [{"role": "user", "content": "count"}], **asked}
+        answer = httpx.post(
+            server.url + "/chat/completions",
+            json=body,
+            headers={"authorization": f"Bearer {KEY}"},
+        )
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == refused
+    assert fake.received == []  # refused before the engine saw it
+
+
+def test_llama_cpp_engines_get_their_own_sampler_names_and_no_defaults_of_their_own(
+    serve: Serve, clients: Callable[[RunningServer], openai.OpenAI]
+) -> None:
+    """llama.cpp calls vLLM's repetition_penalty repeat_penalty, and samples with top_k 40
+    and min_p 0.05 unless told otherwise (llama-cpp-python with repeat_penalty 1.1 too):
+    a client that asked for none of them gets none of them, as on vLLM or OpenAI."""
+    fake = FakeUpstream(answer=ANSWER)
+    with serve_fake(fake) as url:
+        server = serve(
+            models={"m": {"backends": [upstream(url, engine="llamacpp", continuation="llamacpp")]}}
+        )
+        c = clients(server)
+        chat(c, "m", "default", max_tokens=2)
+        chat(c, "m", "default", max_tokens=2, extra_body={"repetition_penalty": 1.3, "top_k": 7})
+    plain, asked = (body for _, body in fake.received)
+    assert (plain["top_k"], plain["min_p"], plain["repeat_penalty"]) == (0, 0.0, 1.0)
+    assert (asked["top_k"], asked["repeat_penalty"]) == (7, 1.3)
+    assert "repetition_penalty" not in asked and "min_tokens" not in asked

@@ -32,6 +32,7 @@ class Member:
     context_length: int = 100
     can_pause: bool = True
     estimates_tokens: bool = True
+    unsupported_sampling: frozenset[str] = frozenset()
     healthy: bool = True
     fail: bool = False
     calls: list[str] = field(default_factory=list)

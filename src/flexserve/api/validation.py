@@ -229,12 +229,14 @@ def _valid(
     default_max: int | None = None,
 ) -> ValidChat:
     options = wire.stream_options or StreamOptions()
+    sampling = _sampling(wire, len(prompt), backend.context_length, settings, default_max)
+    _check_engine_honours(sampling, backend)
     return ValidChat(
         tier=tier,
         reported_tier=wire.service_tier if wire.service_tier in TIER_ALIASES else tier,
         prompt_tokens=prompt,
         messages=messages,
-        sampling=_sampling(wire, len(prompt), backend.context_length, settings, default_max),
+        sampling=sampling,
         stream=bool(wire.stream),
         include_usage=options.include_usage,
         # as vLLM: usage in every chunk only together with include_usage
@@ -321,6 +323,24 @@ def _sampling(
         min_tokens=min_tokens,
         ignore_eos=bool(wire.ignore_eos),
     )
+
+
+def _check_engine_honours(sampling: SamplingParams, backend: Backend) -> None:
+    """A vLLM extension the model's engine would silently drop is refused by name."""
+    if not backend.unsupported_sampling:
+        return
+    asked = {
+        "top_k": sampling.top_k > 0,
+        "repetition_penalty": sampling.repetition_penalty != 1.0,
+        "min_tokens": sampling.min_tokens > 0,
+        "ignore_eos": sampling.ignore_eos,
+    }
+    for param in sorted(backend.unsupported_sampling):
+        if asked.get(param):
+            raise UnsupportedValue(
+                f"{param} is not supported by the engine serving this model; omit it.",
+                param=param,
+            )
 
 
 def _max_tokens(

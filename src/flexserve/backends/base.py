@@ -137,6 +137,8 @@ class Backend(Protocol):
     estimates_tokens: bool
     """`encode_chat`/`encode_text` only estimate a count (a sum of lengths; the engine
     tokenizes for itself): cheap enough to run on the event loop."""
+    unsupported_sampling: frozenset[str]
+    """Sampling parameters (vLLM's names) its engine cannot honour: refused by name."""
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> tuple[int, ...]:
         """Apply the model's chat template and tokenize."""

@@ -118,6 +118,7 @@ class EmbeddedBackend:
     name = "embedded"
     can_pause = True  # re-prefill of prompt + its own tokens: exact
     estimates_tokens = False  # the model's chat template and tokenizer
+    unsupported_sampling: frozenset[str] = frozenset()  # all of vLLM's are honoured
 
     def __init__(
         self,

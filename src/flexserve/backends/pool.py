@@ -46,6 +46,8 @@ class Pool:
         self.context_length = min(member.context_length for member in members)
         self.can_pause = all(member.can_pause for member in members)
         self.estimates_tokens = all(member.estimates_tokens for member in members)
+        # a job may run on any member: what one cannot honour, the pool cannot promise
+        self.unsupported_sampling = frozenset().union(*(m.unsupported_sampling for m in members))
         self._clock = clock
         self._in_flight = dict.fromkeys(range(len(members)), 0)
         self._failed: TTLCache[str, int] = TTLCache(maxsize=100_000, ttl=FAILED_MEMBER_MEMORY)

@@ -14,6 +14,7 @@ from flexserve.backends.upstream.backend import Capabilities, Endpoint, OpenAIBa
 from flexserve.backends.upstream.continuation import RenderPrompt
 from flexserve.backends.upstream.prompt_count import prompt_counter
 from flexserve.config import PoolBackendSettings, Settings
+from flexserve.config.pools import ENGINE_PRESETS
 
 
 def build_models(
@@ -88,7 +89,14 @@ def _openai(
         model,
         endpoint,
         slots,
-        Capabilities(priority, continuation, passthrough, entry.batch_invariant),
+        Capabilities(
+            priority,
+            continuation,
+            passthrough,
+            entry.batch_invariant,
+            ENGINE_PRESETS[entry.engine].dialect,
+            ENGINE_PRESETS[entry.engine].unsupported_sampling,
+        ),
         context_length=entry.context_length or 131_072,
         render=render,
         stall_timeout=settings.stall_timeout,

@@ -91,6 +91,7 @@ class SimulatedBackend:
     name = "simulated"
     can_pause = True
     estimates_tokens = False  # it splits words: over a large body, not for the event loop
+    unsupported_sampling: frozenset[str] = frozenset()  # all of vLLM's are honoured
 
     def __init__(
         self,

@@ -21,6 +21,8 @@ EngineName = Literal[
     "vllm", "sglang", "llamacpp", "llama-cpp-python", "openai", "flexserve", "custom"
 ]
 PriorityStyleName = Literal["vllm", "sglang", "none"]
+SamplingDialectName = Literal["vllm", "llama.cpp", "openai"]
+VLLM_SAMPLING = frozenset({"top_k", "repetition_penalty", "min_tokens", "ignore_eos"})
 ContinuationStyleName = Literal[
     "vllm", "llamacpp", "completions", "vllm-tokens", "llamacpp-tokens", "none"
 ]
@@ -33,6 +35,10 @@ class EnginePreset:
     service_tier_passthrough: bool
     metrics_path: str | None
     """Prometheus metrics with vLLM's gauge names, relative to the server's root."""
+    dialect: SamplingDialectName = "vllm"
+    """The names its API gives samplers beyond OpenAI's."""
+    unsupported_sampling: frozenset[str] = frozenset()
+    """vLLM's sampling extensions it cannot honour (refused by name)."""
 
 
 ENGINE_PRESETS: dict[EngineName, EnginePreset] = {
@@ -42,11 +48,18 @@ ENGINE_PRESETS: dict[EngineName, EnginePreset] = {
     "sglang": EnginePreset("sglang", "vllm", False, None),
     # llama.cpp's llama-server: FIFO; continues a trailing assistant message on its chat
     # API (`continuation = "llamacpp-tokens"`: token-level, on its native API).
-    "llamacpp": EnginePreset("none", "llamacpp", False, None),
+    # Its samplers: llama.cpp's names; it has no min_tokens.
+    "llamacpp": EnginePreset(
+        "none", "llamacpp", False, None, "llama.cpp", frozenset({"min_tokens"})
+    ),
     # llama-cpp-python's server closes a trailing assistant message: raw completions.
-    "llama-cpp-python": EnginePreset("none", "completions", False, None),
+    # llama.cpp's sampler names; it has min_tokens, but no ignore_eos.
+    "llama-cpp-python": EnginePreset(
+        "none", "completions", False, None, "llama.cpp", frozenset({"ignore_eos"})
+    ),
     # OpenAI itself and another flexserve have tiers: service_tier passes through.
-    "openai": EnginePreset("none", "none", True, None),
+    # OpenAI has none of vLLM's sampling extensions.
+    "openai": EnginePreset("none", "none", True, None, "openai", VLLM_SAMPLING),
     "flexserve": EnginePreset("none", "none", True, None),
     "custom": EnginePreset("none", "none", False, None),
 }

@@ -41,6 +41,7 @@ from flexserve.backends.upstream.continuation import (
     TOKEN_STYLES,
     ContinuationStyle,
     RenderPrompt,
+    SamplingDialect,
     UpstreamCall,
     build_call,
 )
@@ -72,6 +73,11 @@ class Capabilities:
     batch_invariant: bool = False
     """The engine runs batch-invariant (vLLM's VLLM_BATCH_INVARIANT=1): prefilling the
     prompt and the produced ids gives what decoding them one by one gave."""
+    dialect: SamplingDialect = "vllm"
+    """The names its API gives the samplers beyond OpenAI's (`sampling_fields`)."""
+    unsupported_sampling: frozenset[str] = frozenset()
+    """vLLM's sampling extensions it cannot honour: a request asking for one is refused
+    by name (400) instead of the engine silently dropping it."""
 
     @property
     def ends_streamed_connections(self) -> bool:
@@ -138,6 +144,7 @@ class OpenAIBackend:
         self.capabilities = capabilities
         self.context_length = context_length
         self.can_pause = capabilities.continuation != "none"
+        self.unsupported_sampling = capabilities.unsupported_sampling
         self.breaker = breaker or CircuitBreaker()
         self.in_flight = 0
         self.engine_load: EngineLoad | None = None
@@ -239,6 +246,7 @@ class OpenAIBackend:
             extra=self._extra_fields(request.tier),
             render=self._render,
             prompt_text=request.prompt_text,
+            dialect=self.capabilities.dialect,
         )
 
     async def _token_call(

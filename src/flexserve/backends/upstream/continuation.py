@@ -31,6 +31,8 @@ ContinuationStyle = Literal[
 ]
 TOKEN_STYLES: frozenset[ContinuationStyle] = frozenset({"vllm-tokens", "llamacpp-tokens"})
 """Styles that resume from the engine's own token ids (`vllm_tokens.py`, `llamacpp_tokens.py`)."""
+SamplingDialect = Literal["vllm", "llama.cpp", "openai"]
+"""Which names an engine's API gives the samplers beyond OpenAI's (`sampling_fields`)."""
 RenderPrompt = Callable[[Sequence[ChatMessage]], str]
 """Chat template rendering with the generation prompt added (for `completions`)."""
 
@@ -62,6 +64,7 @@ def build_call(
     extra: dict[str, Any] | None = None,
     render: RenderPrompt | None = None,
     prompt_text: str | None = None,
+    dialect: SamplingDialect = "vllm",
 ) -> UpstreamCall:
     """The request that generates (the rest of) an answer, streaming, with usage.
 
@@ -69,7 +72,7 @@ def build_call(
     completions: the prompt plus the partial answer, whatever the style."""
     body: dict[str, Any] = {"model": model, "stream": True, **(extra or {})}
     body["stream_options"] = {"include_usage": True}
-    body.update(sampling_fields(sampling, produced))
+    body.update(sampling_fields(sampling, produced, dialect))
     if prompt_text is not None:
         return UpstreamCall("/completions", {**body, "prompt": prompt_text + partial})
     wire = [{"role": m.role, "content": m.content} for m in messages]
@@ -105,9 +108,20 @@ class EchoedPrefix:
         return text.removeprefix(partial)
 
 
-def sampling_fields(sampling: SamplingParams, produced: int) -> dict[str, Any]:
-    """OpenAI fields always; vLLM's extensions only when asked for, since OpenAI itself
-    (and some other engines) reject fields they do not know."""
+def sampling_fields(
+    sampling: SamplingParams, produced: int, dialect: SamplingDialect = "vllm"
+) -> dict[str, Any]:
+    """OpenAI fields always; the others only when asked for, since OpenAI itself (and some
+    other engines) reject fields they do not know, in the engine's own names:
+
+    - `vllm` (vLLM, SGLang, another flexserve): vLLM's extensions as vLLM names them.
+    - `llama.cpp` (llama-server, llama-cpp-python's server): `repeat_penalty`, and the
+      samplers llama.cpp turns on by default that OpenAI has not (top_k 40, min_p 0.05,
+      and llama-cpp-python's repeat_penalty 1.1) always sent, off unless asked for.
+    - `openai`: OpenAI's fields only (validation refuses the rest by name).
+
+    A field an engine cannot honour at all is refused before it gets here
+    (`Capabilities.unsupported_sampling`)."""
     fields: dict[str, Any] = {
         "max_tokens": max(1, sampling.max_tokens - produced),
         "temperature": sampling.temperature,
@@ -118,12 +132,15 @@ def sampling_fields(sampling: SamplingParams, produced: int) -> dict[str, Any]:
         "seed": sampling.seed,
         "frequency_penalty": sampling.frequency_penalty or None,
         "presence_penalty": sampling.presence_penalty or None,
-        "top_k": sampling.top_k if sampling.top_k > 0 else None,
-        "repetition_penalty": (
-            sampling.repetition_penalty if sampling.repetition_penalty != 1.0 else None
-        ),
         "min_tokens": max(0, sampling.min_tokens - produced) or None,
         "ignore_eos": sampling.ignore_eos or None,
     }
+    if dialect == "vllm":
+        optional["top_k"] = sampling.top_k if sampling.top_k > 0 else None
+        repetition = sampling.repetition_penalty
+        optional["repetition_penalty"] = repetition if repetition != 1.0 else None
+    elif dialect == "llama.cpp":
+        fields |= {"top_k": sampling.top_k, "min_p": 0.0}  # top_k 0 = off, as vLLM's -1
+        fields["repeat_penalty"] = sampling.repetition_penalty
     fields.update({name: value for name, value in optional.items() if value is not None})
     return fields
