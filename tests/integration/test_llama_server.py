@@ -348,3 +348,19 @@ def test_a_stream_the_client_cuts_is_billed_the_engines_count_of_its_prompt(
     (row,) = server.state.store.ledger("tenant-a")
     assert row.outcome == "cancelled" and 4 <= row.output_tokens < 200
     assert row.input_tokens == engine_chat(engine, STORY, 1, SEED)["usage"]["prompt_tokens"]
+
+
+def test_the_quick_form_takes_llama_servers_own_slots_and_context(
+    engine: LlamaServer, tmp_path: Any
+) -> None:
+    """`serve --upstream URL --upstream-engine llamacpp` with no `slots`: as many as the
+    engine runs at once (`--parallel`, from its /props), and its context per slot; more
+    would queue jobs inside the engine, where flexserve cannot preempt them."""
+    from flexserve.backends.upstream.discovery import discover_models
+    from flexserve.config import load_settings
+
+    quick = {"data_dir": tmp_path, "upstream": engine.url, "upstream_engine": "llamacpp"}
+    (backend,) = discover_models(load_settings(None, **quick))[ALIAS].backends
+    assert (backend.slots, backend.context_length) == (1, 2048)  # the fixture's engine
+    (chosen,) = discover_models(load_settings(None, **quick, slots=3))[ALIAS].backends
+    assert chosen.slots == 3  # the operator's word stands
