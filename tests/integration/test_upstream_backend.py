@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import KEY, OTHER_KEY, RunningServer
+from tests.conftest import KEY, OTHER_KEY, RunningServer, free_port
 from tests.fakes.upstream import PROMPT_IDS, WORD_ID, FakeUpstream, serve_fake
 
 Serve = Callable[..., RunningServer]
@@ -445,3 +445,20 @@ def test_llama_cpp_engines_get_their_own_sampler_names_and_no_defaults_of_their_
     assert (plain["top_k"], plain["min_p"], plain["repeat_penalty"]) == (0, 0.0, 1.0)
     assert (asked["top_k"], asked["repeat_penalty"]) == (7, 1.3)
     assert "repetition_penalty" not in asked and "min_tokens" not in asked
+
+
+def test_a_backend_that_refuses_connections_at_start_is_out_from_the_start(
+    serve: Serve, clients: Callable[[RunningServer], openai.OpenAI]
+) -> None:
+    """Probed at start: /healthz does not call an engine healthy that nothing listens
+    for, and a request gets 503 with Retry-After (retry shortly), not a 500."""
+    nobody = f"http://127.0.0.1:{free_port()}/v1"
+    server = serve(models={"m": {"backends": [upstream(nobody, engine="vllm", name="down")]}})
+    health = httpx.get(server.base_url + "/healthz")
+    assert health.status_code == 503
+    assert health.json()["models"]["m"] == [{"name": "down", "kind": "openai", "healthy": False}]
+    with pytest.raises(openai.InternalServerError) as refused:
+        chat(clients(server), "m", "default")
+    assert refused.value.status_code == 503
+    assert refused.value.response.headers["retry-after"]
+    assert server.state.store.ledger("tenant-a") == []

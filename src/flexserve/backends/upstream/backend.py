@@ -59,6 +59,8 @@ log = logging.getLogger("flexserve.upstream")
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4
 """Role markers and separators a chat template adds per message, roughly."""
+START_PROBE_TIMEOUT = 5.0
+"""Seconds the start-up probe waits for an answer before the backend starts out."""
 READ_BUFFER = 1 << 20
 """aiohttp reads an SSE line of at most about twice this (its default is 64 KiB)."""
 
@@ -329,8 +331,28 @@ class OpenAIBackend:
         return own + self.engine_load.score(now, stale_after=5 * self._metrics_interval)
 
     async def start(self) -> None:
+        await self._probe_at_start()
         if self.endpoint.metrics_url is not None and self._poller is None:
             self._poller = asyncio.create_task(self._poll_metrics(), name=f"metrics-{self.label}")
+
+    async def _probe_at_start(self) -> None:
+        """An engine that nothing listens for (or that does not answer in time) is out
+        from the start, not called healthy until three requests have failed. Any answer,
+        even an error status, means it is there: requests will say the rest."""
+        try:
+            timeout = aiohttp.ClientTimeout(total=START_PROBE_TIMEOUT)
+            headers = (
+                {"authorization": f"Bearer {self.endpoint.api_key}"}
+                if self.endpoint.api_key
+                else {}
+            )
+            url = self.endpoint.base_url.rstrip("/") + "/models"
+            probe = self._client().get(url, timeout=timeout, headers=headers, allow_redirects=False)
+            async with probe as response:
+                await response.read()
+        except (aiohttp.ClientError, TimeoutError) as error:
+            log.warning("backend %s does not answer at start: %s", self.label, type(error).__name__)
+            self.breaker.trip(self._clock())
 
     async def _poll_metrics(self) -> None:
         assert self.endpoint.metrics_url is not None

@@ -68,6 +68,12 @@ class CircuitBreaker:
         elif self.state == "closed" and self.failures >= self.failure_threshold:
             self._open(now, self.cooldown)
 
+    def trip(self, now: float) -> None:
+        """Out at once (the engine refused a connection at start): probed after the
+        cooldown like any open breaker."""
+        self.failures = max(self.failures, self.failure_threshold)
+        self._open(now, self.cooldown)
+
     def _open(self, now: float, cooldown: float) -> None:
         self.state = "open"
         self.opened_at = now
