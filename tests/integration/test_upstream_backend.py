@@ -462,3 +462,53 @@ def test_a_backend_that_refuses_connections_at_start_is_out_from_the_start(
     assert refused.value.status_code == 503
     assert refused.value.response.headers["retry-after"]
     assert server.state.store.ledger("tenant-a") == []
+
+
+def test_an_upstream_that_wants_a_key_is_named_at_start_in_one_line(tmp_path: Any) -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from flexserve.backends.upstream.discovery import discover_models
+    from flexserve.config import InvalidSettings, load_settings
+    from tests.fakes.upstream import serve_app
+
+    async def models(request: Any) -> JSONResponse:
+        return JSONResponse({"error": {"message": "no key"}}, status_code=401)
+
+    app = Starlette(routes=[Route("/v1/models", models)])
+    with serve_app(app, "locked") as url, pytest.raises(InvalidSettings) as refused:
+        discover_models(load_settings(None, data_dir=tmp_path, upstream=url))
+    message = str(refused.value)
+    assert "\n" not in message and "401" in message
+    assert "FLEXSERVE_UPSTREAM_API_KEY" in message
+
+
+def test_a_paused_calls_tokens_and_time_count_in_the_backends_stats() -> None:
+    """What the engine sampled before a pause was sampled all the same, and its slot was
+    busy meanwhile (the dashboard's utilization reads these): counted with an injected
+    clock, not only for calls that reach their end."""
+    import asyncio
+
+    from flexserve.backends.base import GenerationRequest, SamplingParams
+    from flexserve.backends.upstream.backend import Capabilities, Endpoint, OpenAIBackend
+
+    times = iter([10.0, 13.5, 20.0, 21.0])
+
+    async def run(url: str) -> tuple[float, int]:
+        endpoint = Endpoint(url, None, "fake-model")
+        backend = OpenAIBackend("b", "m", endpoint, 1, Capabilities(), clock=lambda: next(times))
+        request = GenerationRequest("r", (1,), SamplingParams(12))
+        chunks = backend.generate(request)
+        await anext(chunks), await anext(chunks), await anext(chunks)
+        await chunks.aclose()  # paused after three tokens
+        whole = [chunk async for chunk in backend.generate(request)]  # a whole answer
+        await backend.close()
+        assert len(whole) == 13  # 12 tokens and the finish
+        stats = backend.stats()
+        return stats.busy_slot_seconds, stats.sampled_tokens
+
+    with serve_fake(FakeUpstream(answer=ANSWER)) as url:
+        busy, sampled = asyncio.run(run(url))
+    assert sampled == 3 + 12
+    assert busy == (13.5 - 10.0) + (21.0 - 20.0)

@@ -91,6 +91,10 @@ def openai_backend(**fields: Any) -> dict[str, Any]:
             "batch_invariant needs continuation 'vllm-tokens'",
         ),
         (
+            {"m": {"backends": [openai_backend(engine="llamacpp", batch_invariant=True)]}},
+            "llama.cpp has no batch-invariant mode",
+        ),
+        (
             {"m": {"backends": [{"kind": "simulated", "batch_invariant": True}]}},
             "batch_invariant is only for kind = 'openai'",
         ),

@@ -139,9 +139,11 @@ class PoolBackendSettings(BaseModel):
         engines = TOKEN_STYLE_ENGINES.get(style, (self.engine,))
         if self.engine not in engines:
             raise ValueError(f"continuation {style!r} is for engine {' or '.join(engines)}")
+        if self.batch_invariant and self.engine in ("llamacpp", "llama-cpp-python"):
+            raise ValueError("batch_invariant: llama.cpp has no batch-invariant mode")
         if self.batch_invariant and style not in BATCH_INVARIANT_STYLES:
             # a text-level resume tokenizes text again: never the uninterrupted answer
-            raise ValueError("batch_invariant needs continuation 'vllm-tokens'")
+            raise ValueError("batch_invariant needs continuation 'vllm-tokens' (on vLLM)")
         if style == "completions" and self.chat_template is None:
             raise ValueError("continuation 'completions' needs chat_template (Jinja or GGUF)")
         if self.chat_template is not None and not Path(self.chat_template).is_file():

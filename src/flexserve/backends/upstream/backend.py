@@ -209,6 +209,7 @@ class OpenAIBackend:
                         passed = seam.passed
                     else:
                         seam.streamed += plain
+                        plain = 0  # counted by `_end`
                         end = await self._counted(item, request, len(seam.sent))
                         for ending in self._end(end, seam):
                             yield ending
@@ -222,6 +223,9 @@ class OpenAIBackend:
             self.breaker.release_probe()
             self.in_flight -= 1
             self._stats.active_sequences = self.in_flight
+            self._stats.busy_slot_seconds += self._clock() - now
+            if not seam.ended:  # paused, cut or failed: what it streamed was sampled
+                self._stats.sampled_tokens += seam.streamed + plain
 
     def _style_for(
         self, request: GenerationRequest, resume: Sequence[TokenChunk]
@@ -285,6 +289,7 @@ class OpenAIBackend:
         """The finish (with any text the seam still holds), after empty tokens for any
         the engine counted but did not stream."""
         emitted, resumed = seam.streamed, len(seam.sent)
+        seam.ended = True
         self.breaker.succeeded()
         self._stats.sampled_tokens += max(emitted, end.completion_tokens or 0)
         unseen = max(0, (end.completion_tokens or 0) - emitted)

@@ -31,7 +31,9 @@ def discover_models(settings: Settings) -> dict[str, ModelSettings]:
         response.raise_for_status()
         listed = response.json().get("data") or []
     except (httpx.HTTPError, ValueError, AttributeError) as error:
-        raise InvalidSettings(f"upstream: cannot list models at {url}/models: {error}") from None
+        raise InvalidSettings(
+            f"upstream: cannot list models at {url}/models: {_why(error)}"
+        ) from None
     slots, slot_context = _engine_slots(settings, url, headers)
     models = {}
     for entry in listed:
@@ -76,3 +78,13 @@ def _engine_slots(settings: Settings, url: str, headers: dict[str, str]) -> tupl
             parallel,
         )
     return settings.slots, context
+
+
+def _why(error: Exception) -> str:
+    """One line (httpx's own message adds a second, with a link)."""
+    if isinstance(error, httpx.HTTPStatusError):
+        status = error.response.status_code
+        if status in (401, 403):
+            return f"it answered {status}: set FLEXSERVE_UPSTREAM_API_KEY to its key"
+        return f"it answered {status}"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__

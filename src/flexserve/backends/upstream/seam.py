@@ -37,6 +37,8 @@ class Seam:
         self._carry = ""
         self.streamed = 0
         """Tokens the engine streamed in this call, counted or not."""
+        self.ended = False
+        """The call reached the engine's finish (its usage counted what it sampled)."""
         self.passed = self._echo is None and not self.regenerate
         """Nothing left to mend: each token goes to the client as it comes."""
 
