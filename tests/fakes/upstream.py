@@ -47,6 +47,8 @@ class FakeUpstream:
     metrics_text: str = ""
     delay: float = 0.0
     """Seconds before each chunk (an engine's time per token)."""
+    tokenize_status: int = 200
+    """What /tokenize answers (429: busy, as an engine may refuse a count)."""
     models: tuple[str, ...] = ("fake-model",)
     """What /v1/models lists."""
     set_cookie: str | None = None
@@ -75,6 +77,9 @@ class FakeUpstream:
     async def _tokenize(self, request: Request) -> Response:
         body = await request.json()
         self.received.append((request.url.path, body))
+        if self.tokenize_status != 200:
+            error = {"error": {"message": "busy", "code": "resource_unavailable"}}
+            return JSONResponse(error, status_code=self.tokenize_status)
         return JSONResponse({"tokens": list(PROMPT_IDS), "count": len(PROMPT_IDS)})
 
     async def _metrics(self, request: Request) -> Response:

@@ -351,7 +351,7 @@ def test_a_stream_the_client_cuts_is_billed_the_engines_count_of_its_prompt(
 
 
 def test_the_quick_form_takes_llama_servers_own_slots_and_context(
-    engine: LlamaServer, tmp_path: Any
+    engine: LlamaServer, tmp_path: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """`serve --upstream URL --upstream-engine llamacpp` with no `slots`: as many as the
     engine runs at once (`--parallel`, from its /props), and its context per slot; more
@@ -363,4 +363,5 @@ def test_the_quick_form_takes_llama_servers_own_slots_and_context(
     (backend,) = discover_models(load_settings(None, **quick))[ALIAS].backends
     assert (backend.slots, backend.context_length) == (1, 2048)  # the fixture's engine
     (chosen,) = discover_models(load_settings(None, **quick, slots=3))[ALIAS].backends
-    assert chosen.slots == 3  # the operator's word stands
+    assert chosen.slots == 3  # the operator's word stands, with a warning
+    assert "slots=3 but the upstream runs 1 at once" in caplog.text

@@ -373,14 +373,22 @@ def test_a_job_failing_over_from_a_text_level_member_to_vllm_tokens_resumes_as_t
     assert len(rows) == 4 and all(r.output_tokens == len(ANSWER.split()) for r in rows)
 
 
-@pytest.mark.parametrize(("engine", "counted"), [("vllm", len(PROMPT_IDS)), ("openai", None)])
+@pytest.mark.parametrize(
+    ("engine", "tokenize_status", "counted"),
+    [("vllm", 200, len(PROMPT_IDS)), ("vllm", 429, None), ("openai", 200, None)],
+)
 def test_a_cut_stream_is_billed_the_prompt_as_the_engine_counts_it_where_it_can(
-    serve: Serve, clients: Callable[[RunningServer], openai.OpenAI], engine: str, counted: Any
+    serve: Serve,
+    clients: Callable[[RunningServer], openai.OpenAI],
+    engine: str,
+    tokenize_status: int,
+    counted: Any,
 ) -> None:
     """The engine's usage comes at the end of its stream: for a stream the client cuts,
     vLLM is asked (`/tokenize`, the chat as its template renders it); an engine with no
-    such call (OpenAI) keeps flexserve's estimate."""
-    fake = FakeUpstream(answer=ANSWER, delay=0.05)
+    such call (OpenAI), or one that refuses to count, leaves flexserve's estimate billed,
+    never an unbilled job."""
+    fake = FakeUpstream(answer=ANSWER, delay=0.05, tokenize_status=tokenize_status)
     with serve_fake(fake) as url:
         server = serve(models={"m": {"backends": [upstream(url, engine=engine, metrics_url=None)]}})
         stream = chat(clients(server), "m", "default", stream=True)
@@ -392,7 +400,8 @@ def test_a_cut_stream_is_billed_the_prompt_as_the_engine_counts_it_where_it_can(
     assert row.outcome == "cancelled" and row.output_tokens >= 1
     tokenized = [body for path, body in fake.received if path == "/tokenize"]
     if counted is None:
-        assert tokenized == [] and row.input_tokens >= 1  # the estimate
+        assert tokenized == [] if engine == "openai" else len(tokenized) == 1
+        assert row.input_tokens >= 1  # the estimate
     else:
         assert row.input_tokens == counted
         assert tokenized[-1]["messages"] == [{"role": "user", "content": "count"}]
@@ -512,3 +521,37 @@ def test_a_paused_calls_tokens_and_time_count_in_the_backends_stats() -> None:
         busy, sampled = asyncio.run(run(url))
     assert sampled == 3 + 12
     assert busy == (13.5 - 10.0) + (21.0 - 20.0)
+
+
+def test_an_engine_out_is_probed_as_each_cooldown_ends_and_let_back_when_it_answers() -> None:
+    """Not only when a request happens by: a dead engine stays out (cooldown doubling),
+    and one that answers again is ready for a request to be its probe (injected clock)."""
+    import asyncio
+
+    from flexserve.backends.base import GenerationRequest, SamplingParams
+    from flexserve.backends.upstream.backend import Capabilities, Endpoint, OpenAIBackend
+
+    now = [0.0]
+
+    async def run(live: str) -> list[tuple[str, bool]]:
+        dead = Endpoint(f"http://127.0.0.1:{free_port()}/v1", None, "fake-model")
+        backend = OpenAIBackend("b", "m", dead, 1, Capabilities(), clock=lambda: now[0])
+        seen = []
+        await backend._probe_at_start()
+        seen.append((backend.breaker.state, backend.health()))  # out from the start
+        now[0] = 3.0  # its cooldown (2 s) is over
+        await backend.reprobe()
+        seen.append((backend.breaker.state, backend.health()))  # still dead: out again
+        backend.endpoint = Endpoint(live, None, "fake-model")  # the engine is back
+        now[0] = 8.0  # the doubled cooldown (4 s) is over
+        await backend.reprobe()
+        seen.append((backend.breaker.state, backend.health()))  # ready for a request
+        request = GenerationRequest("r", (1,), SamplingParams(2))
+        _ = [chunk async for chunk in backend.generate(request)]  # the real probe
+        seen.append((backend.breaker.state, backend.health()))
+        await backend.close()
+        return seen
+
+    with serve_fake(FakeUpstream(answer=ANSWER)) as url:
+        seen = asyncio.run(run(url))
+    assert seen == [("open", False), ("open", False), ("half_open", True), ("closed", True)]

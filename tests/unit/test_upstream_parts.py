@@ -154,7 +154,10 @@ def test_a_probe_ended_without_a_verdict_lets_another_request_probe() -> None:
     assert breaker.allows(now=3.0)  # the probe
     assert not breaker.allows(now=3.0)
     breaker.release_probe()
+    # healthy too: a pool routes by health, and would never send it the next probe
+    assert breaker.healthy(now=3.5)
     assert breaker.allows(now=3.5) and breaker.remaining(now=3.5) == 0.0
+    assert not breaker.healthy(now=3.5)  # while that probe is out, others get the work
 
 
 STREAM = (

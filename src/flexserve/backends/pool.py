@@ -79,10 +79,12 @@ class Pool:
                 await aclose()
 
     async def engine_prompt_tokens(self, request: GenerationRequest) -> int | None:
-        """Counted by a healthy member that can count (they serve one model)."""
+        """Counted by the first healthy member that can say (they serve one model)."""
         for member in self.members:
             if isinstance(member, CountsPrompts) and member.health():
-                return await member.engine_prompt_tokens(request)
+                counted = await member.engine_prompt_tokens(request)
+                if counted is not None:
+                    return counted
         return None
 
     def choose(self, request_id: str) -> int:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from flexserve.backends.base import Backend
 from flexserve.errors import ModelNotFound
-from flexserve.runtime.runtime import Runtime, Settle
+from flexserve.runtime.runtime import Runtime
+from flexserve.runtime.settle_count import Settle
 from flexserve.scheduling.tiers import Tier
 
 

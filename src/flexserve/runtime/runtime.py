@@ -18,12 +18,11 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from flexserve.backends.base import (
     Backend,
     BackendError,
-    CountsPrompts,
     EngineRefused,
     Finish,
     NoBackendAvailable,
@@ -62,7 +61,8 @@ from flexserve.runtime.outcomes import (
     runtime_failed,
     shutting_down,
 )
-from flexserve.runtime.stream import engine_prompt_count, stream_job
+from flexserve.runtime.settle_count import Settle, settle_counted
+from flexserve.runtime.stream import stream_job
 from flexserve.scheduling import (
     Admission,
     JobSpec,
@@ -77,10 +77,6 @@ from flexserve.scheduling.jobs import Phase
 log = logging.getLogger("flexserve.runtime")
 
 _OVERLOADED = "The server is overloaded with interactive traffic; retry shortly."
-
-Settle = Callable[[JobHandle, Outcome], Awaitable[None]]
-"""Counts and bills a job's outcome. A future it returns is the job's `settled` as is (the
-app's: no task per job); a coroutine runs as a task."""
 
 MAX_OUTAGE_RETRIES = 600
 """Waits of a flex/batch job for an engine to come back (each at least 0.5 s: a breaker's
@@ -473,19 +469,12 @@ class Runtime:
     def _spawn_settle(self, handle: JobHandle, outcome: Outcome) -> None:
         settled: asyncio.Future[None]
         try:
-            cut = outcome == "cancelled" and handle.engine_prompt_tokens is None
-            if cut and isinstance(self.backend, CountsPrompts):  # billed input, no usage came
-                settled = asyncio.ensure_future(self._count_then_settle(handle, outcome))
-            else:
-                settled = asyncio.ensure_future(self._settle(handle, outcome))
+            settled = asyncio.ensure_future(
+                settle_counted(self.backend, self._settle, handle, outcome)
+            )
         except Exception:  # a settle that fails at once must not take the loop down
             log.exception("settling failed request_id=%s", handle.request_id)
             settled = settled_now()
         self._settling.add(settled)
         settled.add_done_callback(self._settling.discard)
         handle.settled = settled
-
-    async def _count_then_settle(self, handle: JobHandle, outcome: Outcome) -> None:
-        assert isinstance(self.backend, CountsPrompts)
-        handle.engine_prompt_tokens = await engine_prompt_count(self.backend, handle)
-        await self._settle(handle, outcome)

@@ -17,7 +17,6 @@ from flexserve.backends.base import (
     Backend,
     BackendError,
     Chunk,
-    CountsPrompts,
     EngineRefused,
     Finish,
     GenerationRequest,
@@ -38,7 +37,7 @@ async def stream_job(
     try:
         # Inside the try: a `generate` that raises before returning an iterator is an
         # engine failure of this job like any other (it must not leave the slot held).
-        chunks = backend.generate(_request(handle), tuple(handle.produced))
+        chunks = backend.generate(generation_request(handle), tuple(handle.produced))
         ended = await _pump(handle, chunks, post, stall_timeout)
     except (BackendError, EngineRefused) as error:
         ended = Ended(sub.request_id, None, error)
@@ -53,7 +52,7 @@ async def stream_job(
     await _close(chunks)
 
 
-def _request(handle: JobHandle) -> GenerationRequest:
+def generation_request(handle: JobHandle) -> GenerationRequest:
     sub = handle.submission
     return GenerationRequest(
         sub.request_id,
@@ -65,20 +64,6 @@ def _request(handle: JobHandle) -> GenerationRequest:
         tier=sub.tier,
         prompt_text=sub.prompt_text,
     )
-
-
-PROMPT_COUNT_TIMEOUT = 10.0
-"""Seconds a cut job's bill waits for the engine's count of its prompt (else estimated)."""
-
-
-async def engine_prompt_count(backend: CountsPrompts, handle: JobHandle) -> int | None:
-    """The engine's count of a job's prompt, for a bill whose stream was cut before the
-    engine's usage came (backends/upstream/prompt_count.py); None: it cannot say."""
-    try:
-        async with asyncio.timeout(PROMPT_COUNT_TIMEOUT):
-            return await backend.engine_prompt_tokens(_request(handle))
-    except (TimeoutError, BackendError):
-        return None
 
 
 STALL_SLACK = 0.1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import random
 from dataclasses import dataclass
 
 from flexserve.scheduling.fairness import VirtualTokenCounter
@@ -36,8 +37,11 @@ class FairQueue:
 
     def __init__(self) -> None:
         self.vtc = VirtualTokenCounter()
+        self._priorities = random.Random(0)
+        """The treaps' priorities for all of this queue's trees: seeded per queue, so
+        runs repeat, and shared, so a new tenant's line seeds nothing."""
         self._lines: dict[str, SumTree] = {}
-        self._by_work = SumTree()
+        self._by_work = SumTree(self._priorities)
         self._work_key: dict[str, Key] = {}
         self._heads: list[_Head] = []
         self._head: dict[str, _Head] = {}
@@ -58,7 +62,7 @@ class FairQueue:
         tenant = job.spec.tenant
         line = self._lines.get(tenant)
         if line is None:
-            line = self._lines[tenant] = SumTree()
+            line = self._lines[tenant] = SumTree(self._priorities)
         line.insert(_key(job), job.queued_work)
         self._count += 1
         self._refresh(tenant)

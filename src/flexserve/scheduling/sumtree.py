@@ -14,11 +14,6 @@ from typing import Any
 
 Key = tuple[Any, ...]
 
-_PRIORITIES = random.Random(0)
-"""Shared by the trees made without a seed of their own: a tree is made per tenant's
-line whenever one starts to queue (for most interactive requests, at each arrival), and
-seeding a generator costs more than the tree's insert and remove together."""
-
 
 class _Node:
     __slots__ = ("count", "key", "left", "priority", "right", "total", "value")
@@ -76,10 +71,13 @@ class SumTree:
     """Unique keys in order, each with a value: insert, remove, first, and the count and
     sum of the values of the keys below a given one, each in O(log n) expected."""
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, priorities: random.Random | None = None) -> None:
+        """`priorities`: a seeded generator, which may be shared by many trees (the
+        scheduler makes a tree per tenant's line whenever one starts to queue, and
+        seeding a generator costs more than a tree's insert and remove together)."""
         self._root: _Node | None = None
         self._values: dict[Key, float] = {}
-        self._random = _PRIORITIES if seed is None else random.Random(seed)
+        self._random = priorities or random.Random(0)
 
     def __len__(self) -> int:
         return len(self._values)

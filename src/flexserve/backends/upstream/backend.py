@@ -59,6 +59,7 @@ log = logging.getLogger("flexserve.upstream")
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4
 """Role markers and separators a chat template adds per message, roughly."""
+COUNTS_AT_ONCE = 4
 START_PROBE_TIMEOUT = 5.0
 """Seconds the start-up probe waits for an answer before the backend starts out."""
 READ_BUFFER = 1 << 20
@@ -152,12 +153,16 @@ class OpenAIBackend:
         self.engine_load: EngineLoad | None = None
         self._render = render
         self._count_prompt = count_prompt
-        """For an engine whose streams carry no usage: its own count of the prompt."""
+        """The engine's own count of a prompt, where its usage cannot give it: an engine
+        whose streams carry none, and a stream cut before it came (`prompt_count.py`)."""
+        self._counting: asyncio.Semaphore | None = None
+        """At most `COUNTS_AT_ONCE` counts for cut streams go to the engine at once."""
         self._clock = clock
         self._metrics_interval = metrics_interval
         self._timeout = aiohttp.ClientTimeout(sock_connect=connect_timeout, sock_read=stall_timeout)
         self._http: aiohttp.ClientSession | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._stats = BackendStats()
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> tuple[int, ...]:
@@ -272,10 +277,14 @@ class OpenAIBackend:
         return build_token_call(model, prompt, request.sampling, resume)
 
     async def engine_prompt_tokens(self, request: GenerationRequest) -> int | None:
-        """For a stream cut before its usage came (`prompt_count.py`)."""
+        """For a stream cut before its usage came (`prompt_count.py`). Bounded: many
+        streams cut at once (a shutdown) must not flood the engine serving the rest."""
         if self._count_prompt is None:
             return None
-        return await self._count_prompt(self._client(), request.messages, request.prompt_text)
+        if self._counting is None:
+            self._counting = asyncio.Semaphore(COUNTS_AT_ONCE)
+        async with self._counting:
+            return await self._count_prompt(self._client(), request.messages, request.prompt_text)
 
     async def _counted(self, end: StreamEnd, request: GenerationRequest, resumed: int) -> StreamEnd:
         """`end` with the engine's prompt count, asked for if the stream carried none
@@ -337,27 +346,51 @@ class OpenAIBackend:
 
     async def start(self) -> None:
         await self._probe_at_start()
+        if self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch_while_out(), name=f"watch-{self.label}")
         if self.endpoint.metrics_url is not None and self._poller is None:
             self._poller = asyncio.create_task(self._poll_metrics(), name=f"metrics-{self.label}")
 
     async def _probe_at_start(self) -> None:
         """An engine that nothing listens for (or that does not answer in time) is out
-        from the start, not called healthy until three requests have failed. Any answer,
-        even an error status, means it is there: requests will say the rest."""
+        from the start, not called healthy until three requests have failed."""
+        if not await self._answers():
+            self.breaker.trip(self._clock())
+
+    async def _watch_while_out(self) -> None:
+        """While its breaker is open, the engine is probed as its cooldown ends (not
+        only when a request happens by), so that /healthz does not call a dead engine
+        healthy between cooldowns."""
+        while True:
+            wait = self.breaker.remaining(self._clock()) if self.breaker.state == "open" else 1.0
+            await asyncio.sleep(min(1.0, max(0.05, wait)))
+            await self.reprobe()
+
+    async def reprobe(self) -> None:
+        """One probe of an open breaker whose cooldown is over. No answer: open again,
+        with the cooldown doubled. An answer (any status) says only that the engine is
+        there: the breaker is left ready for a request to be the real probe, as before."""
+        if self.breaker.state != "open" or not self.breaker.allows(self._clock()):
+            return
+        if await self._answers():
+            self.breaker.release_probe()
+        else:
+            self.breaker.failed(self._clock())
+
+    async def _answers(self) -> bool:
+        """Does the engine answer HTTP at all (its /models, within a few seconds)?"""
+        api_key = self.endpoint.api_key
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        url = self.endpoint.base_url.rstrip("/") + "/models"
+        timeout = aiohttp.ClientTimeout(total=START_PROBE_TIMEOUT)
         try:
-            timeout = aiohttp.ClientTimeout(total=START_PROBE_TIMEOUT)
-            headers = (
-                {"authorization": f"Bearer {self.endpoint.api_key}"}
-                if self.endpoint.api_key
-                else {}
-            )
-            url = self.endpoint.base_url.rstrip("/") + "/models"
             probe = self._client().get(url, timeout=timeout, headers=headers, allow_redirects=False)
             async with probe as response:
                 await response.read()
         except (aiohttp.ClientError, TimeoutError) as error:
-            log.warning("backend %s does not answer at start: %s", self.label, type(error).__name__)
-            self.breaker.trip(self._clock())
+            log.warning("backend %s does not answer: %s", self.label, type(error).__name__)
+            return False
+        return True
 
     async def _poll_metrics(self) -> None:
         assert self.endpoint.metrics_url is not None
@@ -370,10 +403,11 @@ class OpenAIBackend:
             await asyncio.sleep(self._metrics_interval)
 
     async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+        for task in (self._poller, self._watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._http is not None:
             await self._http.close()
 

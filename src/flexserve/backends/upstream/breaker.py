@@ -38,7 +38,11 @@ class CircuitBreaker:
         return False
 
     def healthy(self, now: float) -> bool:
-        """For routing and /healthz: closed, or open long enough to probe."""
+        """For routing and /healthz: closed, or ready for a probe (open long enough, or
+        half-open with its probe not taken: a pool routes by this, so it must say yes
+        there, or the backend would never get its probe)."""
+        if self.state == "half_open":
+            return not self._probe_out
         return self.state == "closed" or (
             self.state == "open" and now - self.opened_at >= self._current_cooldown
         )
@@ -69,8 +73,8 @@ class CircuitBreaker:
             self._open(now, self.cooldown)
 
     def trip(self, now: float) -> None:
-        """Out at once (the engine refused a connection at start): probed after the
-        cooldown like any open breaker."""
+        """Out at once (the engine did not answer at start: refused, reset or timed
+        out): probed after the cooldown like any open breaker."""
         self.failures = max(self.failures, self.failure_threshold)
         self._open(now, self.cooldown)
 

@@ -62,11 +62,13 @@ def _engine_slots(settings: Settings, url: str, headers: dict[str, str]) -> tupl
     root = url.removesuffix("/v1")
     try:
         props = httpx.get(root + "/props", headers=headers, timeout=DISCOVERY_TIMEOUT).json()
-        parallel, context = props["total_slots"], props["default_generation_settings"]["n_ctx"]
-    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+    except (httpx.HTTPError, ValueError):
         return settings.slots, None  # an older server: the setting, as for other engines
+    parallel = props.get("total_slots") if isinstance(props, dict) else None
     if not isinstance(parallel, int) or parallel < 1:
         return settings.slots, None
+    generation = props.get("default_generation_settings")
+    context = generation.get("n_ctx") if isinstance(generation, dict) else None
     context = context if isinstance(context, int) and context >= 2 else None
     if "slots" not in settings.model_fields_set:
         return parallel, context

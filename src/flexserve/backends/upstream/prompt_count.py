@@ -25,7 +25,7 @@ from typing import Any
 
 import aiohttp
 
-from flexserve.backends.base import BackendError, ChatMessage
+from flexserve.backends.base import BackendError, ChatMessage, EngineRefused
 from flexserve.backends.upstream.continuation import RenderPrompt
 from flexserve.backends.upstream.llamacpp_tokens import apply_template
 from flexserve.backends.upstream.stream import post_json, server_root
@@ -39,9 +39,18 @@ when it cannot say."""
 
 LLAMA_CPP_PYTHON_COUNT = "/extras/tokenize/count"
 LLAMA_SERVER_TOKENIZE = "/tokenize"
-FAILURES = (BackendError, aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError)
-"""A count that fails leaves the estimate billed: it must never fail an answer or a bill
-(ValueError covers a template that refuses the messages, too)."""
+FAILURES = (
+    BackendError,
+    EngineRefused,
+    aiohttp.ClientError,
+    TimeoutError,
+    ValueError,
+    KeyError,
+    TypeError,
+)
+"""A count that fails (or that the engine refuses: a 429 while it is busy) leaves the
+estimate billed: it must never fail an answer or a bill (ValueError covers a template
+that refuses the messages, too)."""
 
 
 def prompt_counter(
