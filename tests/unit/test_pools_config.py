@@ -151,3 +151,17 @@ def test_a_batch_invariant_vllm_promises_the_uninterrupted_answer_at_temperature
     plain = build_models(load_settings(None, models={"m": {"backends": [fields]}}))["m"]
     assert isinstance(plain, OpenAIBackend)
     assert "only on a batch-invariant engine" in plain.capabilities.guarantee()
+
+
+def test_a_base_url_that_does_not_end_in_v1_is_served_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Some servers put their OpenAI routes elsewhere, so it is not refused; but the
+    usual mistake (the server's root) is said at start, not found by failing requests."""
+    root = {"m": {"backends": [openai_backend(base_url="http://user:secret@127.0.0.1:9")]}}
+    build_models(load_settings(None, models=root))
+    assert "backend 127.0.0.1:9: base_url does not end in /v1" in caplog.text
+    assert "secret" not in caplog.text
+    caplog.clear()
+    build_models(load_settings(None, models={"m": {"backends": [openai_backend()]}}))
+    assert "does not end in /v1" not in caplog.text

@@ -178,3 +178,25 @@ def test_a_job_paused_after_its_last_token_finishes_without_asking_the_engine_ag
             await backend.close()
 
     assert asyncio.run(run()) == [Finish("length")]
+
+
+def test_a_failed_side_call_names_its_route_not_the_upstreams_address() -> None:
+    """Its message reaches the client (a 500's text) and the logs: never the upstream's
+    host, nor credentials a base_url may carry."""
+    import asyncio
+
+    import aiohttp
+
+    from flexserve.backends.base import BackendError
+    from flexserve.backends.upstream.stream import post_json
+
+    async def call() -> str:
+        async with aiohttp.ClientSession() as http:
+            try:
+                await post_json(http, "http://user:secret@127.0.0.1:9/tokenize", None, {})
+            except BackendError as error:
+                return str(error)
+        return "no error"
+
+    message = asyncio.run(call())
+    assert "/tokenize" in message and "secret" not in message and "127.0.0.1" not in message

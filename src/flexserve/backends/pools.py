@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +16,8 @@ from flexserve.backends.upstream.continuation import RenderPrompt
 from flexserve.backends.upstream.prompt_count import prompt_counter
 from flexserve.config import PoolBackendSettings, Settings
 from flexserve.config.pools import ENGINE_PRESETS
+
+log = logging.getLogger("flexserve.upstream")
 
 
 def build_models(
@@ -76,6 +79,9 @@ def _openai(
     clock: Callable[[], float],
 ) -> OpenAIBackend:
     assert entry.base_url is not None  # checked by the settings
+    label = entry.name or _host_port(entry.base_url)  # never a URL's user:password@
+    if not entry.base_url.rstrip("/").endswith("/v1"):  # other prefixes exist: not refused
+        log.warning("backend %s: base_url does not end in /v1: is it the API's root?", label)
     priority, continuation, passthrough = entry.capabilities()
     endpoint = Endpoint(
         base_url=entry.base_url,
@@ -85,7 +91,7 @@ def _openai(
     )
     render = _renderer(entry.chat_template) if entry.chat_template else None
     return OpenAIBackend(
-        entry.name or _host_port(entry.base_url),
+        label,
         model,
         endpoint,
         slots,

@@ -22,6 +22,7 @@ import math
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -89,9 +90,12 @@ async def post_json(
             await _raise_for_status(response)
             answer = await response.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-        raise BackendError(f"upstream {url} failed: {type(error).__name__}") from None
+        # the route only: this reaches clients and logs (no host, no user:password@)
+        raise BackendError(
+            f"upstream {urlsplit(url).path} failed: {type(error).__name__}"
+        ) from None
     if not isinstance(answer, dict):
-        raise BackendError(f"upstream {url} answered no JSON object")
+        raise BackendError(f"upstream {urlsplit(url).path} answered no JSON object")
     return answer
 
 
