@@ -82,8 +82,10 @@ def test_an_upstream_that_redirects_fails_and_the_prompt_goes_nowhere_else(
         redirecting = FakeUpstream(refuse=(307, {}, location))
         with serve_fake(redirecting) as url:
             server = serve(models={"m": {"backends": [upstream(url, engine="vllm")]}})
-            with pytest.raises(openai.InternalServerError):
+            with pytest.raises(openai.InternalServerError) as failed:
                 chat(clients(server), "m", "default", max_tokens=2)
+    assert "307" in failed.value.message
+    assert other_url.split("/v1")[0] not in failed.value.message  # no address to clients
     assert elsewhere.received == []
     assert len(redirecting.received) == 2  # an interactive job is retried once
     assert server.state.store.ledger("tenant-a") == []

@@ -281,8 +281,8 @@ async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
     if response.status < 300:
         return
     if response.status < 400:  # never followed: a redirect could send the prompt elsewhere
-        where = response.headers.get("location", "nowhere")
-        raise BackendError(f"upstream answered {response.status}, a redirect to {where}")
+        # (nor quoted: this reaches clients, and an address is the operator's business)
+        raise BackendError(f"upstream answered {response.status}, a redirect (not followed)")
     text = await response.text(errors="replace")
     body = _json(text) if text else {}
     message = _message(body) or f"upstream answered {response.status}"
