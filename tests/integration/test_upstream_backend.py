@@ -438,24 +438,39 @@ def test_a_vllm_extension_the_engine_cannot_honour_is_refused_by_name_not_droppe
     assert fake.received == []  # refused before the engine saw it
 
 
+@pytest.mark.parametrize(
+    ("engine", "continuation", "off"),
+    [
+        ("llamacpp", "llamacpp", {"mirostat": 0, "dry_multiplier": 0.0, "typical_p": 1.0}),
+        ("llama-cpp-python", "none", {}),
+    ],
+)
 def test_llama_cpp_engines_get_their_own_sampler_names_and_no_defaults_of_their_own(
-    serve: Serve, clients: Callable[[RunningServer], openai.OpenAI]
+    serve: Serve,
+    clients: Callable[[RunningServer], openai.OpenAI],
+    engine: str,
+    continuation: str,
+    off: dict[str, Any],
 ) -> None:
     """llama.cpp calls vLLM's repetition_penalty repeat_penalty, and samples with top_k 40
     and min_p 0.05 unless told otherwise (llama-cpp-python with repeat_penalty 1.1 too):
-    a client that asked for none of them gets none of them, as on vLLM or OpenAI."""
+    a client that asked for none of them gets none of them, as on vLLM or OpenAI. On
+    llama-server, samplers its command line may turn on (mirostat, dry, xtc, typical,
+    top-n-sigma) are off too, as its token-level style sends them."""
     fake = FakeUpstream(answer=ANSWER)
     with serve_fake(fake) as url:
-        server = serve(
-            models={"m": {"backends": [upstream(url, engine="llamacpp", continuation="llamacpp")]}}
-        )
+        member = upstream(url, engine=engine, continuation=continuation)
+        server = serve(models={"m": {"backends": [member]}})
         c = clients(server)
         chat(c, "m", "default", max_tokens=2)
         chat(c, "m", "default", max_tokens=2, extra_body={"repetition_penalty": 1.3, "top_k": 7})
     plain, asked = (body for _, body in fake.received)
     assert (plain["top_k"], plain["min_p"], plain["repeat_penalty"]) == (0, 0.0, 1.0)
+    assert {name: plain.get(name) for name in off} == off
     assert (asked["top_k"], asked["repeat_penalty"]) == (7, 1.3)
     assert "repetition_penalty" not in asked and "min_tokens" not in asked
+    if not off:  # llama-cpp-python names them otherwise: nothing it does not know
+        assert "mirostat" not in plain and "dry_multiplier" not in plain
 
 
 def test_a_backend_that_refuses_connections_at_start_is_out_from_the_start(

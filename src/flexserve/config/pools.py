@@ -21,7 +21,7 @@ EngineName = Literal[
     "vllm", "sglang", "llamacpp", "llama-cpp-python", "openai", "flexserve", "custom"
 ]
 PriorityStyleName = Literal["vllm", "sglang", "none"]
-SamplingDialectName = Literal["vllm", "llama.cpp", "openai"]
+SamplingDialectName = Literal["vllm", "llama-server", "llama-cpp-python", "openai"]
 VLLM_SAMPLING = frozenset({"top_k", "repetition_penalty", "min_tokens", "ignore_eos"})
 ContinuationStyleName = Literal[
     "vllm", "llamacpp", "completions", "vllm-tokens", "llamacpp-tokens", "none"
@@ -50,12 +50,12 @@ ENGINE_PRESETS: dict[EngineName, EnginePreset] = {
     # API (`continuation = "llamacpp-tokens"`: token-level, on its native API).
     # Its samplers: llama.cpp's names; it has no min_tokens.
     "llamacpp": EnginePreset(
-        "none", "llamacpp", False, None, "llama.cpp", frozenset({"min_tokens"})
+        "none", "llamacpp", False, None, "llama-server", frozenset({"min_tokens"})
     ),
     # llama-cpp-python's server closes a trailing assistant message: raw completions.
     # llama.cpp's sampler names; it has min_tokens, but no ignore_eos.
     "llama-cpp-python": EnginePreset(
-        "none", "completions", False, None, "llama.cpp", frozenset({"ignore_eos"})
+        "none", "completions", False, None, "llama-cpp-python", frozenset({"ignore_eos"})
     ),
     # OpenAI itself and another flexserve have tiers: service_tier passes through.
     # OpenAI has none of vLLM's sampling extensions.

@@ -31,10 +31,24 @@ ContinuationStyle = Literal[
 ]
 TOKEN_STYLES: frozenset[ContinuationStyle] = frozenset({"vllm-tokens", "llamacpp-tokens"})
 """Styles that resume from the engine's own token ids (`vllm_tokens.py`, `llamacpp_tokens.py`)."""
-SamplingDialect = Literal["vllm", "llama.cpp", "openai"]
+SamplingDialect = Literal["vllm", "llama-server", "llama-cpp-python", "openai"]
 """Which names an engine's API gives the samplers beyond OpenAI's (`sampling_fields`)."""
 RenderPrompt = Callable[[Sequence[ChatMessage]], str]
 """Chat template rendering with the generation prompt added (for `completions`)."""
+NEUTRAL: dict[str, Any] = {
+    "min_p": 0.0,
+    "typical_p": 1.0,
+    "top_n_sigma": -1.0,
+    "xtc_probability": 0.0,
+    "dry_multiplier": 0.0,
+    "mirostat": 0,
+}
+"""Samplers OpenAI does not have, off: llama-server's own defaults (min_p 0.05), or
+what its command line set (`--mirostat`, `--dry-multiplier`, ...), would otherwise
+apply to every request. Its penalties count the last `repeat_last_n` tokens (the
+server's setting, 64 by default; prompt included), where OpenAI's count the output
+only: left as the operator set it (a window as long as the context would be a buffer
+that long per request)."""
 
 
 class CannotContinue(Exception):
@@ -115,9 +129,11 @@ def sampling_fields(
     other engines) reject fields they do not know, in the engine's own names:
 
     - `vllm` (vLLM, SGLang, another flexserve): vLLM's extensions as vLLM names them.
-    - `llama.cpp` (llama-server, llama-cpp-python's server): `repeat_penalty`, and the
-      samplers llama.cpp turns on by default that OpenAI has not (top_k 40, min_p 0.05,
-      and llama-cpp-python's repeat_penalty 1.1) always sent, off unless asked for.
+    - `llama-server`, `llama-cpp-python`: `repeat_penalty`, and the samplers llama.cpp
+      turns on by default that OpenAI has not (top_k 40, min_p 0.05, and
+      llama-cpp-python's repeat_penalty 1.1) always sent, off unless asked for; to
+      llama-server all of `NEUTRAL` (what its command line may turn on), as its
+      token-level style sends it (llama-cpp-python names those otherwise).
     - `openai`: OpenAI's fields only (validation refuses the rest by name).
 
     A field an engine cannot honour at all is refused before it gets here
@@ -139,7 +155,9 @@ def sampling_fields(
         optional["top_k"] = sampling.top_k if sampling.top_k > 0 else None
         repetition = sampling.repetition_penalty
         optional["repetition_penalty"] = repetition if repetition != 1.0 else None
-    elif dialect == "llama.cpp":
+    elif dialect in ("llama-server", "llama-cpp-python"):
+        if dialect == "llama-server":
+            fields |= NEUTRAL
         fields |= {"top_k": sampling.top_k, "min_p": 0.0}  # top_k 0 = off, as vLLM's -1
         fields["repeat_penalty"] = sampling.repetition_penalty
     fields.update({name: value for name, value in optional.items() if value is not None})

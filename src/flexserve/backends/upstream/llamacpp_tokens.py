@@ -31,7 +31,7 @@ from typing import Any
 import aiohttp
 
 from flexserve.backends.base import BackendError, ChatMessage, SamplingParams, TokenChunk
-from flexserve.backends.upstream.continuation import UpstreamCall
+from flexserve.backends.upstream.continuation import NEUTRAL, UpstreamCall
 from flexserve.backends.upstream.stream import post_json, server_root, wire_messages
 
 APPLY_TEMPLATE = "/apply-template"
@@ -108,19 +108,3 @@ def native_sampling(sampling: SamplingParams, produced: int) -> dict[str, Any]:
     if sampling.seed is not None:
         fields["seed"] = sampling.seed
     return fields
-
-
-NEUTRAL: dict[str, Any] = {
-    "min_p": 0.0,
-    "typical_p": 1.0,
-    "top_n_sigma": -1.0,
-    "xtc_probability": 0.0,
-    "dry_multiplier": 0.0,
-    "mirostat": 0,
-}
-"""Samplers OpenAI does not have, off: llama-server's own defaults (min_p 0.05), or
-what its command line set (`--mirostat`, `--dry-multiplier`, ...), would otherwise
-apply to every request. Its penalties count the last `repeat_last_n` tokens (the
-server's setting, 64 by default; prompt included), where OpenAI's count the output
-only: left as the operator set it (a window as long as the context would be a buffer
-that long per request)."""
