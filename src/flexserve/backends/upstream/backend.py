@@ -50,7 +50,13 @@ from flexserve.backends.upstream.llamacpp_tokens import apply_template, build_to
 from flexserve.backends.upstream.priority import PriorityStyle, priority_fields
 from flexserve.backends.upstream.prompt_count import CountPrompt
 from flexserve.backends.upstream.seam import Seam
-from flexserve.backends.upstream.stream import UPSTREAM_TOKEN, StreamEnd, TextDelta, stream_call
+from flexserve.backends.upstream.stream import (
+    UPSTREAM_TOKEN,
+    StreamEnd,
+    TextDelta,
+    stream_call,
+    upstream_headers,
+)
 from flexserve.backends.upstream.vllm_tokens import all_named, build_vllm_token_call, tokenize
 from flexserve.scheduling.tiers import TIERS, Tier
 
@@ -60,6 +66,7 @@ CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4
 """Role markers and separators a chat template adds per message, roughly."""
 COUNTS_AT_ONCE = 4
+"""Prompt counts a backend asks of its engine at once (`engine_prompt_tokens`)."""
 START_PROBE_TIMEOUT = 5.0
 """Seconds the start-up probe waits for an answer before the backend starts out."""
 READ_BUFFER = 1 << 20
@@ -156,7 +163,6 @@ class OpenAIBackend:
         """The engine's own count of a prompt, where its usage cannot give it: an engine
         whose streams carry none, and a stream cut before it came (`prompt_count.py`)."""
         self._counting: asyncio.Semaphore | None = None
-        """At most `COUNTS_AT_ONCE` counts for cut streams go to the engine at once."""
         self._clock = clock
         self._metrics_interval = metrics_interval
         self._timeout = aiohttp.ClientTimeout(sock_connect=connect_timeout, sock_read=stall_timeout)
@@ -277,7 +283,7 @@ class OpenAIBackend:
         return build_token_call(model, prompt, request.sampling, resume)
 
     async def engine_prompt_tokens(self, request: GenerationRequest) -> int | None:
-        """For a stream cut before its usage came (`prompt_count.py`). Bounded: many
+        """Where the engine's usage cannot give it (`prompt_count.py`). Bounded: many
         streams cut at once (a shutdown) must not flood the engine serving the rest."""
         if self._count_prompt is None:
             return None
@@ -289,9 +295,9 @@ class OpenAIBackend:
     async def _counted(self, end: StreamEnd, request: GenerationRequest, resumed: int) -> StreamEnd:
         """`end` with the engine's prompt count, asked for if the stream carried none
         (as if reported by the call: a resume's prompt holds the partial answer too)."""
-        if end.prompt_tokens is not None or self._count_prompt is None:
+        if end.prompt_tokens is not None:
             return end
-        counted = await self._count_prompt(self._client(), request.messages, request.prompt_text)
+        counted = await self.engine_prompt_tokens(request)
         return end if counted is None else replace(end, prompt_tokens=counted + resumed)
 
     def _end(self, end: StreamEnd, seam: Seam) -> list[Chunk]:
@@ -379,9 +385,8 @@ class OpenAIBackend:
 
     async def _answers(self) -> bool:
         """Does the engine answer HTTP at all (its /models, within a few seconds)?"""
-        api_key = self.endpoint.api_key
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         url = self.endpoint.base_url.rstrip("/") + "/models"
+        headers = upstream_headers(self.endpoint.api_key)
         timeout = aiohttp.ClientTimeout(total=START_PROBE_TIMEOUT)
         try:
             probe = self._client().get(url, timeout=timeout, headers=headers, allow_redirects=False)

@@ -99,19 +99,14 @@ def _llama_cpp_python(
     base_url: str, api_key: str | None, model: str, render: RenderPrompt
 ) -> CountPrompt:
     url = server_root(base_url) + LLAMA_CPP_PYTHON_COUNT
-    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
 
     async def count(
         http: aiohttp.ClientSession, messages: Sequence[ChatMessage], prompt_text: str | None
     ) -> int | None:
         with contextlib.suppress(*FAILURES):
             text = prompt_text if prompt_text is not None else render(messages)
-            body = {"model": model, "input": text}
-            # not followed: a redirect would carry the prompt (and the key) elsewhere
-            post = http.post(url, json=body, headers=headers, allow_redirects=False)
-            async with post as response:
-                if response.status == 200:
-                    return int((await response.json(content_type=None))["count"])
+            answer = await post_json(http, url, api_key, {"model": model, "input": text})
+            return int(answer["count"])
         return None
 
     return count

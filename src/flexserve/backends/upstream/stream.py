@@ -60,7 +60,7 @@ REFUSALS = frozenset({400, 413, 422, 429})
 """Statuses that refuse the request itself; other 4xx mean the backend is misconfigured."""
 
 
-def _upstream_headers(api_key: str | None, streaming: bool = False) -> dict[str, str]:
+def upstream_headers(api_key: str | None, streaming: bool = False) -> dict[str, str]:
     headers = {"content-type": "application/json"}
     if streaming:
         headers |= {"accept": "text/event-stream", "cache-control": "no-store"}
@@ -85,7 +85,7 @@ async def post_json(
     error the stream's own call would raise (a refusal, or a failing backend)."""
     try:
         data = orjson.dumps(body)
-        post = http.post(url, data=data, headers=_upstream_headers(api_key), allow_redirects=False)
+        post = http.post(url, data=data, headers=upstream_headers(api_key), allow_redirects=False)
         async with post as response:
             await _raise_for_status(response)
             answer = await response.json(content_type=None)
@@ -109,7 +109,7 @@ async def stream_call(
 ) -> AsyncGenerator[TextDelta | StreamEnd, None]:
     """`close`: the engine ends the connection after a streamed answer without saying so
     (llama-server): asking for that keeps the pool from reusing a closed connection."""
-    headers = _upstream_headers(api_key, streaming=True)
+    headers = upstream_headers(api_key, streaming=True)
     if close:
         headers["connection"] = "close"
     url = (server_root(base_url) if call.at_root else base_url.rstrip("/")) + call.path
